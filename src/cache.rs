@@ -1,0 +1,162 @@
+//! The content-addressed store on disk: `blobs/sha256/<hex>`, each file verified before it
+//! got its name. Writes go to `tmp/` and are renamed into place, so a reader never sees a
+//! partial blob, even after a crash.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use futures_util::{StreamExt, TryStreamExt};
+
+use crate::digest::{Digest, Hasher};
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::Descriptor;
+use crate::source::Source;
+
+/// How many times one blob download may be cut and resumed before giving up.
+const MAX_RESUMES: u32 = 5;
+
+/// A cache directory.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    /// `$XDG_CACHE_HOME/imgfs`, else `~/.cache/imgfs`.
+    pub fn default_dir() -> PathBuf {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir);
+        base.join("imgfs")
+    }
+
+    /// Open (creating if needed) a cache rooted at `root`.
+    pub fn open(root: &Path) -> Result<Cache> {
+        for sub in ["blobs/sha256", "tmp"] {
+            let d = root.join(sub);
+            std::fs::create_dir_all(&d).ctx(|| format!("creating cache directory {}", d.display()))?;
+        }
+        Ok(Cache {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where blob `d` lives once stored.
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(d.hex())
+    }
+
+    pub fn has_blob(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    /// Make sure blob `desc` is in the cache, downloading and verifying it if not. A cut
+    /// download resumes where it stopped (`Range`); nothing unverified is ever stored.
+    pub async fn fetch(&self, src: &Source, desc: &Descriptor) -> Result<PathBuf> {
+        let dest = self.blob_path(&desc.digest);
+        if dest.is_file() {
+            tracing::debug!("{} already cached", desc.digest);
+            return Ok(dest);
+        }
+        let what = || format!("blob {} from {}", desc.digest, src.name());
+        let tmp_dir = self.root.join("tmp");
+        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
+            .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
+        let mut hasher = Hasher::new();
+        let mut written: u64 = 0;
+        let mut cuts = 0;
+        loop {
+            let mut blob = src.open_blob(desc, written).await?;
+            if blob.start != written {
+                // The server ignored Range: start over.
+                tracing::debug!("{}: restarting from 0", desc.digest);
+                tmp.as_file_mut()
+                    .set_len(0)
+                    .and_then(|_| std::io::Seek::rewind(tmp.as_file_mut()))
+                    .ctx(what)?;
+                hasher = Hasher::new();
+                written = 0;
+            }
+            let mut cut: Option<String> = None;
+            while let Some(chunk) = blob.stream.next().await {
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) => {
+                        cut = Some(e.to_string());
+                        break;
+                    }
+                };
+                written += chunk.len() as u64;
+                if desc.size > 0 && written > desc.size {
+                    return Err(Error::SizeMismatch {
+                        what: "blob".into(),
+                        digest: desc.digest.clone(),
+                        expected: desc.size,
+                        actual: written,
+                    });
+                }
+                hasher.update(&chunk);
+                // Plain blocking writes: they land in the page cache, and routing every chunk
+                // through tokio's blocking pool costs more than it saves.
+                tmp.write_all(&chunk).ctx(what)?;
+            }
+            if cut.is_none() && desc.size > 0 && written < desc.size {
+                cut = Some(format!("stream ended at byte {written} of {}", desc.size));
+            }
+            let Some(reason) = cut else { break };
+            cuts += 1;
+            if cuts > MAX_RESUMES {
+                return Err(Error::Unreachable {
+                    host: src.name(),
+                    detail: format!(
+                        "{}: gave up after {MAX_RESUMES} interrupted downloads ({reason})",
+                        what()
+                    ),
+                });
+            }
+            tracing::info!("{}: {reason}; resuming at byte {written}", desc.digest);
+            tokio::time::sleep(crate::registry::backoff(cuts)).await;
+        }
+        let actual = hasher.finish();
+        if actual != desc.digest {
+            return Err(Error::DigestMismatch {
+                what: format!("blob from {}:", src.name()),
+                expected: desc.digest.clone(),
+                actual,
+            });
+        }
+        tmp.as_file().sync_data().ctx(what)?;
+        tmp.persist(&dest)
+            .map_err(|e| e.error)
+            .ctx(|| format!("storing {}", dest.display()))?;
+        Ok(dest)
+    }
+
+    /// Fetch every blob of `descs` with at most `jobs` downloads in flight. A digest listed
+    /// twice is fetched once. Returns the paths in the order of `descs`.
+    pub async fn fetch_all(
+        &self,
+        src: &Source,
+        descs: &[&Descriptor],
+        jobs: usize,
+    ) -> Result<Vec<PathBuf>> {
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<&Descriptor> = descs
+            .iter()
+            .copied()
+            .filter(|d| seen.insert(d.digest.clone()))
+            .collect();
+        futures_util::stream::iter(unique)
+            .map(|d| self.fetch(src, d))
+            .buffer_unordered(jobs.max(1))
+            .try_collect::<Vec<_>>()
+            .await?;
+        Ok(descs.iter().map(|d| self.blob_path(&d.digest)).collect())
+    }
+}

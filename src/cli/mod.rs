@@ -1,0 +1,168 @@
+//! The command line: argument parsing, logging setup and the commands themselves. This is the
+//! boundary where library errors get their context and become one line on stderr.
+
+mod inspect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::cache::Cache;
+use crate::manifest::{Image, Platform};
+use crate::reference::ImageRef;
+use crate::registry::ClientOptions;
+use crate::source::{Source, SourceOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "imgfs",
+    version,
+    about = "Use a container image without a container engine",
+    after_help = "IMAGE is a registry reference (alpine, quay.io/org/app:1.2, host:5000/a/b@sha256:…),\n\
+                  an OCI layout (oci:DIR[:TAG]) or a docker save archive (docker-archive:FILE[:REF])."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command takes, before or after its name.
+#[derive(Args, Clone)]
+struct Global {
+    /// Cache directory [default: $XDG_CACHE_HOME/imgfs]
+    #[arg(long, global = true, value_name = "DIR", env = "IMGFS_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Platform to pick from a multi-platform image [default: the host's]
+    #[arg(long, global = true, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
+    /// Reach this registry (HOST[:PORT]) over plain HTTP; loopback always is
+    #[arg(long = "insecure-registry", global = true, value_name = "HOST")]
+    insecure: Vec<String>,
+    /// More log output (-v info, -vv debug); IMGFS_LOG=… sets filters directly
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show an image's digest, platform, config and layers
+    Inspect(inspect::InspectArgs),
+    /// Download and verify every blob of an image into the cache
+    Fetch(FetchArgs),
+}
+
+#[derive(Args)]
+struct FetchArgs {
+    image: String,
+    /// Downloads in flight at once
+    #[arg(long, short = 'j', default_value_t = 4)]
+    jobs: usize,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("imgfs: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line.
+            eprintln!("imgfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "imgfs=info",
+        _ => "imgfs=debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IMGFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let g = cli.global;
+    match cli.command {
+        Command::Inspect(args) => inspect::run(&g, args).await,
+        Command::Fetch(args) => fetch(&g, args).await,
+    }
+}
+
+/// What every image command starts from: the cache, the opened source and the image.
+struct Opened {
+    cache: Cache,
+    source: Source,
+    image: Image,
+}
+
+impl Global {
+    fn cache(&self) -> Result<Cache> {
+        let dir = self.cache_dir.clone().unwrap_or_else(Cache::default_dir);
+        Ok(Cache::open(&dir)?)
+    }
+
+    fn platform(&self) -> Result<Option<Platform>> {
+        Ok(self.platform.as_deref().map(Platform::parse).transpose()?)
+    }
+
+    async fn open(&self, image: &str) -> Result<Opened> {
+        let cache = self.cache()?;
+        let reference = ImageRef::parse(image)?;
+        let opts = SourceOptions {
+            registry: ClientOptions {
+                insecure: self.insecure.clone(),
+            },
+        };
+        let source = Source::open(&reference, &opts)
+            .await
+            .with_context(|| format!("opening {reference}"))?;
+        let image = source
+            .resolve(&cache, self.platform()?.as_ref())
+            .await
+            .with_context(|| format!("resolving {reference}"))?;
+        Ok(Opened {
+            cache,
+            source,
+            image,
+        })
+    }
+}
+
+async fn fetch(g: &Global, args: FetchArgs) -> Result<()> {
+    let Opened {
+        cache,
+        source,
+        image,
+    } = g.open(&args.image).await?;
+    let layers: Vec<_> = image.layers.iter().map(|l| &l.descriptor).collect();
+    let paths = cache
+        .fetch_all(&source, &layers, args.jobs)
+        .await
+        .with_context(|| format!("fetching {}", image.reference))?;
+    let mut seen = std::collections::HashSet::new();
+    for (layer, path) in image.layers.iter().zip(paths) {
+        if seen.insert(&layer.descriptor.digest) {
+            println!("{}\t{}", layer.descriptor.digest, path.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! The library's error type: every failure names what was wrong and where it came from, so
+//! the CLI can print it as one line without guessing.
+
+use crate::digest::Digest;
+
+/// Errors the library reports. Messages are complete sentences a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid image reference {input:?}: {reason}")]
+    Reference { input: String, reason: String },
+
+    #[error("invalid digest {input:?}: {reason}")]
+    Digest { input: String, reason: String },
+
+    #[error("{what} {expected}: digest mismatch (the bytes received hash to {actual})")]
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+
+    #[error("{what} {digest}: expected {expected} bytes, got {actual}")]
+    SizeMismatch {
+        what: String,
+        digest: Digest,
+        expected: u64,
+        actual: u64,
+    },
+
+    #[error("malformed {what}: {reason}")]
+    Malformed { what: String, reason: String },
+
+    #[error("unsupported {what}: {value}")]
+    Unsupported { what: String, value: String },
+
+    #[error("no image for platform {wanted} in {reference}; available: {}", available.join(", "))]
+    NoMatchingPlatform {
+        reference: String,
+        wanted: String,
+        available: Vec<String>,
+    },
+
+    #[error("{what} not found: {detail}")]
+    NotFound { what: String, detail: String },
+
+    #[error("registry {host}: authentication failed: {detail}")]
+    Auth { host: String, detail: String },
+
+    #[error("registry {host}: {detail}")]
+    Registry { host: String, detail: String },
+
+    #[error("cannot reach registry {host}: {detail}")]
+    Unreachable { host: String, detail: String },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result with the library's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attach a context line to I/O errors, the way `anyhow::Context` does for the binary.
+pub trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            context: context(),
+            source,
+        })
+    }
+}
+
+impl Error {
+    pub(crate) fn malformed(what: impl Into<String>, reason: impl ToString) -> Self {
+        Error::Malformed {
+            what: what.into(),
+            reason: reason.to_string(),
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! imgfs: use a container image without a container engine — inspect it, fetch it, and (in
+//! later modules) mount it lazily or flatten it to disk. See ARCHITECTURE.md for the codemap.
+
+pub mod cache;
+pub mod cli;
+pub mod digest;
+pub mod error;
+pub mod manifest;
+pub mod reference;
+pub mod registry;
+pub mod source;
+
+pub use error::{Error, Result};

@@ -1,0 +1,473 @@
+//! A client for the distribution API (the registry protocol): manifests, blobs (whole, or from
+//! an offset), and pushes.
+//!
+//! Written on reqwest rather than taken from oci-client because imgfs needs control the crate
+//! does not give: raw manifest bytes of every type including schema 1, verification of what
+//! comes back against the digest asked for, retries with backoff for 429/5xx honouring
+//! `Retry-After`, resuming a cut blob with `Range`, re-authenticating when a token expires
+//! mid-session, and per-host plain HTTP. reqwest's redirect policy drops `Authorization`
+//! when a redirect leaves the host, which is what blob storage redirects need.
+
+pub mod auth;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use reqwest::header::{self, HeaderMap};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::Deserialize;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::manifest::{self, media};
+use crate::source::BlobStream;
+
+/// How many times a request is sent before a 429, 5xx or network failure is final.
+const MAX_ATTEMPTS: u32 = 5;
+
+/// Options that shape how hosts are reached.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOptions {
+    /// Hosts (`host[:port]`) reached over plain HTTP. Loopback hosts always are.
+    pub insecure: Vec<String>,
+}
+
+/// A registry client shared by all requests of one command.
+pub struct Client {
+    http: reqwest::Client,
+    opts: ClientOptions,
+    auth: auth::Auth,
+}
+
+/// A manifest as the registry sent it.
+#[derive(Clone, Debug)]
+pub struct RawManifest {
+    pub bytes: Vec<u8>,
+    pub content_type: Option<String>,
+    /// Computed from the bytes (and checked against what was asked or announced).
+    pub digest: Digest,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    errors: Vec<ErrorEntry>,
+}
+
+#[derive(Deserialize)]
+struct ErrorEntry {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// The full cause chain of an error, on one line: reqwest's top-level message alone
+/// ("error sending request") does not say what went wrong.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn is_loopback(host: &str) -> bool {
+    let name = host
+        .rsplit_once(':')
+        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        .map(|(h, _)| h)
+        .unwrap_or(host);
+    name == "localhost" || name.starts_with("127.") || name == "[::1]"
+}
+
+impl Client {
+    pub fn new(opts: ClientOptions) -> Result<Client> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("imgfs/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(15))
+            // A stalled body is a cut connection: resume it rather than wait forever.
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| Error::Registry {
+                host: "-".into(),
+                detail: format!("cannot build an HTTP client: {e}"),
+            })?;
+        Ok(Client {
+            http,
+            opts,
+            auth: auth::Auth::default(),
+        })
+    }
+
+    /// `https://host` or, for loopback and `--insecure-registry` hosts, `http://host`.
+    /// Docker Hub's API lives on another host than its name.
+    pub fn base_url(&self, registry: &str) -> String {
+        let host = match registry {
+            "docker.io" | "index.docker.io" => "registry-1.docker.io",
+            other => other,
+        };
+        let scheme = if is_loopback(host) || self.opts.insecure.iter().any(|h| h == registry) {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{host}")
+    }
+
+    /// Send a request built by `make`, authenticating as the registry asks and retrying
+    /// transient failures. Returns any response that is not 401, 429 or 5xx.
+    async fn send(
+        &self,
+        registry: &str,
+        scope: &str,
+        make: &(dyn Fn() -> RequestBuilder + Sync),
+    ) -> Result<Response> {
+        let mut attempt = 0;
+        let mut reauthenticated = false;
+        loop {
+            attempt += 1;
+            let auth = self.auth.header(&self.http, registry, scope).await?;
+            let mut req = make();
+            if let Some(h) = &auth {
+                req = req.header(header::AUTHORIZATION, h.clone());
+            }
+            let outcome = req.send().await;
+            let retry_after = match outcome {
+                Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
+                    if reauthenticated {
+                        return Err(Error::Auth {
+                            host: registry.to_string(),
+                            detail: format!(
+                                "access denied to {scope} ({})",
+                                registry_error_text(resp).await
+                            ),
+                        });
+                    }
+                    let challenge = resp
+                        .headers()
+                        .get(header::WWW_AUTHENTICATE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    self.auth
+                        .on_unauthorized(registry, scope, challenge.as_deref())?;
+                    reauthenticated = true;
+                    continue;
+                }
+                Ok(resp) if is_transient(resp.status()) => {
+                    let wait = retry_after(resp.headers());
+                    if attempt >= MAX_ATTEMPTS {
+                        return Err(Error::Registry {
+                            host: registry.to_string(),
+                            detail: format!(
+                                "{} after {attempt} attempts ({})",
+                                resp.status(),
+                                registry_error_text(resp).await
+                            ),
+                        });
+                    }
+                    tracing::debug!("{registry}: {} - retrying", resp.status());
+                    wait
+                }
+                Ok(resp) => return Ok(resp),
+                Err(e) => {
+                    let text = error_chain(&e);
+                    // A name that does not resolve will not resolve on retry either.
+                    let permanent = text.contains("dns error") || text.contains("failed to lookup");
+                    if permanent || attempt >= MAX_ATTEMPTS || e.is_builder() {
+                        return Err(Error::Unreachable {
+                            host: registry.to_string(),
+                            detail: text,
+                        });
+                    }
+                    tracing::debug!("{registry}: {text} - retrying");
+                    None
+                }
+            };
+            tokio::time::sleep(retry_after.unwrap_or_else(|| backoff(attempt))).await;
+        }
+    }
+
+    fn scope_pull(repository: &str) -> String {
+        format!("repository:{repository}:pull")
+    }
+
+    /// Fetch a manifest by tag or digest. When asked by digest the bytes must hash to it;
+    /// when asked by tag they must hash to the `Docker-Content-Digest` the registry announces.
+    pub async fn get_manifest(
+        &self,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+    ) -> Result<RawManifest> {
+        let url = format!(
+            "{}/v2/{repository}/manifests/{reference}",
+            self.base_url(registry)
+        );
+        let accept = media::ACCEPT_MANIFESTS.join(", ");
+        let resp = self
+            .send(registry, &Self::scope_pull(repository), &|| {
+                self.http.get(&url).header(header::ACCEPT, &accept)
+            })
+            .await?;
+        let what = || {
+            if reference.starts_with("sha256:") {
+                format!("{registry}/{repository}@{reference}")
+            } else {
+                format!("tag {reference:?} in {registry}/{repository}")
+            }
+        };
+        let resp = check_status(registry, resp, "manifest", what).await?;
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let announced = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        // Manifests are small; a registry that sends megabytes is not sending a manifest.
+        const MAX_MANIFEST: usize = 8 << 20;
+        if resp.content_length().unwrap_or(0) as usize > MAX_MANIFEST {
+            return Err(Error::malformed(
+                "manifest",
+                format!("{} is larger than {MAX_MANIFEST} bytes", what()),
+            ));
+        }
+        let bytes = resp.bytes().await.map_err(|e| Error::Unreachable {
+            host: registry.to_string(),
+            detail: format!("reading manifest {}: {}", what(), error_chain(&e)),
+        })?;
+        let expected = match Digest::parse(reference) {
+            Ok(d) => Some(d),
+            Err(_) => announced,
+        };
+        if let Some(d) = &expected {
+            manifest::verify_manifest(d, &bytes)?;
+        }
+        Ok(RawManifest {
+            digest: manifest::manifest_digest(&bytes),
+            bytes: bytes.to_vec(),
+            content_type,
+        })
+    }
+
+    /// Stream a blob from byte `offset` on. The returned stream's `start` says where its bytes
+    /// really begin: a registry that ignores `Range` starts again at 0.
+    pub async fn get_blob(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<BlobStream> {
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base_url(registry));
+        let resp = self
+            .send(registry, &Self::scope_pull(repository), &|| {
+                let r = self.http.get(&url);
+                if offset > 0 {
+                    r.header(header::RANGE, format!("bytes={offset}-"))
+                } else {
+                    r
+                }
+            })
+            .await?;
+        let resp = check_status(registry, resp, "blob", || {
+            format!("{digest} in {registry}/{repository}")
+        })
+        .await?;
+        let start = if resp.status() == StatusCode::PARTIAL_CONTENT {
+            let range_start = resp
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.parse::<u64>().ok());
+            if range_start != Some(offset) {
+                return Err(Error::Registry {
+                    host: registry.to_string(),
+                    detail: format!(
+                        "asked for {digest} from byte {offset}, got Content-Range {:?}",
+                        resp.headers().get(header::CONTENT_RANGE)
+                    ),
+                });
+            }
+            offset
+        } else {
+            0
+        };
+        let stream = resp.bytes_stream().map_err(|e| {
+            std::io::Error::other(format!("blob body cut: {}", error_chain(&e)))
+        });
+        Ok(BlobStream {
+            start,
+            stream: Box::pin(stream),
+        })
+    }
+
+    /// Upload a blob (monolithic POST + PUT) unless the repository already has it.
+    pub async fn push_blob(&self, registry: &str, repository: &str, data: Bytes) -> Result<Digest> {
+        let digest = Digest::of(&data);
+        let scope = format!("repository:{repository}:pull,push");
+        let base = self.base_url(registry);
+        let head_url = format!("{base}/v2/{repository}/blobs/{digest}");
+        let head = self
+            .send(registry, &scope, &|| self.http.head(&head_url))
+            .await?;
+        if head.status().is_success() {
+            return Ok(digest);
+        }
+        let start_url = format!("{base}/v2/{repository}/blobs/uploads/");
+        let resp = self
+            .send(registry, &scope, &|| self.http.post(&start_url))
+            .await?;
+        let resp = check_status(registry, resp, "upload", || repository.to_string()).await?;
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::Registry {
+                host: registry.to_string(),
+                detail: "upload started without a Location".into(),
+            })?;
+        let mut put_url = if location.starts_with('/') {
+            format!("{base}{location}")
+        } else {
+            location.to_string()
+        };
+        put_url.push(if put_url.contains('?') { '&' } else { '?' });
+        put_url.push_str(&format!("digest={digest}"));
+        let resp = self
+            .send(registry, &scope, &|| {
+                self.http
+                    .request(Method::PUT, &put_url)
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(data.clone())
+            })
+            .await?;
+        check_status(registry, resp, "upload", || digest.to_string()).await?;
+        Ok(digest)
+    }
+
+    /// Put a manifest under `reference` (a tag or its digest).
+    pub async fn push_manifest(
+        &self,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<Digest> {
+        let scope = format!("repository:{repository}:pull,push");
+        let url = format!(
+            "{}/v2/{repository}/manifests/{reference}",
+            self.base_url(registry)
+        );
+        let resp = self
+            .send(registry, &scope, &|| {
+                self.http
+                    .put(&url)
+                    .header(header::CONTENT_TYPE, media_type)
+                    .body(bytes.clone())
+            })
+            .await?;
+        check_status(registry, resp, "manifest push", || {
+            format!("{registry}/{repository}:{reference}")
+        })
+        .await?;
+        Ok(manifest::manifest_digest(&bytes))
+    }
+}
+
+fn is_transient(s: StatusCode) -> bool {
+    s == StatusCode::TOO_MANY_REQUESTS
+        || matches!(s.as_u16(), 500 | 502 | 503 | 504)
+}
+
+/// `Retry-After` in seconds, capped: a registry asking for minutes gets a clear failure sooner.
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = h.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.min(30)))
+}
+
+/// 200 ms, 400 ms, 800 ms… with a little jitter so that parallel fetches do not retry in step.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let base = 200u64 << attempt.saturating_sub(1).min(6);
+    let jitter = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0) as u64)
+        % (base / 4 + 1);
+    Duration::from_millis(base + jitter)
+}
+
+/// Turn a non-success status into an error that names the object and the registry's code.
+async fn check_status(
+    registry: &str,
+    resp: Response,
+    what: &str,
+    detail: impl FnOnce() -> String,
+) -> Result<Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let text = registry_error_text(resp).await;
+    Err(match status {
+        StatusCode::NOT_FOUND => Error::NotFound {
+            what: what.to_string(),
+            detail: format!("{} ({text})", detail()),
+        },
+        StatusCode::FORBIDDEN => Error::Auth {
+            host: registry.to_string(),
+            detail: format!("access to {} forbidden ({text})", detail()),
+        },
+        _ => Error::Registry {
+            host: registry.to_string(),
+            detail: format!("{what} {}: {status} ({text})", detail()),
+        },
+    })
+}
+
+/// The registry's error codes and messages, or the status if the body has none.
+async fn registry_error_text(resp: Response) -> String {
+    let status = resp.status();
+    let body = resp.bytes().await.unwrap_or_default();
+    match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(b) if !b.errors.is_empty() => b
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.code, e.message))
+            .collect::<Vec<_>>()
+            .join("; "),
+        _ => status.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_use_http() {
+        let c = Client::new(ClientOptions {
+            insecure: vec!["reg.lan:5000".into()],
+        })
+        .unwrap();
+        assert_eq!(c.base_url("127.0.0.1:5000"), "http://127.0.0.1:5000");
+        assert_eq!(c.base_url("localhost"), "http://localhost");
+        assert_eq!(c.base_url("reg.lan:5000"), "http://reg.lan:5000");
+        assert_eq!(c.base_url("quay.io"), "https://quay.io");
+        assert_eq!(c.base_url("docker.io"), "https://registry-1.docker.io");
+    }
+}
