@@ -36,7 +36,8 @@ impl Cache {
     pub fn open(root: &Path) -> Result<Cache> {
         for sub in ["blobs/sha256", "tmp"] {
             let d = root.join(sub);
-            std::fs::create_dir_all(&d).ctx(|| format!("creating cache directory {}", d.display()))?;
+            std::fs::create_dir_all(&d)
+                .ctx(|| format!("creating cache directory {}", d.display()))?;
         }
         Ok(Cache {
             root: root.to_path_buf(),

@@ -73,7 +73,10 @@ impl Platform {
             [os, arch] | [os, arch, _] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
                 os: os.to_string(),
                 architecture: arch.to_string(),
-                variant: parts.get(2).filter(|v| !v.is_empty()).map(|v| v.to_string()),
+                variant: parts
+                    .get(2)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| v.to_string()),
             }),
             _ => Err(Error::Unsupported {
                 what: "platform (expected OS/ARCH[/VARIANT], e.g. linux/arm64)".into(),
@@ -113,7 +116,8 @@ impl Platform {
     pub fn matches(&self, wanted: &Platform) -> bool {
         self.os == wanted.os
             && self.architecture == wanted.architecture
-            && (wanted.variant.is_none() || self.normalized_variant() == wanted.normalized_variant())
+            && (wanted.variant.is_none()
+                || self.normalized_variant() == wanted.normalized_variant())
     }
 }
 
@@ -446,7 +450,8 @@ pub fn select_platform<'a>(
         .iter()
         .find(|d| {
             d.platform.as_ref().is_some_and(|p| {
-                wanted.variant.is_some() || p.normalized_variant() == host_variant.normalized_variant()
+                wanted.variant.is_some()
+                    || p.normalized_variant() == host_variant.normalized_variant()
             })
         })
         .or(candidates.first());
@@ -525,12 +530,13 @@ pub fn image_from_parts(
                 .into_iter()
                 .enumerate()
                 .map(|(i, d)| {
-                    let compression = Compression::from_media_type(&d.media_type).ok_or_else(
-                        || Error::Unsupported {
-                            what: format!("layer media type (layer {})", d.digest),
-                            value: d.media_type.clone(),
-                        },
-                    )?;
+                    let compression =
+                        Compression::from_media_type(&d.media_type).ok_or_else(|| {
+                            Error::Unsupported {
+                                what: format!("layer media type (layer {})", d.digest),
+                                value: d.media_type.clone(),
+                            }
+                        })?;
                     Ok(Layer {
                         diff_id: diff_ids.as_ref().map(|ids| ids[i].clone()),
                         descriptor: d,
@@ -666,7 +672,10 @@ mod tests {
     fn malformed_manifests_are_named() {
         for (raw, want) in [
             (&b"not json"[..], "malformed manifest"),
-            (&br#"{"schemaVersion":2}"#[..], "neither an image manifest nor an index"),
+            (
+                &br#"{"schemaVersion":2}"#[..],
+                "neither an image manifest nor an index",
+            ),
             (
                 &br#"{"schemaVersion":2,"mediaType":"application/x-thing"}"#[..],
                 "application/x-thing",

@@ -17,7 +17,10 @@ use crate::error::{Error, Result};
 pub enum ImageRef {
     Registry(RegistryRef),
     /// An OCI image layout directory; `tag` matches `org.opencontainers.image.ref.name`.
-    OciLayout { dir: PathBuf, tag: Option<String> },
+    OciLayout {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
     /// A `docker save` tarball; `reference` matches one of its `RepoTags`.
     DockerArchive {
         file: PathBuf,
@@ -44,14 +47,23 @@ impl RegistryRef {
             input: input.to_string(),
             reason,
         };
+        // Check the digest first: Docker's regex reports a short digest as a format error.
+        if let Some((_, d)) = input.rsplit_once('@') {
+            Digest::parse(d).map_err(|e| err(e.to_string()))?;
+        }
         let parsed: Reference = input.parse().map_err(|e| {
             // Docker's regex rejects uppercase as a generic format error; say what is wrong.
             if input.to_ascii_lowercase().parse::<Reference>().is_ok() {
                 err("repository name must be lowercase".into())
             } else {
-                err(format!("{e} (expected [HOST[:PORT]/]NAME[:TAG][@sha256:HEX])"))
+                err(format!(
+                    "{e} (expected [HOST[:PORT]/]NAME[:TAG][@sha256:HEX])"
+                ))
             }
         })?;
+        if parsed.repository().bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(err("repository name must be lowercase".into()));
+        }
         let digest = parsed
             .digest()
             .map(Digest::parse)

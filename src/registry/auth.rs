@@ -15,7 +15,10 @@ use crate::error::{Error, Result};
 /// What a user has configured for a registry host.
 #[derive(Clone, Debug)]
 pub enum Credential {
-    Basic { username: String, password: String },
+    Basic {
+        username: String,
+        password: String,
+    },
     /// An OAuth2 refresh token, as `docker login` stores for some registries.
     IdentityToken(String),
 }
@@ -56,7 +59,11 @@ fn parse_params(s: &str) -> HashMap<String, String> {
         let Some((key, after)) = rest.split_once('=') else {
             break;
         };
-        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         let (value, remaining) = if let Some(q) = after.strip_prefix('"') {
             match q.find('"') {
                 Some(end) => (&q[..end], &q[end + 1..]),
@@ -118,7 +125,9 @@ impl Auth {
         match challenge {
             None => Ok(None),
             Some(Challenge::Basic) => Ok(self.credential(host).and_then(|c| match c {
-                Credential::Basic { username, password } => Some(basic_header(&username, &password)),
+                Credential::Basic { username, password } => {
+                    Some(basic_header(&username, &password))
+                }
                 Credential::IdentityToken(_) => None,
             })),
             Some(Challenge::Bearer { realm, service }) => {
@@ -201,10 +210,10 @@ impl Auth {
                 ]);
                 http.post(realm).form(&form)
             }
-            Some(Credential::Basic { username, password }) => http
-                .get(realm)
-                .query(&query)
-                .header(reqwest::header::AUTHORIZATION, basic_header(&username, &password)),
+            Some(Credential::Basic { username, password }) => http.get(realm).query(&query).header(
+                reqwest::header::AUTHORIZATION,
+                basic_header(&username, &password),
+            ),
             None => http.get(realm).query(&query),
         };
         let resp = req
@@ -262,7 +271,11 @@ fn lookup_credential(host: &str) -> Option<Credential> {
     let keys: Vec<String> = if host == "docker.io" || host == "index.docker.io" {
         vec!["https://index.docker.io/v1/".into(), "docker.io".into()]
     } else {
-        vec![host.to_string(), format!("https://{host}"), format!("http://{host}")]
+        vec![
+            host.to_string(),
+            format!("https://{host}"),
+            format!("http://{host}"),
+        ]
     };
     let convert = |c: DockerCredential| match c {
         DockerCredential::UsernamePassword(username, password) => {
@@ -303,7 +316,10 @@ mod tests {
                 service: Some("reg".into())
             }
         );
-        assert_eq!(Challenge::parse(r#"Basic realm="x""#), Some(Challenge::Basic));
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="x""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(Challenge::parse("Negotiate"), None);
     }
 }

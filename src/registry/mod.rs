@@ -306,9 +306,9 @@ impl Client {
         } else {
             0
         };
-        let stream = resp.bytes_stream().map_err(|e| {
-            std::io::Error::other(format!("blob body cut: {}", error_chain(&e)))
-        });
+        let stream = resp
+            .bytes_stream()
+            .map_err(|e| std::io::Error::other(format!("blob body cut: {}", error_chain(&e))));
         Ok(BlobStream {
             start,
             stream: Box::pin(stream),
@@ -390,13 +390,18 @@ impl Client {
 }
 
 fn is_transient(s: StatusCode) -> bool {
-    s == StatusCode::TOO_MANY_REQUESTS
-        || matches!(s.as_u16(), 500 | 502 | 503 | 504)
+    s == StatusCode::TOO_MANY_REQUESTS || matches!(s.as_u16(), 500 | 502 | 503 | 504)
 }
 
 /// `Retry-After` in seconds, capped: a registry asking for minutes gets a clear failure sooner.
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
-    let secs: u64 = h.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    let secs: u64 = h
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     Some(Duration::from_secs(secs.min(30)))
 }
 

@@ -74,14 +74,17 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
         Some(r) => format!("docker-archive:{}:{r}", file.display()),
         None => format!("docker-archive:{}", file.display()),
     };
-    let bad = |reason: String| Error::malformed(format!("docker archive {}", file.display()), reason);
+    let bad =
+        |reason: String| Error::malformed(format!("docker archive {}", file.display()), reason);
     let mut f = File::open(&file).ctx(|| format!("opening {}", file.display()))?;
 
     // Index the members: name → (data offset, size).
     let mut members: HashMap<String, (u64, u64)> = HashMap::new();
     {
         let mut ar = tar::Archive::new(&mut f);
-        let entries = ar.entries().map_err(|e| bad(format!("not a tar file: {e}")))?;
+        let entries = ar
+            .entries()
+            .map_err(|e| bad(format!("not a tar file: {e}")))?;
         for entry in entries {
             let entry = entry.map_err(|e| bad(format!("bad tar entry: {e}")))?;
             let path = entry.path().map_err(|e| bad(e.to_string()))?;
@@ -109,7 +112,11 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
     let raw_config = read_member(&entry.config)?;
     let config_digest = Digest::of(&raw_config);
     let probe = ConfigProbe::parse(&raw_config)?;
-    let diff_ids = probe.rootfs.as_ref().map(|r| r.diff_ids.clone()).unwrap_or_default();
+    let diff_ids = probe
+        .rootfs
+        .as_ref()
+        .map(|r| r.diff_ids.clone())
+        .unwrap_or_default();
     if diff_ids.len() != entry.layers.len() {
         return Err(bad(format!(
             "manifest.json lists {} layers but the config has {} diff_ids",
@@ -194,7 +201,9 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
 }
 
 fn normalize(p: &str) -> String {
-    p.trim_start_matches("./").trim_start_matches('/').to_string()
+    p.trim_start_matches("./")
+        .trim_start_matches('/')
+        .to_string()
 }
 
 /// The entry for `reference` (matched after normalising both sides), or the only entry.

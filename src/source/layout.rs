@@ -19,10 +19,12 @@ pub struct LayoutSource {
 impl LayoutSource {
     pub async fn open(dir: &Path, tag: Option<String>) -> Result<LayoutSource> {
         let marker = dir.join("oci-layout");
-        let text = tokio::fs::read(&marker).await.map_err(|e| Error::NotFound {
-            what: "OCI image layout".into(),
-            detail: format!("{} has no readable oci-layout file ({e})", dir.display()),
-        })?;
+        let text = tokio::fs::read(&marker)
+            .await
+            .map_err(|e| Error::NotFound {
+                what: "OCI image layout".into(),
+                detail: format!("{} has no readable oci-layout file ({e})", dir.display()),
+            })?;
         #[derive(serde::Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Marker {

@@ -38,7 +38,10 @@ pub struct SourceOptions {
 
 /// One image source. An enum rather than a trait object: there are three, all known here.
 pub enum Source {
-    Registry { client: Client, reference: RegistryRef },
+    Registry {
+        client: Client,
+        reference: RegistryRef,
+    },
     Layout(LayoutSource),
     Archive(ArchiveSource),
 }
