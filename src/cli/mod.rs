@@ -133,6 +133,7 @@ impl Global {
         let opts = SourceOptions {
             registry: ClientOptions {
                 insecure: self.insecure.clone(),
+                ..Default::default()
             },
         };
         let source = Source::open(&reference, &opts)

@@ -105,6 +105,15 @@ struct TokenResponse {
 }
 
 impl Auth {
+    /// Auth state that uses `explicit` credentials for their hosts instead of the user's
+    /// configuration.
+    pub fn with_credentials(explicit: HashMap<String, Credential>) -> Auth {
+        Auth {
+            credentials: Mutex::new(explicit.into_iter().map(|(h, c)| (h, Some(c))).collect()),
+            ..Auth::default()
+        }
+    }
+
     /// The credential configured for `host`, looked up once per process.
     pub fn credential(&self, host: &str) -> Option<Credential> {
         let mut map = self.credentials.lock().unwrap();
@@ -283,12 +292,21 @@ fn lookup_credential(host: &str) -> Option<Credential> {
         }
         DockerCredential::IdentityToken(t) => Credential::IdentityToken(t),
     };
-    for key in &keys {
-        match docker_credential::get_credential(key) {
-            Ok(c) => return Some(convert(c)),
-            Err(CredentialRetrievalError::NoCredentialConfigured)
-            | Err(CredentialRetrievalError::ConfigNotFound) => {}
-            Err(e) => tracing::warn!("credentials for {key}: {e}"),
+    let docker_config = std::env::var_os("DOCKER_CONFIG")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".docker")))
+        .map(|d| d.join("config.json"));
+    if docker_config.is_some_and(|p| p.is_file()) {
+        for key in &keys {
+            match docker_credential::get_credential(key) {
+                Ok(c) => return Some(convert(c)),
+                Err(CredentialRetrievalError::NoCredentialConfigured) => {}
+                Err(e) => {
+                    // One warning is enough: the other keys would fail the same way.
+                    tracing::warn!("docker credentials for {host}: {e}");
+                    break;
+                }
+            }
         }
     }
     for key in &keys {

@@ -31,6 +31,8 @@ const MAX_ATTEMPTS: u32 = 5;
 pub struct ClientOptions {
     /// Hosts (`host[:port]`) reached over plain HTTP. Loopback hosts always are.
     pub insecure: Vec<String>,
+    /// Credentials to use for these hosts instead of looking in the user's configuration.
+    pub credentials: std::collections::HashMap<String, auth::Credential>,
 }
 
 /// A registry client shared by all requests of one command.
@@ -102,8 +104,8 @@ impl Client {
             })?;
         Ok(Client {
             http,
+            auth: auth::Auth::with_credentials(opts.credentials.clone()),
             opts,
-            auth: auth::Auth::default(),
         })
     }
 
@@ -467,6 +469,7 @@ mod tests {
     fn loopback_hosts_use_http() {
         let c = Client::new(ClientOptions {
             insecure: vec!["reg.lan:5000".into()],
+            ..Default::default()
         })
         .unwrap();
         assert_eq!(c.base_url("127.0.0.1:5000"), "http://127.0.0.1:5000");

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod token;
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -312,8 +313,12 @@ impl FixtureImage {
 
     /// Push blobs and manifest to `host/repo:tag`.
     pub fn push(&self, host: &str, repo: &str, tag: &str) -> Digest {
+        self.push_with(host, repo, tag, ClientOptions::default())
+    }
+
+    pub fn push_with(&self, host: &str, repo: &str, tag: &str, opts: ClientOptions) -> Digest {
         rt().block_on(async {
-            let c = Client::new(ClientOptions::default()).unwrap();
+            let c = Client::new(opts).unwrap();
             for l in &self.layers {
                 c.push_blob(host, repo, Bytes::from(l.blob.clone()))
                     .await

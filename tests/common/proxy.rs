@@ -14,6 +14,9 @@ struct State {
     cuts_left: AtomicUsize,
     cut_after: AtomicU64,
     ignore_range: AtomicBool,
+    /// How many coming requests to answer with `fail_status` (and `Retry-After: 0`).
+    fails_left: AtomicUsize,
+    fail_status: AtomicU64,
     /// Request lines seen, with their Range header if any.
     log: Mutex<Vec<String>>,
 }
@@ -47,6 +50,14 @@ impl Proxy {
     pub fn cut_next_blob_gets(&self, n: usize, after: u64) {
         self.state.cut_after.store(after, Ordering::SeqCst);
         self.state.cuts_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Answer the next `n` requests with `status` without asking the registry.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        self.state
+            .fail_status
+            .store(status as u64, Ordering::SeqCst);
+        self.state.fails_left.store(n, Ordering::SeqCst);
     }
 
     pub fn ignore_range(&self, on: bool) {
@@ -101,6 +112,22 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
         None => request_line.clone(),
     });
 
+    let take = |n: &AtomicUsize| {
+        n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    };
+    if take(&st.fails_left) {
+        let status = st.fail_status.load(Ordering::SeqCst);
+        let mut c = client;
+        c.write_all(
+            format!(
+                "HTTP/1.1 {status} Injected\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )?;
+        return c.shutdown(Shutdown::Both);
+    }
+
     let mut upstream = TcpStream::connect(&st.upstream)?;
     upstream.write_all(out.as_bytes())?;
     let mut up_w = upstream.try_clone()?;
@@ -109,13 +136,18 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
     });
 
     let is_blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
-    let cut = is_blob_get
-        && st
-            .cuts_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
     let mut from_up = BufReader::new(upstream.try_clone()?);
     let resp_head = read_head(&mut from_up)?;
+    let length: u64 = resp_head
+        .iter()
+        .find_map(|h| {
+            let (k, v) = h.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    // Only bodies longer than the cut point count as cut.
+    let cut = is_blob_get && length > st.cut_after.load(Ordering::SeqCst) && take(&st.cuts_left);
     let mut client_w = client;
     client_w.write_all(format!("{}\r\n\r\n", resp_head.join("\r\n")).as_bytes())?;
     if cut {
