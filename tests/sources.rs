@@ -330,3 +330,77 @@ fn clear_one_line_errors_for_what_users_get_wrong() {
     let err = imgfs_err(c, &["inspect", "oci:/nonexistent/layout"]);
     assert!(err.contains("oci-layout"), "{err}");
 }
+
+#[test]
+fn signed_schema1_manifests_apply_oldest_first_without_throwaway_layers() {
+    let reg = registry();
+    let base = FixtureLayer::gzip(&[("etc/base", b"base")]);
+    let empty = FixtureLayer::gzip(&[]);
+    let top = FixtureLayer::gzip(&[("etc/top", b"top")]);
+    let push = |b: &[u8]| {
+        rt().block_on(async {
+            imgfs::registry::Client::new(Default::default())
+                .unwrap()
+                .push_blob(&reg.host, "test/legacy", bytes::Bytes::from(b.to_vec()))
+                .await
+                .unwrap()
+        })
+    };
+    for l in [&base, &empty, &top] {
+        push(&l.blob);
+    }
+    let layers = vec![
+        (
+            top.digest().to_string(),
+            serde_json::json!({"id": "c3", "parent": "b2", "os": "linux", "architecture": "amd64"}),
+        ),
+        (
+            empty.digest().to_string(),
+            serde_json::json!({"id": "b2", "parent": "a1", "throwaway": true}),
+        ),
+        (base.digest().to_string(), serde_json::json!({"id": "a1"})),
+    ];
+    let body = common::schema1::manifest("test/legacy", "v1", &layers);
+    let signed = common::schema1::sign(&body);
+    let digest = rt().block_on(async {
+        imgfs::registry::Client::new(Default::default())
+            .unwrap()
+            .push_manifest(
+                &reg.host,
+                "test/legacy",
+                "v1",
+                imgfs::manifest::media::SCHEMA1_SIGNED,
+                bytes::Bytes::from(signed.clone()),
+            )
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        digest,
+        Digest::of(body.as_bytes()),
+        "the digest of a signed manifest is its payload's"
+    );
+
+    let cache = tempfile::tempdir().unwrap();
+    let v = inspect_json(cache.path(), &format!("{}/test/legacy:v1", reg.host), &[]);
+    assert_eq!(v["mediaType"], imgfs::manifest::media::SCHEMA1_SIGNED);
+    assert_eq!(v["digest"], digest.to_string());
+    assert_eq!(
+        layer_digests(&v),
+        vec![base.digest().to_string(), top.digest().to_string()]
+    );
+    let pinned = format!("{}/test/legacy@{digest}", reg.host);
+    let raw = imgfs(cache.path(), &["inspect", "--raw", "manifest", &pinned]);
+    assert!(
+        raw.status.success(),
+        "{}",
+        String::from_utf8_lossy(&raw.stderr)
+    );
+    let config = imgfs_ok(cache.path(), &["inspect", "--raw", "config", &pinned]);
+    assert!(
+        config.contains("\"c3\""),
+        "schema 1's config is the newest v1Compatibility: {config}"
+    );
+    let out = imgfs_ok(cache.path(), &["fetch", &pinned]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+}

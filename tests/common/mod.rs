@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod schema1;
 pub mod token;
 
 use std::io::Write;
