@@ -180,3 +180,57 @@ fn bearer_tokens_are_fetched_cached_and_refreshed() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn credentials_do_not_follow_a_redirect_to_blob_storage() {
+    let reg = htpasswd_registry();
+    let img = FixtureImage::new("amd64", vec![FixtureLayer::gzip(&[("f", b"redirected")])]);
+    let mut opts = imgfs::registry::ClientOptions::default();
+    opts.credentials.insert(
+        reg.host.clone(),
+        imgfs::registry::auth::Credential::Basic {
+            username: "user".into(),
+            password: "pass".into(),
+        },
+    );
+    img.push_with(&reg.host, "private/redirect", "v1", opts);
+    let store = proxy::BlobStore::start(vec![
+        (
+            img.layers[0].digest().to_string(),
+            img.layers[0].blob.clone(),
+        ),
+        (
+            imgfs::digest::Digest::of(&img.config).to_string(),
+            img.config.clone(),
+        ),
+    ]);
+    let proxy = proxy::Proxy::start(&reg.host);
+    proxy.redirect_blobs_to(&store.base);
+
+    let cfg = tempfile::tempdir().unwrap();
+    write_docker_config(
+        cfg.path(),
+        serde_json::json!({"auths": {proxy.host.clone(): auth_entry("user", "pass")}}),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let out = imgfs_env(
+        cache.path(),
+        &["fetch", &format!("{}/private/redirect:v1", proxy.host)],
+        &[("DOCKER_CONFIG", cfg.path().to_str().unwrap())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(store.served(), 2, "config and layer came from blob storage");
+    assert!(
+        store.auth_seen().is_empty(),
+        "registry credentials leaked to another host: {:?}",
+        store.auth_seen()
+    );
+    assert!(
+        proxy.log().iter().any(|l| l.contains("/manifests/")),
+        "the manifest still came through the registry"
+    );
+}

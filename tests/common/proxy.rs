@@ -17,6 +17,8 @@ struct State {
     /// How many coming requests to answer with `fail_status` (and `Retry-After: 0`).
     fails_left: AtomicUsize,
     fail_status: AtomicU64,
+    /// Answer blob GETs with a 307 to this base URL + the request path.
+    redirect_blobs: Mutex<Option<String>>,
     /// Request lines seen, with their Range header if any.
     log: Mutex<Vec<String>>,
 }
@@ -58,6 +60,11 @@ impl Proxy {
             .fail_status
             .store(status as u64, Ordering::SeqCst);
         self.state.fails_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Redirect blob downloads to `base` (e.g. another server's `http://host:port`).
+    pub fn redirect_blobs_to(&self, base: &str) {
+        *self.state.redirect_blobs.lock().unwrap() = Some(base.to_string());
     }
 
     pub fn ignore_range(&self, on: bool) {
@@ -128,6 +135,22 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
         return c.shutdown(Shutdown::Both);
     }
 
+    let redirect = st.redirect_blobs.lock().unwrap().clone();
+    if let Some(base) = redirect
+        && request_line.starts_with("GET ")
+        && request_line.contains("/blobs/sha256:")
+    {
+        let path = request_line.split(' ').nth(1).unwrap_or("/");
+        let mut c = client;
+        c.write_all(
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: {base}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )?;
+        return c.shutdown(Shutdown::Both);
+    }
+
     let mut upstream = TcpStream::connect(&st.upstream)?;
     upstream.write_all(out.as_bytes())?;
     let mut up_w = upstream.try_clone()?;
@@ -159,4 +182,65 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
     let _ = client_w.shutdown(Shutdown::Both);
     let _ = upstream.shutdown(Shutdown::Both);
     Ok(())
+}
+
+/// A stand-in for blob storage behind a registry redirect: serves fixed bodies by path and
+/// records every Authorization header it is sent (it should be sent none).
+pub struct BlobStore {
+    pub base: String,
+    auth_seen: Arc<Mutex<Vec<String>>>,
+    served: Arc<AtomicUsize>,
+}
+
+impl BlobStore {
+    /// Serve `blobs` (digest → bytes) at any path ending in the digest.
+    pub fn start(blobs: Vec<(String, Vec<u8>)>) -> BlobStore {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let auth_seen = Arc::new(Mutex::new(Vec::new()));
+        let served = Arc::new(AtomicUsize::new(0));
+        let (seen, count) = (auth_seen.clone(), served.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let Ok(head) = read_head(&mut r) else {
+                    continue;
+                };
+                let Some(line) = head.first() else { continue };
+                for h in &head[1..] {
+                    if h.to_ascii_lowercase().starts_with("authorization:") {
+                        seen.lock().unwrap().push(h.clone());
+                    }
+                }
+                let path = line.split(' ').nth(1).unwrap_or("");
+                let mut c = conn;
+                match blobs.iter().find(|(d, _)| path.ends_with(d.as_str())) {
+                    Some((_, body)) => {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let _ = c.write_all(
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                                .as_bytes(),
+                        );
+                        let _ = c.write_all(body);
+                    }
+                    None => {
+                        let _ = c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    }
+                }
+            }
+        });
+        BlobStore {
+            base,
+            auth_seen,
+            served,
+        }
+    }
+
+    pub fn auth_seen(&self) -> Vec<String> {
+        self.auth_seen.lock().unwrap().clone()
+    }
+
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
 }
