@@ -5,9 +5,13 @@ pub mod cache;
 pub mod cli;
 pub mod digest;
 pub mod error;
+pub mod flatten;
+pub mod index;
+pub mod layer;
 pub mod manifest;
 pub mod reference;
 pub mod registry;
 pub mod source;
+pub mod tree;
 
 pub use error::{Error, Result};

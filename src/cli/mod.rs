@@ -2,6 +2,7 @@
 //! boundary where library errors get their context and become one line on stderr.
 
 mod inspect;
+mod pull;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Download and verify every blob of an image into the cache
     Fetch(FetchArgs),
+    /// Write the image's merged root filesystem to a new directory (or a tar stream)
+    Pull(pull::PullArgs),
 }
 
 #[derive(Args)]
@@ -107,6 +110,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect(args) => inspect::run(&g, args).await,
         Command::Fetch(args) => fetch(&g, args).await,
+        Command::Pull(args) => pull::run(&g, args).await,
     }
 }
 

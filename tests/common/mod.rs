@@ -2,6 +2,8 @@
 //! images built here from deterministic tar streams, and a helper to run the `imgfs` binary.
 #![allow(dead_code)]
 
+pub mod compare;
+pub mod layers;
 pub mod proxy;
 pub mod schema1;
 pub mod token;
@@ -208,6 +210,8 @@ pub fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
         h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_entry_type(tar::EntryType::Regular);
         b.append_data(&mut h, path, *data).unwrap();
     }
@@ -236,6 +240,31 @@ impl FixtureLayer {
             media_type: media::OCI_LAYER_GZIP,
         }
     }
+    /// A gzip layer from a hand-built tar.
+    pub fn from_tar(tar: Vec<u8>) -> FixtureLayer {
+        FixtureLayer {
+            diff_id: Digest::of(&tar),
+            blob: gzip(&tar),
+            media_type: media::OCI_LAYER_GZIP,
+        }
+    }
+
+    pub fn zstd_from_tar(tar: Vec<u8>) -> FixtureLayer {
+        FixtureLayer {
+            diff_id: Digest::of(&tar),
+            blob: zstd::encode_all(&tar[..], 3).unwrap(),
+            media_type: media::OCI_LAYER_ZSTD,
+        }
+    }
+
+    pub fn plain_tar(tar: Vec<u8>) -> FixtureLayer {
+        FixtureLayer {
+            diff_id: Digest::of(&tar),
+            blob: tar,
+            media_type: media::OCI_LAYER_TAR,
+        }
+    }
+
     pub fn plain(files: &[(&str, &[u8])]) -> FixtureLayer {
         let tar = tar_of(files);
         FixtureLayer {

@@ -1,0 +1,209 @@
+//! Putting inodes on disk: file metadata during extraction, and the final tree by rename.
+//! Failures a user can live with (ownership when not root, an xattr the filesystem refuses,
+//! device nodes without privilege) are collected as warnings, each said once.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustix::fs::{AtFlags, CWD, FileType, Mode, Timespec, Timestamps, XattrFlags};
+
+use crate::error::{IoContext, Result};
+use crate::index::{Entry, Kind};
+use crate::tree::{DentryId, InodeId, Meta, ROOT, Tree};
+
+/// Warnings said once each, shared by all workers.
+#[derive(Clone, Default)]
+pub struct Warnings(Arc<Mutex<(HashSet<String>, Vec<String>)>>);
+
+impl Warnings {
+    pub fn new() -> Warnings {
+        Warnings::default()
+    }
+
+    /// Record `msg` unless a warning with the same `key` was recorded already.
+    pub fn once(&self, key: &str, msg: impl FnOnce() -> String) {
+        let mut g = self.0.lock().unwrap();
+        if g.0.insert(key.to_string()) {
+            let m = msg();
+            tracing::warn!("{m}");
+            g.1.push(m);
+        }
+    }
+
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut self.0.lock().unwrap().1)
+    }
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn times(mtime: i64) -> Timestamps {
+    let t = Timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+fn not_root_warning(w: &Warnings) {
+    w.once("owner", || {
+        "not running as root: files are owned by you, not by the image's users".into()
+    });
+}
+
+fn xattr_warning(w: &Warnings, name: &str, e: rustix::io::Errno) {
+    w.once(&format!("xattr {name}"), || {
+        format!("the target filesystem refused xattr {name} ({e}); continuing without it")
+    });
+}
+
+/// Owner, mode, xattrs and mtime of a freshly written regular file.
+pub fn file_meta(f: &File, path: &Path, e: &Entry, w: &Warnings) -> Result<()> {
+    if is_root() {
+        rustix::fs::fchown(
+            f,
+            Some(rustix::fs::Uid::from_raw(e.uid)),
+            Some(rustix::fs::Gid::from_raw(e.gid)),
+        )
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("chown {}", path.display()))?;
+    } else {
+        not_root_warning(w);
+    }
+    // After chown, which clears setuid/setgid.
+    rustix::fs::fchmod(f, Mode::from_raw_mode(e.mode))
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("chmod {}", path.display()))?;
+    for (name, value) in &e.xattrs {
+        if let Err(err) = rustix::fs::fsetxattr(f, name.as_str(), value, XattrFlags::empty()) {
+            xattr_warning(w, name, err);
+        }
+    }
+    rustix::fs::futimens(f, &times(e.mtime))
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("setting the mtime of {}", path.display()))
+}
+
+/// Owner, mode, xattrs and mtime of a path that is not a regular file (not following it).
+fn path_meta(p: &Path, m: &Meta, w: &Warnings) -> Result<()> {
+    let io = |e: rustix::io::Errno| std::io::Error::from(e);
+    if is_root() {
+        rustix::fs::chownat(
+            CWD,
+            p,
+            Some(rustix::fs::Uid::from_raw(m.uid)),
+            Some(rustix::fs::Gid::from_raw(m.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(io)
+        .ctx(|| format!("chown {}", p.display()))?;
+    } else {
+        not_root_warning(w);
+    }
+    if m.kind != Kind::Symlink {
+        rustix::fs::chmodat(CWD, p, Mode::from_raw_mode(m.mode), AtFlags::empty())
+            .map_err(io)
+            .ctx(|| format!("chmod {}", p.display()))?;
+    }
+    for (name, value) in &m.xattrs {
+        if let Err(err) = rustix::fs::lsetxattr(p, name.as_str(), value, XattrFlags::empty()) {
+            xattr_warning(w, name, err);
+        }
+    }
+    if m.implicit {
+        return Ok(());
+    }
+    rustix::fs::utimensat(CWD, p, &times(m.mtime), AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(io)
+        .ctx(|| format!("setting the mtime of {}", p.display()))
+}
+
+/// Build `tree` at `root` (which must not exist), moving regular files out of `staging`.
+pub fn materialize(tree: &Tree, staging: &[PathBuf], root: &Path, w: &Warnings) -> Result<()> {
+    std::fs::create_dir(root).ctx(|| format!("creating {}", root.display()))?;
+    let mut paths: Vec<Option<PathBuf>> = vec![None; tree.dentries.len()];
+    paths[ROOT as usize] = Some(root.to_path_buf());
+    let mut placed: HashMap<InodeId, PathBuf> = HashMap::new();
+    let order = tree.walk();
+    for &d in &order {
+        let de = &tree.dentries[d as usize];
+        let p = paths[de.parent as usize]
+            .as_ref()
+            .expect("parents come first")
+            .join(&de.name);
+        let inode = &tree.inodes[de.inode as usize];
+        let m = &inode.meta;
+        if m.kind != Kind::Dir
+            && let Some(first) = placed.get(&de.inode)
+        {
+            std::fs::hard_link(first, &p).ctx(|| format!("linking {}", p.display()))?;
+            paths[d as usize] = Some(p);
+            continue;
+        }
+        match m.kind {
+            Kind::Dir => std::fs::create_dir(&p).ctx(|| format!("creating {}", p.display()))?,
+            Kind::File => {
+                let data = inode.data.expect("regular files have data");
+                let from = staging[data.layer as usize].join(data.entry.to_string());
+                std::fs::rename(&from, &p).ctx(|| format!("placing {}", p.display()))?;
+            }
+            Kind::Symlink => {
+                std::os::unix::fs::symlink(m.link.as_deref().unwrap_or(""), &p)
+                    .ctx(|| format!("creating symlink {}", p.display()))?;
+                path_meta(&p, m, w)?;
+            }
+            Kind::Char | Kind::Block | Kind::Fifo => {
+                let ft = match m.kind {
+                    Kind::Char => FileType::CharacterDevice,
+                    Kind::Block => FileType::BlockDevice,
+                    _ => FileType::Fifo,
+                };
+                let dev = rustix::fs::makedev(m.dev_major, m.dev_minor);
+                match rustix::fs::mknodat(CWD, &p, ft, Mode::from_raw_mode(m.mode), dev) {
+                    Ok(()) => path_meta(&p, m, w)?,
+                    Err(e) if e == rustix::io::Errno::PERM && m.kind != Kind::Fifo => {
+                        w.once("mknod", || {
+                            format!(
+                                "device nodes need root; skipped {} and any others",
+                                p.display()
+                            )
+                        });
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(std::io::Error::from(e))
+                            .ctx(|| format!("creating {}", p.display()));
+                    }
+                }
+            }
+            Kind::Hardlink | Kind::Whiteout | Kind::Opaque => {
+                unreachable!("the tree holds no links or whiteouts as inodes")
+            }
+        }
+        if m.kind != Kind::Dir {
+            placed.insert(de.inode, p.clone());
+        }
+        paths[d as usize] = Some(p);
+    }
+    // Directories last, deepest first: creating children changes a directory's mtime, and a
+    // read-only mode would stop us creating them.
+    let dirs = order
+        .iter()
+        .rev()
+        .copied()
+        .filter(|&d| tree.inode_of(d).meta.kind == Kind::Dir)
+        .chain(std::iter::once::<DentryId>(ROOT));
+    for d in dirs {
+        if let Some(p) = &paths[d as usize] {
+            path_meta(p, &tree.inode_of(d).meta, w)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! Writing an image's merged tree out, to a directory (`imgfs pull IMAGE DIR`) or as one tar
+//! stream (`--tar`).
+//!
+//! How it is fast: every layer is fetched and extracted at once (bounded by `jobs`), each into
+//! its own flat staging directory — regular files only, named by their index position, with
+//! their metadata already set. Nothing there depends on other layers, so layers download,
+//! decompress and write in parallel on all cores. The layer indexes gathered on the way are
+//! merged by `tree` (pure), and the result is materialised by `rename(2)`: a file's bytes are
+//! written once, where they were extracted. Staging files that a later layer deleted or
+//! replaced are simply left behind and removed with the staging area.
+//!
+//! How it is safe: staging names are numbers, and final paths come from the tree, whose
+//! components are plain names under directories this run created in a fresh build directory;
+//! no path is ever resolved through something a layer planted. The build directory sits next
+//! to DIR and is renamed into place only on success; on failure it is removed.
+
+mod apply;
+mod tar_out;
+
+use std::path::{Path, PathBuf};
+
+use futures_util::{StreamExt, TryStreamExt};
+
+use crate::cache::Cache;
+use crate::error::{Error, IoContext, Result};
+use crate::index::{self, LayerIndex};
+use crate::manifest::{Compression, Image};
+use crate::source::Source;
+use crate::tree::{self, Tree};
+
+pub use apply::Warnings;
+
+/// Where `pull` writes.
+pub enum Output {
+    /// A new or empty directory.
+    Dir(PathBuf),
+    /// A tar stream to this writer.
+    Tar(Box<dyn std::io::Write + Send>),
+}
+
+#[derive(Clone, Debug)]
+pub struct PullOptions {
+    /// Layers fetched and extracted at once.
+    pub jobs: usize,
+}
+
+/// What a pull did, for the closing summary.
+#[derive(Debug, Default)]
+pub struct PullReport {
+    pub entries: usize,
+    pub warnings: Vec<String>,
+}
+
+/// Flatten `image` (from `src`, blobs via `cache`) to `out`.
+pub async fn pull(
+    cache: &Cache,
+    src: &Source,
+    image: &Image,
+    out: Output,
+    opts: &PullOptions,
+) -> Result<PullReport> {
+    let (build_parent, final_dir) = match &out {
+        Output::Dir(dir) => (check_target(dir)?, Some(dir.clone())),
+        Output::Tar(_) => (cache.root().join("tmp"), None),
+    };
+    let build = tempfile::Builder::new()
+        .prefix(".imgfs-pull-")
+        .tempdir_in(&build_parent)
+        .ctx(|| format!("creating a build directory in {}", build_parent.display()))?;
+    let warnings = Warnings::new();
+
+    let (tree, staging) = extract_all(cache, src, image, build.path(), opts, &warnings).await?;
+    let entries = tree.walk().len();
+    match out {
+        Output::Dir(dir) => {
+            let rootfs = build.path().join("rootfs");
+            let w = warnings.clone();
+            let r = rootfs.clone();
+            tokio::task::spawn_blocking(move || apply::materialize(&tree, &staging, &r, &w))
+                .await
+                .map_err(join_error)??;
+            if dir.exists() {
+                // Checked empty above; a racing writer makes this fail, which is right.
+                std::fs::remove_dir(&dir).ctx(|| format!("replacing empty {}", dir.display()))?;
+            }
+            std::fs::rename(&rootfs, &dir)
+                .ctx(|| format!("moving the finished tree to {}", dir.display()))?;
+            let _ = final_dir;
+        }
+        Output::Tar(w) => {
+            tokio::task::spawn_blocking(move || tar_out::write(&tree, &staging, w))
+                .await
+                .map_err(join_error)??;
+        }
+    }
+    let build_path = build.path().to_path_buf();
+    // Leftover staging files (deleted or replaced by later layers) go with the build dir.
+    tokio::task::spawn_blocking(move || drop(build))
+        .await
+        .map_err(join_error)?;
+    debug_assert!(!build_path.exists());
+    Ok(PullReport {
+        entries,
+        warnings: warnings.take(),
+    })
+}
+
+/// DIR must be new or an empty directory; returns the directory to build next to it in.
+fn check_target(dir: &Path) -> Result<PathBuf> {
+    if let Ok(mut rd) = std::fs::read_dir(dir) {
+        if rd.next().is_some() {
+            return Err(Error::Unsupported {
+                what: "target directory (it must be new or empty)".into(),
+                value: dir.display().to_string(),
+            });
+        }
+    } else if dir.symlink_metadata().is_ok() {
+        return Err(Error::Unsupported {
+            what: "target (it exists and is not a directory)".into(),
+            value: dir.display().to_string(),
+        });
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::NotFound {
+            what: "directory".into(),
+            detail: format!("{} (the parent of {})", parent.display(), dir.display()),
+        });
+    }
+    Ok(parent)
+}
+
+/// Fetch and extract every layer into `build/staging/<position>`, and merge their indexes.
+async fn extract_all(
+    cache: &Cache,
+    src: &Source,
+    image: &Image,
+    build: &Path,
+    opts: &PullOptions,
+    warnings: &Warnings,
+) -> Result<(Tree, Vec<PathBuf>)> {
+    let staging_root = build.join("staging");
+    std::fs::create_dir(&staging_root).ctx(|| format!("creating {}", staging_root.display()))?;
+    let staging: Vec<PathBuf> = (0..image.layers.len())
+        .map(|i| staging_root.join(i.to_string()))
+        .collect();
+    let indexes: Vec<LayerIndex> = futures_util::stream::iter(image.layers.iter().enumerate())
+        .map(|(i, layer)| {
+            let dir = staging[i].clone();
+            let w = warnings.clone();
+            async move {
+                let blob = cache.fetch(src, &layer.descriptor).await?;
+                let compression = layer.compression;
+                let digest = layer.descriptor.digest.clone();
+                tokio::task::spawn_blocking(move || {
+                    extract_layer(&blob, compression, &dir, &w).map_err(|e| match e {
+                        Error::Malformed { what, reason } => Error::Malformed {
+                            what: format!("{what} in layer {} ({digest})", i + 1),
+                            reason,
+                        },
+                        other => other,
+                    })
+                })
+                .await
+                .map_err(join_error)?
+            }
+        })
+        .buffered(opts.jobs.max(1))
+        .try_collect()
+        .await?;
+    let names: Vec<String> = image
+        .layers
+        .iter()
+        .map(|l| l.descriptor.digest.to_string())
+        .collect();
+    let refs: Vec<&LayerIndex> = indexes.iter().collect();
+    Ok((tree::merge(&refs, &names)?, staging))
+}
+
+/// Stream one layer: index it, and write each regular file to `dir/<index position>` with
+/// its metadata.
+fn extract_layer(
+    blob: &Path,
+    compression: Compression,
+    dir: &Path,
+    warnings: &Warnings,
+) -> Result<LayerIndex> {
+    std::fs::create_dir(dir).ctx(|| format!("creating {}", dir.display()))?;
+    let tar = crate::layer::open_tar_stream(blob, compression)?;
+    let mut buf = vec![0u8; 256 << 10];
+    index::build(tar, |entry, pos, data| {
+        let path = dir.join(pos.to_string());
+        let mut f =
+            std::fs::File::create_new(&path).ctx(|| format!("creating {}", path.display()))?;
+        let mut written = 0u64;
+        loop {
+            let n = match data.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Error::malformed(
+                        "layer tar",
+                        format!("entry {:?}: data unreadable: {e}", entry.path),
+                    ));
+                }
+            };
+            std::io::Write::write_all(&mut f, &buf[..n])
+                .ctx(|| format!("writing {}", path.display()))?;
+            written += n as u64;
+        }
+        if written != entry.size {
+            return Err(Error::malformed(
+                "layer tar",
+                format!(
+                    "entry {:?} is truncated ({written} of {} bytes)",
+                    entry.path, entry.size
+                ),
+            ));
+        }
+        apply::file_meta(&f, &path, entry, warnings)
+    })
+}
+
+fn join_error(e: tokio::task::JoinError) -> Error {
+    Error::Io {
+        context: "a worker thread failed".into(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}

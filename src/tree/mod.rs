@@ -1,0 +1,409 @@
+//! The merged root filesystem of an image: layer indexes applied bottom first with the OCI
+//! overlay rules, as a table of directory entries and inodes. Pure data — no I/O — so `pull`
+//! and `mount` share one definition of what an image contains.
+//!
+//! Rules (OCI image spec, "changesets"): a layer's whiteouts act on the layers below it only,
+//! whatever their place in its tar; an entry replaces what was at its path (a directory over a
+//! directory merges, taking the new metadata); a hardlink shares the inode of its target *as
+//! it is when the link is applied*, so later changes to the target path do not touch it.
+//! Parent paths are resolved through symlinks scoped to the image root (as umoci and Docker
+//! do: `/lib -> usr/lib` then `lib/x` lands in `usr/lib/x`); nothing resolves outside it.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::index::{Entry, Kind, LayerIndex};
+
+pub type DentryId = u32;
+pub type InodeId = u32;
+
+/// The root directory's entry and inode.
+pub const ROOT: DentryId = 0;
+
+/// How deep symlinks may chain while resolving one path (Linux's limit).
+const MAX_SYMLINKS: u32 = 40;
+
+/// The metadata of an inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub size: u64,
+    /// Symlink target.
+    pub link: Option<String>,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// A directory no layer lists, made because something was put inside it. It has no
+    /// recorded mtime: writers leave the time it was created, as umoci and tar do.
+    pub implicit: bool,
+}
+
+impl Meta {
+    fn from_entry(e: &Entry) -> Meta {
+        Meta {
+            kind: e.kind,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime: e.mtime,
+            size: e.size,
+            link: e.link.clone(),
+            dev_major: e.dev_major,
+            dev_minor: e.dev_minor,
+            xattrs: e.xattrs.clone(),
+            implicit: false,
+        }
+    }
+
+    fn implicit_dir() -> Meta {
+        Meta {
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size: 0,
+            link: None,
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: Vec::new(),
+            implicit: true,
+        }
+    }
+}
+
+/// Where a regular file's bytes are: entry `entry` of layer `layer` (positions in the image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataRef {
+    pub layer: u32,
+    pub entry: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Inode {
+    pub meta: Meta,
+    pub data: Option<DataRef>,
+    /// Live directory entries naming this inode (hardlink count), set by [`merge`].
+    pub nlink: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct Dentry {
+    pub name: String,
+    pub parent: DentryId,
+    pub inode: InodeId,
+    /// Children by name, for directories.
+    pub children: Option<BTreeMap<String, DentryId>>,
+}
+
+/// The merged tree. Dead entries (deleted by later layers) stay in `dentries` but are
+/// unreachable from [`ROOT`]; walk from the root with [`Tree::walk`].
+#[derive(Clone, Debug)]
+pub struct Tree {
+    pub dentries: Vec<Dentry>,
+    pub inodes: Vec<Inode>,
+}
+
+impl Tree {
+    fn new() -> Tree {
+        Tree {
+            dentries: vec![Dentry {
+                name: String::new(),
+                parent: ROOT,
+                inode: 0,
+                children: Some(BTreeMap::new()),
+            }],
+            inodes: vec![Inode {
+                meta: Meta::implicit_dir(),
+                data: None,
+                nlink: 1,
+            }],
+        }
+    }
+
+    pub fn inode_of(&self, d: DentryId) -> &Inode {
+        &self.inodes[self.dentries[d as usize].inode as usize]
+    }
+
+    fn kind(&self, d: DentryId) -> Kind {
+        self.inode_of(d).meta.kind
+    }
+
+    pub fn children(&self, d: DentryId) -> impl Iterator<Item = DentryId> + '_ {
+        self.dentries[d as usize]
+            .children
+            .iter()
+            .flat_map(|c| c.values().copied())
+    }
+
+    /// The path of a live entry, relative to the root.
+    pub fn path(&self, mut d: DentryId) -> String {
+        let mut parts = Vec::new();
+        while d != ROOT {
+            parts.push(self.dentries[d as usize].name.as_str());
+            d = self.dentries[d as usize].parent;
+        }
+        parts.reverse();
+        parts.join("/")
+    }
+
+    /// Every live entry below the root, parents before children, siblings by name.
+    pub fn walk(&self) -> Vec<DentryId> {
+        let mut out = Vec::new();
+        let mut stack: Vec<DentryId> = self.children(ROOT).collect();
+        stack.reverse();
+        while let Some(d) = stack.pop() {
+            out.push(d);
+            let before = stack.len();
+            stack.extend(self.children(d));
+            stack[before..].reverse();
+        }
+        out
+    }
+
+    /// Look up a path without following a symlink in its last component.
+    pub fn lookup(&self, path: &str) -> Option<DentryId> {
+        if path.is_empty() {
+            return Some(ROOT);
+        }
+        let (parent, name) = split(path);
+        let dir = self.resolve_dir(ROOT, parent, &mut 0).ok()?;
+        self.child(dir, name)
+    }
+
+    fn add(&mut self, parent: DentryId, name: &str, inode: InodeId) -> DentryId {
+        let id = self.dentries.len() as DentryId;
+        let is_dir = self.inodes[inode as usize].meta.kind == Kind::Dir;
+        self.dentries.push(Dentry {
+            name: name.to_string(),
+            parent,
+            inode,
+            children: is_dir.then(BTreeMap::new),
+        });
+        self.dentries[parent as usize]
+            .children
+            .as_mut()
+            .expect("parent is a directory")
+            .insert(name.to_string(), id);
+        id
+    }
+
+    fn new_inode(&mut self, meta: Meta, data: Option<DataRef>) -> InodeId {
+        self.inodes.push(Inode {
+            meta,
+            data,
+            nlink: 0,
+        });
+        (self.inodes.len() - 1) as InodeId
+    }
+
+    /// Resolve `path` (relative to `start`) to a directory, following symlinks scoped to the
+    /// root (`..` stops at the root, absolute targets start from it).
+    fn resolve_dir(
+        &self,
+        start: DentryId,
+        path: &str,
+        depth: &mut u32,
+    ) -> Result<DentryId, Unresolved> {
+        let mut cur = start;
+        for comp in path.split('/') {
+            match comp {
+                "" | "." => continue,
+                ".." => {
+                    cur = self.dentries[cur as usize].parent;
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(c) = self.child(cur, comp) else {
+                return Err(Unresolved::Missing {
+                    dir: cur,
+                    name: comp.to_string(),
+                });
+            };
+            cur = match self.kind(c) {
+                Kind::Dir => c,
+                Kind::Symlink => {
+                    *depth += 1;
+                    if *depth > MAX_SYMLINKS {
+                        return Err(Unresolved::Other(
+                            "too many levels of symbolic links".into(),
+                        ));
+                    }
+                    let target = self.inode_of(c).meta.link.as_deref().unwrap_or_default();
+                    let base = if target.starts_with('/') { ROOT } else { cur };
+                    self.resolve_dir(base, target, depth)?
+                }
+                _ => return Err(Unresolved::Other(format!("{comp:?} is not a directory"))),
+            };
+        }
+        Ok(cur)
+    }
+
+    /// [`Tree::resolve_dir`], making missing directories (also inside symlink targets).
+    fn resolve_or_create_dir(&mut self, path: &str) -> Result<DentryId, String> {
+        loop {
+            match self.resolve_dir(ROOT, path, &mut 0) {
+                Ok(d) => return Ok(d),
+                Err(Unresolved::Missing { dir, name }) => {
+                    let ino = self.new_inode(Meta::implicit_dir(), None);
+                    self.add(dir, &name, ino);
+                }
+                Err(Unresolved::Other(why)) => return Err(why),
+            }
+        }
+    }
+
+    /// Unlink `d` from its parent; its subtree becomes unreachable.
+    fn remove(&mut self, d: DentryId) {
+        let Dentry { parent, name, .. } = self.dentries[d as usize].clone();
+        if let Some(c) = self.dentries[parent as usize].children.as_mut() {
+            c.remove(&name);
+        }
+    }
+
+    fn child(&self, dir: DentryId, name: &str) -> Option<DentryId> {
+        self.dentries[dir as usize]
+            .children
+            .as_ref()?
+            .get(name)
+            .copied()
+    }
+}
+
+/// Why a path did not resolve to a directory.
+enum Unresolved {
+    Missing { dir: DentryId, name: String },
+    Other(String),
+}
+
+fn split(path: &str) -> (&str, &str) {
+    path.rsplit_once('/').unwrap_or(("", path))
+}
+
+/// Apply `layers` bottom first. `names[i]` names layer `i` in errors (its digest).
+pub fn merge(layers: &[&LayerIndex], names: &[String]) -> Result<Tree> {
+    let mut t = Tree::new();
+    for (li, layer) in layers.iter().enumerate() {
+        let fail = |e: &Entry, reason: String| {
+            Error::malformed(
+                format!(
+                    "layer {} ({})",
+                    li + 1,
+                    names.get(li).map(String::as_str).unwrap_or("?")
+                ),
+                format!("entry {:?}: {reason}", e.path),
+            )
+        };
+        // Whiteouts first: they hide lower layers only, wherever they sit in this layer's tar.
+        for e in &layer.entries {
+            match e.kind {
+                Kind::Whiteout => {
+                    let (parent, name) = split(&e.path);
+                    if let Ok(dir) = t.resolve_dir(ROOT, parent, &mut 0)
+                        && let Some(victim) = t.child(dir, name)
+                    {
+                        t.remove(victim);
+                    }
+                }
+                Kind::Opaque => {
+                    let (parent, name) = split(&e.path);
+                    let dir = if e.path.is_empty() {
+                        Some(ROOT)
+                    } else {
+                        t.resolve_dir(ROOT, parent, &mut 0)
+                            .ok()
+                            .and_then(|p| t.child(p, name))
+                    };
+                    if let Some(d) = dir.filter(|d| t.kind(*d) == Kind::Dir) {
+                        t.dentries[d as usize].children = Some(BTreeMap::new());
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (ei, e) in layer.entries.iter().enumerate() {
+            if matches!(e.kind, Kind::Whiteout | Kind::Opaque) {
+                continue;
+            }
+            if e.path.is_empty() {
+                if e.kind == Kind::Dir {
+                    t.inodes[0].meta = Meta::from_entry(e);
+                }
+                continue;
+            }
+            let (parent, name) = split(&e.path);
+            let dir = t
+                .resolve_or_create_dir(parent)
+                .map_err(|r| fail(e, format!("its parent cannot be made a directory: {r}")))?;
+            let existing = t.child(dir, name);
+            match e.kind {
+                Kind::Dir => match existing {
+                    Some(d) if t.kind(d) == Kind::Dir => {
+                        let ino = t.dentries[d as usize].inode;
+                        t.inodes[ino as usize].meta = Meta::from_entry(e);
+                    }
+                    _ => {
+                        if let Some(d) = existing {
+                            t.remove(d);
+                        }
+                        let ino = t.new_inode(Meta::from_entry(e), None);
+                        t.add(dir, name, ino);
+                    }
+                },
+                Kind::Hardlink => {
+                    let target_path = e.link.as_deref().unwrap_or("");
+                    let (tp, tn) = split(target_path);
+                    let target = t
+                        .resolve_dir(ROOT, tp, &mut 0)
+                        .ok()
+                        .and_then(|d| t.child(d, tn))
+                        .ok_or_else(|| {
+                            fail(
+                                e,
+                                format!("hardlink to {target_path:?}, which does not exist"),
+                            )
+                        })?;
+                    if t.kind(target) == Kind::Dir {
+                        return Err(fail(e, format!("hardlink to directory {target_path:?}")));
+                    }
+                    if existing == Some(target) {
+                        continue;
+                    }
+                    let ino = t.dentries[target as usize].inode;
+                    if let Some(d) = existing {
+                        t.remove(d);
+                    }
+                    t.add(dir, name, ino);
+                }
+                _ => {
+                    if let Some(d) = existing {
+                        t.remove(d);
+                    }
+                    let data = (e.kind == Kind::File).then_some(DataRef {
+                        layer: li as u32,
+                        entry: ei as u32,
+                    });
+                    let ino = t.new_inode(Meta::from_entry(e), data);
+                    t.add(dir, name, ino);
+                }
+            }
+        }
+    }
+    for ino in &mut t.inodes {
+        ino.nlink = 0;
+    }
+    t.inodes[0].nlink = 1;
+    for d in t.walk() {
+        let ino = t.dentries[d as usize].inode;
+        t.inodes[ino as usize].nlink += 1;
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests;

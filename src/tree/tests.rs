@@ -1,0 +1,184 @@
+use super::*;
+
+fn e(path: &str, kind: Kind) -> Entry {
+    Entry {
+        path: path.to_string(),
+        kind,
+        mode: if kind == Kind::Dir { 0o755 } else { 0o644 },
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: 0,
+        link: None,
+        dev_major: 0,
+        dev_minor: 0,
+        xattrs: vec![],
+        offset: 0,
+    }
+}
+
+fn link(path: &str, kind: Kind, target: &str) -> Entry {
+    Entry {
+        link: Some(target.to_string()),
+        ..e(path, kind)
+    }
+}
+
+fn layer(entries: Vec<Entry>) -> LayerIndex {
+    LayerIndex { entries }
+}
+
+fn paths(t: &Tree) -> Vec<String> {
+    t.walk().into_iter().map(|d| t.path(d)).collect()
+}
+
+fn merged(layers: &[LayerIndex]) -> Tree {
+    let refs: Vec<&LayerIndex> = layers.iter().collect();
+    merge(&refs, &[]).unwrap()
+}
+
+#[test]
+fn whiteouts_hide_lower_layers_only_whatever_their_order() {
+    let t = merged(&[
+        layer(vec![
+            e("a", Kind::Dir),
+            e("a/x", Kind::File),
+            e("a/y", Kind::File),
+        ]),
+        layer(vec![
+            e("a/x", Kind::File), // re-added in the same layer, before its whiteout
+            e("a/x", Kind::Whiteout),
+            e("a/y", Kind::Whiteout),
+        ]),
+    ]);
+    assert_eq!(paths(&t), vec!["a", "a/x"]);
+    let x = t.lookup("a/x").unwrap();
+    assert_eq!(t.inode_of(x).data, Some(DataRef { layer: 1, entry: 0 }));
+}
+
+#[test]
+fn opaque_directories_drop_lower_children_and_keep_their_own() {
+    let t = merged(&[
+        layer(vec![
+            e("d", Kind::Dir),
+            e("d/old", Kind::File),
+            e("d/sub", Kind::Dir),
+            e("d/sub/f", Kind::File),
+        ]),
+        layer(vec![e("d/new", Kind::File), e("d", Kind::Opaque)]),
+    ]);
+    assert_eq!(paths(&t), vec!["d", "d/new"]);
+}
+
+#[test]
+fn files_and_directories_replace_each_other() {
+    let t = merged(&[
+        layer(vec![
+            e("p", Kind::Dir),
+            e("p/child", Kind::File),
+            e("q", Kind::File),
+        ]),
+        layer(vec![
+            e("p", Kind::File),
+            e("q", Kind::Dir),
+            e("q/in", Kind::File),
+        ]),
+    ]);
+    assert_eq!(paths(&t), vec!["p", "q", "q/in"]);
+    assert_eq!(t.inode_of(t.lookup("p").unwrap()).meta.kind, Kind::File);
+
+    // A directory over a directory merges and takes the new metadata.
+    let mut upper = e("p", Kind::Dir);
+    upper.mode = 0o700;
+    let t = merged(&[
+        layer(vec![e("p", Kind::Dir), e("p/keep", Kind::File)]),
+        layer(vec![upper, e("p/add", Kind::File)]),
+    ]);
+    assert_eq!(paths(&t), vec!["p", "p/add", "p/keep"]);
+    assert_eq!(t.inode_of(t.lookup("p").unwrap()).meta.mode, 0o700);
+}
+
+#[test]
+fn hardlinks_share_the_inode_the_target_had_when_linked() {
+    let t = merged(&[
+        layer(vec![e("t", Kind::File)]),
+        layer(vec![
+            link("h", Kind::Hardlink, "t"),
+            link("h2", Kind::Hardlink, "h"),
+        ]),
+        layer(vec![e("t", Kind::File)]), // overwrites t: h keeps the old bytes
+    ]);
+    let h = t.inode_of(t.lookup("h").unwrap());
+    assert_eq!(h.data, Some(DataRef { layer: 0, entry: 0 }));
+    assert_eq!(h.nlink, 2, "h and h2");
+    let tt = t.inode_of(t.lookup("t").unwrap());
+    assert_eq!(tt.data, Some(DataRef { layer: 2, entry: 0 }));
+    assert_eq!(tt.nlink, 1);
+
+    // Deleting the target keeps the link.
+    let t = merged(&[
+        layer(vec![e("t", Kind::File), link("h", Kind::Hardlink, "t")]),
+        layer(vec![e("t", Kind::Whiteout)]),
+    ]);
+    assert_eq!(paths(&t), vec!["h"]);
+    assert_eq!(t.inode_of(t.lookup("h").unwrap()).nlink, 1);
+}
+
+#[test]
+fn parents_resolve_through_symlinks_inside_the_root() {
+    let t = merged(&[
+        layer(vec![
+            e("usr", Kind::Dir),
+            e("usr/lib", Kind::Dir),
+            link("lib", Kind::Symlink, "usr/lib"),
+            link("abs", Kind::Symlink, "/usr/lib"),
+            link("escape", Kind::Symlink, "../../../../tmp"),
+        ]),
+        layer(vec![
+            e("lib/a", Kind::File),
+            e("abs/b", Kind::File),
+            e("escape/c", Kind::File),
+        ]),
+    ]);
+    assert!(t.lookup("usr/lib/a").is_some());
+    assert!(t.lookup("usr/lib/b").is_some());
+    // `..` stops at the root: "escape" means /tmp inside the image.
+    assert!(t.lookup("tmp/c").is_some());
+    assert_eq!(
+        t.inode_of(t.lookup("lib").unwrap()).meta.kind,
+        Kind::Symlink
+    );
+}
+
+#[test]
+fn malformed_layers_are_refused_naming_the_entry() {
+    let refs = [layer(vec![e("f", Kind::File), e("f/under", Kind::File)])];
+    let err = merge(&refs.iter().collect::<Vec<_>>(), &["sha256:abc".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"f/under\"")
+            && err.contains("not a directory")
+            && err.contains("sha256:abc"),
+        "{err}"
+    );
+
+    let refs = [layer(vec![link("h", Kind::Hardlink, "missing")])];
+    let err = merge(&refs.iter().collect::<Vec<_>>(), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"missing\"") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let refs = [layer(vec![
+        link("a", Kind::Symlink, "b"),
+        link("b", Kind::Symlink, "a"),
+        e("a/x", Kind::File),
+    ])];
+    let err = merge(&refs.iter().collect::<Vec<_>>(), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("symbolic links"), "{err}");
+}

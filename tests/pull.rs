@@ -1,0 +1,462 @@
+//! `imgfs pull` conformance: fixture images covering the overlay rules and every entry kind are
+//! pulled from a real registry and compared with `umoci unpack` of the same image; hostile
+//! layers are refused with nothing written outside the target; `--tar` matches the directory.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::compare::assert_same_tree;
+use common::layers::Tar;
+use common::*;
+
+/// security.capability v2 granting cap_net_raw, effective.
+const CAP_NET_RAW: &[u8] = &[
+    1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
+fn rich_image() -> FixtureImage {
+    let long_name = format!("data/{}", "n".repeat(150));
+    let long_target = format!("/usr/{}", "t".repeat(120));
+    let l1 = Tar::new()
+        .dir("etc", 0o755)
+        .file("etc/passwd", 0o644, b"root:x:0:0::/root:/bin/sh\n")
+        .owned_file("etc/shadow", 0o640, 0, 42, b"root:*:1::::::\n")
+        .dir("usr", 0o755)
+        .dir("usr/bin", 0o755)
+        .dir("usr/lib", 0o755)
+        .file("usr/bin/tool", 0o4755, b"#!/bin/sh\necho tool\n")
+        .owned_file("usr/bin/grouped", 0o2755, 0, 50, b"sgid")
+        .hardlink("usr/bin/tool-link", "usr/bin/tool")
+        .xattr_file(
+            "usr/bin/ping",
+            0o755,
+            b"ping",
+            &[
+                ("user.origin", b"fixture"),
+                ("security.capability", CAP_NET_RAW),
+            ],
+        )
+        .symlink("lib", "usr/lib")
+        .symlink("bin", "/usr/bin")
+        .dir("tmp", 0o1777)
+        .dir("home", 0o755)
+        .dir("home/user", 0o700)
+        .owned_file("home/user/notes", 0o600, 1000, 1000, b"mine")
+        .dir("run", 0o755)
+        .fifo("run/fifo", 0o600)
+        .dir("dev", 0o755)
+        .chardev("dev/null", 1, 3)
+        .dir("var", 0o755)
+        .dir("var/cache", 0o755)
+        .file("var/cache/stale", 0o644, b"deleted by layer 2")
+        .dir("var/cache/gone-dir", 0o755)
+        .file("var/cache/gone-dir/inner", 0o644, b"whole subtree deleted")
+        .dir("data", 0o755)
+        .dir("data/dir-to-file", 0o755)
+        .file("data/dir-to-file/child", 0o644, b"goes with its dir")
+        .file("data/file-to-dir", 0o644, b"becomes a directory")
+        .file(&long_name, 0o644, b"a name longer than 100 bytes")
+        .symlink("data/long-link", &long_target)
+        .dir("t", 0o755)
+        .file("t/target", 0o644, b"old target bytes")
+        .dir("opq", 0o755)
+        .file("opq/a", 0o644, b"hidden by opaque")
+        .dir("opq/sub", 0o755)
+        .file("opq/sub/b", 0o644, b"hidden too")
+        .bytes();
+    let l2 = Tar::new()
+        .whiteout("var/cache/stale")
+        .whiteout("var/cache/gone-dir")
+        .file("data/dir-to-file", 0o600, b"was a directory")
+        .dir("data/file-to-dir", 0o750)
+        .file("data/file-to-dir/inside", 0o644, b"in the new dir")
+        .hardlink("t/link", "t/target")
+        .opaque("opq")
+        .file("opq/new", 0o644, b"after opaque")
+        .file("lib/libnew.so", 0o755, b"through the lib symlink")
+        .dir("etc", 0o700)
+        .bytes();
+    let l3 = Tar::new()
+        .file(
+            "t/target",
+            0o644,
+            b"new target bytes, the link keeps the old",
+        )
+        .whiteout("etc/shadow")
+        .owned_file("etc/passwd", 0o644, 0, 0, b"root:x:0:0::/root:/bin/bash\n")
+        .file(
+            "usr/bin/tool",
+            0o755,
+            b"tool replaced: tool-link keeps the setuid original",
+        )
+        .bytes();
+    FixtureImage::new(
+        "amd64",
+        vec![
+            FixtureLayer::from_tar(l1),
+            // (umoci reads no zstd; zstd layers are checked against their gzip twins below.)
+            FixtureLayer::from_tar(l2),
+            FixtureLayer::plain_tar(l3),
+        ],
+    )
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `skopeo copy` the image to a layout and `umoci unpack` it; returns the rootfs.
+fn umoci_unpack(image: &str, work: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(work).unwrap();
+    let layout = work.join("layout");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{image}"),
+        &format!("oci:{}:ref", layout.display()),
+    ]));
+    let bundle = work.join("bundle");
+    run(Command::new("umoci").args([
+        "unpack",
+        "--image",
+        &format!("{}:ref", layout.display()),
+        bundle.to_str().unwrap(),
+    ]));
+    bundle.join("rootfs")
+}
+
+#[test]
+fn pull_matches_umoci_on_every_overlay_rule_and_entry_kind() {
+    let reg = registry();
+    let img = rich_image();
+    img.push(&reg.host, "conf/rich", "v1");
+    let image = format!("{}/conf/rich:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+
+    let ours = work.path().join("ours");
+    imgfs_ok(&cache, &["pull", "--quiet", &image, ours.to_str().unwrap()]);
+    let reference = umoci_unpack(&image, work.path());
+    assert_same_tree(&ours, &reference, "imgfs pull vs umoci unpack");
+
+    // Spot checks of what the comparison covers, so that a shared mistake cannot hide.
+    let s = common::compare::snapshot(&ours);
+    assert!(!s.records.contains_key("var/cache/stale"));
+    assert!(!s.records.contains_key("opq/a") && s.records.contains_key("opq/new"));
+    assert_eq!(s.records["usr/lib/libnew.so"].kind, "file");
+    assert_eq!(s.records["tmp"].mode, 0o1777);
+    assert_eq!(s.records["usr/bin/tool-link"].mode, 0o4755);
+    assert_eq!(s.records["etc"].mode, 0o700);
+    assert!(
+        s.hardlinks.contains(&vec!["t/link".to_string()])
+            || s.records["t/link"].sha256 != s.records["t/target"].sha256
+    );
+    assert_eq!(
+        std::fs::read(ours.join("t/link")).unwrap(),
+        b"old target bytes"
+    );
+    assert_eq!(s.records["usr/bin/ping"].xattrs["user.origin"], b"fixture");
+    assert_eq!(s.records["home/user/notes"].uid, 1000);
+
+    // The same tree as one tar stream, extracted by GNU tar.
+    let tar_file = work.path().join("out.tar");
+    imgfs_ok(
+        &cache,
+        &[
+            "pull",
+            "--quiet",
+            &image,
+            "--tar",
+            tar_file.to_str().unwrap(),
+        ],
+    );
+    let extracted = work.path().join("from-tar");
+    std::fs::create_dir(&extracted).unwrap();
+    run(Command::new("tar")
+        .args([
+            "-xpf",
+            tar_file.to_str().unwrap(),
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "-C",
+        ])
+        .arg(&extracted));
+    assert_same_tree(
+        &extracted,
+        &ours,
+        "--tar extracted by GNU tar vs pull to a directory",
+    );
+}
+
+#[test]
+fn a_whiteout_spares_what_its_own_layer_added_earlier() {
+    let reg = registry();
+    let img = FixtureImage::new(
+        "amd64",
+        vec![
+            FixtureLayer::from_tar(
+                Tar::new()
+                    .dir("d", 0o755)
+                    .file("d/x", 0o644, b"lower")
+                    .bytes(),
+            ),
+            FixtureLayer::from_tar(
+                Tar::new()
+                    .file("d/x", 0o644, b"same layer")
+                    .whiteout("d/x")
+                    .bytes(),
+            ),
+        ],
+    );
+    img.push(&reg.host, "conf/samelayer", "v1");
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("root");
+    imgfs_ok(
+        &work.path().join("cache"),
+        &[
+            "pull",
+            "-q",
+            &format!("{}/conf/samelayer:v1", reg.host),
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(std::fs::read(out.join("d/x")).unwrap(), b"same layer");
+}
+
+/// Pull a one-layer image built from `tar`; returns the error line and checks that nothing
+/// was written: no target, no build directory left next to it, nothing outside.
+fn pull_hostile(name: &str, layers: Vec<Vec<u8>>) -> String {
+    let reg = registry();
+    let img = FixtureImage::new(
+        "amd64",
+        layers.into_iter().map(FixtureLayer::from_tar).collect(),
+    );
+    img.push(&reg.host, &format!("hostile/{name}"), "v1");
+    let work = tempfile::tempdir().unwrap();
+    let parent = work.path().join("parent");
+    std::fs::create_dir(&parent).unwrap();
+    let target = parent.join("rootfs");
+    let err = imgfs_err(
+        &work.path().join("cache"),
+        &[
+            "pull",
+            "-q",
+            &format!("{}/hostile/{name}:v1", reg.host),
+            target.to_str().unwrap(),
+        ],
+    );
+    assert!(!target.exists(), "{name}: a failed pull leaves no target");
+    let left: Vec<_> = std::fs::read_dir(&parent).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "{name}: build directory left behind: {left:?}"
+    );
+    assert!(
+        !work.path().join("escaped").exists(),
+        "{name}: wrote outside the target"
+    );
+    err
+}
+
+#[test]
+fn hostile_layers_are_refused_and_nothing_escapes() {
+    let err = pull_hostile(
+        "traversal",
+        vec![
+            Tar::new()
+                .raw_entry("../../escaped", tar::EntryType::Regular, None, b"x")
+                .bytes(),
+        ],
+    );
+    assert!(
+        err.contains("../../escaped") && err.contains("climbs out"),
+        "{err}"
+    );
+
+    let err = pull_hostile(
+        "hardlink-out",
+        vec![
+            Tar::new()
+                .raw_entry("h", tar::EntryType::Link, Some("../../../etc/passwd"), b"")
+                .bytes(),
+        ],
+    );
+    assert!(err.contains("etc/passwd"), "{err}");
+
+    let err = pull_hostile(
+        "missing-link",
+        vec![Tar::new().hardlink("h", "nowhere").bytes()],
+    );
+    assert!(
+        err.contains("\"nowhere\"") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let err = pull_hostile(
+        "file-parent",
+        vec![
+            Tar::new()
+                .dir("a", 0o755)
+                .file("a/b", 0o644, b"")
+                .file("a", 0o644, b"now a file")
+                .file("a/c", 0o644, b"under a file")
+                .bytes(),
+        ],
+    );
+    assert!(
+        err.contains("\"a/c\"") && err.contains("not a directory"),
+        "{err}"
+    );
+
+    let err = pull_hostile(
+        "symlink-loop",
+        vec![
+            Tar::new()
+                .symlink("x", "y")
+                .symlink("y", "x")
+                .file("x/f", 0o644, b"")
+                .bytes(),
+        ],
+    );
+    assert!(
+        err.contains("\"x/f\"") && err.contains("symbolic links"),
+        "{err}"
+    );
+
+    let mut truncated = Tar::new().file("big", 0o644, &[7u8; 10_000]).bytes();
+    truncated.truncate(3_000);
+    let err = pull_hostile("truncated", vec![truncated]);
+    assert!(err.contains("layer") && err.contains("big"), "{err}");
+}
+
+#[test]
+fn symlinks_planted_by_earlier_layers_resolve_inside_the_target() {
+    // An absolute symlink pointing "outside", then files written through it: they land inside
+    // the image root, as umoci and Docker put them, never in the host's directory.
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let outside = work.path().join("escaped");
+    let img = FixtureImage::new(
+        "amd64",
+        vec![
+            FixtureLayer::from_tar(
+                Tar::new()
+                    .symlink("abs", outside.to_str().unwrap())
+                    .symlink("rel", "../../../../../../../../escaped")
+                    .bytes(),
+            ),
+            FixtureLayer::from_tar(
+                Tar::new()
+                    .file("abs/owned", 0o644, b"x")
+                    .file("rel/owned", 0o644, b"y")
+                    .bytes(),
+            ),
+        ],
+    );
+    img.push(&reg.host, "hostile/planted", "v1");
+    let image = format!("{}/hostile/planted:v1", reg.host);
+    let target = work.path().join("rootfs");
+    imgfs_ok(
+        &work.path().join("cache"),
+        &["pull", "-q", &image, target.to_str().unwrap()],
+    );
+    assert!(!outside.exists(), "nothing written outside the target");
+    let inside = target
+        .join(outside.strip_prefix("/").unwrap())
+        .join("owned");
+    assert_eq!(std::fs::read(inside).unwrap(), b"x");
+    assert_eq!(std::fs::read(target.join("escaped/owned")).unwrap(), b"y");
+    let reference = umoci_unpack(&image, &work.path().join("umoci"));
+    assert_same_tree(&target, &reference, "symlinked parents vs umoci");
+}
+
+#[test]
+fn the_target_must_be_new_or_empty() {
+    let reg = registry();
+    FixtureImage::new("amd64", vec![FixtureLayer::gzip(&[("f", b"x")])]).push(
+        &reg.host,
+        "conf/target",
+        "v1",
+    );
+    let image = format!("{}/conf/target:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let full = work.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep"), b"mine").unwrap();
+    let err = imgfs_err(
+        &work.path().join("cache"),
+        &["pull", &image, full.to_str().unwrap()],
+    );
+    assert!(err.contains("must be new or empty"), "{err}");
+    assert_eq!(std::fs::read(full.join("keep")).unwrap(), b"mine");
+
+    let empty = work.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    imgfs_ok(
+        &work.path().join("cache"),
+        &["pull", "-q", &image, empty.to_str().unwrap()],
+    );
+    assert_eq!(std::fs::read(empty.join("f")).unwrap(), b"x");
+}
+
+#[test]
+fn zstd_and_uncompressed_layers_flatten_like_their_gzip_twins() {
+    let reg = registry();
+    let tars = [
+        Tar::new()
+            .dir("a", 0o755)
+            .file("a/one", 0o644, b"1")
+            .symlink("link", "a/one")
+            .bytes(),
+        Tar::new()
+            .whiteout("link")
+            .file("a/two", 0o600, b"22")
+            .bytes(),
+    ];
+    let gz = FixtureImage::new(
+        "amd64",
+        tars.iter().cloned().map(FixtureLayer::from_tar).collect(),
+    );
+    let zst = FixtureImage::new(
+        "amd64",
+        vec![
+            FixtureLayer::zstd_from_tar(tars[0].clone()),
+            FixtureLayer::plain_tar(tars[1].clone()),
+        ],
+    );
+    gz.push(&reg.host, "conf/twins", "gzip");
+    zst.push(&reg.host, "conf/twins", "zstd");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let (a, b) = (work.path().join("gz"), work.path().join("zst"));
+    imgfs_ok(
+        &cache,
+        &[
+            "pull",
+            "-q",
+            &format!("{}/conf/twins:gzip", reg.host),
+            a.to_str().unwrap(),
+        ],
+    );
+    imgfs_ok(
+        &cache,
+        &[
+            "pull",
+            "-q",
+            &format!("{}/conf/twins:zstd", reg.host),
+            b.to_str().unwrap(),
+        ],
+    );
+    assert_same_tree(&b, &a, "zstd + plain vs gzip");
+    assert!(!a.join("link").exists() && a.join("a/two").exists());
+}
