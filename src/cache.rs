@@ -60,6 +60,17 @@ impl Cache {
     /// Make sure blob `desc` is in the cache, downloading and verifying it if not. A cut
     /// download resumes where it stopped (`Range`); nothing unverified is ever stored.
     pub async fn fetch(&self, src: &Source, desc: &Descriptor) -> Result<PathBuf> {
+        self.fetch_with_progress(src, desc, &|_| {}).await
+    }
+
+    /// [`Cache::fetch`], calling `progress` with the bytes stored so far (it may go back to 0
+    /// when a registry ignores `Range` and the download restarts).
+    pub async fn fetch_with_progress(
+        &self,
+        src: &Source,
+        desc: &Descriptor,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<PathBuf> {
         let dest = self.blob_path(&desc.digest);
         if dest.is_file() {
             tracing::debug!("{} already cached", desc.digest);
@@ -83,6 +94,7 @@ impl Cache {
                     .ctx(what)?;
                 hasher = Hasher::new();
                 written = 0;
+                progress(0);
             }
             let mut cut: Option<String> = None;
             while let Some(chunk) = blob.stream.next().await {
@@ -106,6 +118,7 @@ impl Cache {
                 // Plain blocking writes: they land in the page cache, and routing every chunk
                 // through tokio's blocking pool costs more than it saves.
                 tmp.write_all(&chunk).ctx(what)?;
+                progress(written);
             }
             if cut.is_none() && desc.size > 0 && written < desc.size {
                 cut = Some(format!("stream ended at byte {written} of {}", desc.size));

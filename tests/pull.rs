@@ -460,3 +460,82 @@ fn zstd_and_uncompressed_layers_flatten_like_their_gzip_twins() {
     assert_same_tree(&b, &a, "zstd + plain vs gzip");
     assert!(!a.join("link").exists() && a.join("a/two").exists());
 }
+
+#[test]
+fn git_mode_records_one_commit_per_layer() {
+    let reg = registry();
+    let img = FixtureImage::new(
+        "amd64",
+        vec![
+            FixtureLayer::from_tar(
+                Tar::new()
+                    .dir("etc", 0o755)
+                    .file("etc/a", 0o644, b"a1")
+                    .file("etc/b", 0o644, b"b1")
+                    .dir("run", 0o755)
+                    .fifo("run/fifo", 0o600)
+                    .bytes(),
+            ),
+            FixtureLayer::from_tar(Tar::new().file("etc/a", 0o644, b"a2").bytes()),
+            FixtureLayer::from_tar(
+                Tar::new()
+                    .whiteout("etc/b")
+                    .file("etc/c", 0o644, b"c3")
+                    .bytes(),
+            ),
+        ],
+    );
+    img.push(&reg.host, "conf/git", "v1");
+    let image = format!("{}/conf/git:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let repo = work.path().join("repo");
+    imgfs_ok(
+        &cache,
+        &["pull", "-q", "--git", &image, repo.to_str().unwrap()],
+    );
+
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let log = git(&["log", "--format=%s"]);
+    let subjects: Vec<&str> = log.lines().collect();
+    assert_eq!(subjects.len(), 3, "{log}");
+    for (i, l) in img.layers.iter().rev().enumerate() {
+        assert!(subjects[i].contains(l.digest().as_str()), "{log}");
+    }
+    assert_eq!(
+        git(&["diff", "--name-status", "HEAD~1", "HEAD"]),
+        "D\tetc/b\nA\tetc/c\n"
+    );
+    assert_eq!(
+        git(&["diff", "--name-status", "HEAD~2", "HEAD~1"]),
+        "M\tetc/a\n"
+    );
+    let branches = git(&["branch", "--format=%(refname:short)"]);
+    assert!(
+        branches.contains(&format!("layer-2-{}", &img.layers[1].digest().hex()[..12])),
+        "{branches}"
+    );
+    assert_eq!(
+        git(&["status", "--porcelain"]),
+        "",
+        "the work tree is the last commit"
+    );
+
+    let plain = work.path().join("plain");
+    imgfs_ok(&cache, &["pull", "-q", &image, plain.to_str().unwrap()]);
+    std::fs::remove_dir_all(repo.join(".git")).unwrap();
+    assert_same_tree(&repo, &plain, "--git work tree vs plain pull");
+}

@@ -17,6 +17,9 @@ pub struct PullArgs {
     /// Write one tar stream to FILE instead ("-" for stdout)
     #[arg(long, value_name = "FILE", conflicts_with = "dir")]
     tar: Option<PathBuf>,
+    /// Make DIR a git repository with one commit per layer
+    #[arg(long, requires = "dir")]
+    git: bool,
     /// Layers fetched and extracted at once
     #[arg(long, short = 'j', default_value_t = 4)]
     jobs: usize,
@@ -32,6 +35,7 @@ pub async fn run(g: &Global, args: PullArgs) -> Result<()> {
         image,
     } = g.open(&args.image).await?;
     let (out, what) = match (&args.dir, &args.tar) {
+        (Some(dir), None) if args.git => (Output::Git(dir.clone()), dir.display().to_string()),
         (Some(dir), None) => (Output::Dir(dir.clone()), dir.display().to_string()),
         (None, Some(t)) if t.as_os_str() == "-" => {
             (Output::Tar(Box::new(std::io::stdout())), "stdout".into())
@@ -49,7 +53,10 @@ pub async fn run(g: &Global, args: PullArgs) -> Result<()> {
         &source,
         &image,
         out,
-        &PullOptions { jobs: args.jobs },
+        &PullOptions {
+            jobs: args.jobs,
+            progress: !args.quiet,
+        },
     )
     .await
     .with_context(|| format!("pulling {} to {what}", image.reference));
@@ -60,6 +67,10 @@ pub async fn run(g: &Global, args: PullArgs) -> Result<()> {
         let _ = std::fs::remove_file(t);
     }
     let report = report?;
+    for w in &report.warnings {
+        // Already logged as they happened; repeated here so they are not lost above the bars.
+        tracing::debug!("{w}");
+    }
     if !args.quiet {
         eprintln!(
             "{}: {} entries from {} layers in {:.2}s",

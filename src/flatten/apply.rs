@@ -125,8 +125,23 @@ fn path_meta(p: &Path, m: &Meta, w: &Warnings) -> Result<()> {
         .ctx(|| format!("setting the mtime of {}", p.display()))
 }
 
-/// Build `tree` at `root` (which must not exist), moving regular files out of `staging`.
-pub fn materialize(tree: &Tree, staging: &[PathBuf], root: &Path, w: &Warnings) -> Result<()> {
+/// How regular files leave staging.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// `rename(2)`: the staging file is used up.
+    Move,
+    /// `link(2)`: staging stays usable for another tree (one git commit per layer).
+    Link,
+}
+
+/// Build `tree` at `root` (which must not exist), taking regular files from `staging`.
+pub fn materialize(
+    tree: &Tree,
+    staging: &[PathBuf],
+    root: &Path,
+    place: Place,
+    w: &Warnings,
+) -> Result<()> {
     std::fs::create_dir(root).ctx(|| format!("creating {}", root.display()))?;
     let mut paths: Vec<Option<PathBuf>> = vec![None; tree.dentries.len()];
     paths[ROOT as usize] = Some(root.to_path_buf());
@@ -152,7 +167,11 @@ pub fn materialize(tree: &Tree, staging: &[PathBuf], root: &Path, w: &Warnings) 
             Kind::File => {
                 let data = inode.data.expect("regular files have data");
                 let from = staging[data.layer as usize].join(data.entry.to_string());
-                std::fs::rename(&from, &p).ctx(|| format!("placing {}", p.display()))?;
+                match place {
+                    Place::Move => std::fs::rename(&from, &p),
+                    Place::Link => std::fs::hard_link(&from, &p),
+                }
+                .ctx(|| format!("placing {}", p.display()))?;
             }
             Kind::Symlink => {
                 std::os::unix::fs::symlink(m.link.as_deref().unwrap_or(""), &p)

@@ -15,6 +15,7 @@
 //! to DIR and is renamed into place only on success; on failure it is removed.
 
 mod apply;
+mod git;
 mod tar_out;
 
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::index::{self, LayerIndex};
 use crate::manifest::{Compression, Image};
 use crate::source::Source;
-use crate::tree::{self, Tree};
+use crate::tree;
 
 pub use apply::Warnings;
 
@@ -36,12 +37,16 @@ pub enum Output {
     Dir(PathBuf),
     /// A tar stream to this writer.
     Tar(Box<dyn std::io::Write + Send>),
+    /// A new or empty directory that becomes a git repository with one commit per layer.
+    Git(PathBuf),
 }
 
 #[derive(Clone, Debug)]
 pub struct PullOptions {
     /// Layers fetched and extracted at once.
     pub jobs: usize,
+    /// Draw progress bars (they draw only on a terminal in any case).
+    pub progress: bool,
 }
 
 /// What a pull did, for the closing summary.
@@ -59,9 +64,9 @@ pub async fn pull(
     out: Output,
     opts: &PullOptions,
 ) -> Result<PullReport> {
-    let (build_parent, final_dir) = match &out {
-        Output::Dir(dir) => (check_target(dir)?, Some(dir.clone())),
-        Output::Tar(_) => (cache.root().join("tmp"), None),
+    let build_parent = match &out {
+        Output::Dir(dir) | Output::Git(dir) => check_target(dir)?,
+        Output::Tar(_) => cache.root().join("tmp"),
     };
     let build = tempfile::Builder::new()
         .prefix(".imgfs-pull-")
@@ -69,23 +74,38 @@ pub async fn pull(
         .ctx(|| format!("creating a build directory in {}", build_parent.display()))?;
     let warnings = Warnings::new();
 
-    let (tree, staging) = extract_all(cache, src, image, build.path(), opts, &warnings).await?;
+    let (indexes, staging) = extract_all(cache, src, image, build.path(), opts, &warnings).await?;
+    let names: Vec<String> = image
+        .layers
+        .iter()
+        .map(|l| l.descriptor.digest.to_string())
+        .collect();
+    let tree = {
+        let refs: Vec<&LayerIndex> = indexes.iter().collect();
+        tree::merge(&refs, &names)?
+    };
     let entries = tree.walk().len();
+    let rootfs = build.path().join("rootfs");
     match out {
         Output::Dir(dir) => {
-            let rootfs = build.path().join("rootfs");
             let w = warnings.clone();
             let r = rootfs.clone();
-            tokio::task::spawn_blocking(move || apply::materialize(&tree, &staging, &r, &w))
-                .await
-                .map_err(join_error)??;
-            if dir.exists() {
-                // Checked empty above; a racing writer makes this fail, which is right.
-                std::fs::remove_dir(&dir).ctx(|| format!("replacing empty {}", dir.display()))?;
-            }
-            std::fs::rename(&rootfs, &dir)
-                .ctx(|| format!("moving the finished tree to {}", dir.display()))?;
-            let _ = final_dir;
+            tokio::task::spawn_blocking(move || {
+                apply::materialize(&tree, &staging, &r, apply::Place::Move, &w)
+            })
+            .await
+            .map_err(join_error)??;
+            move_into_place(&rootfs, &dir)?;
+        }
+        Output::Git(dir) => {
+            let w = warnings.clone();
+            let r = rootfs.clone();
+            tokio::task::spawn_blocking(move || {
+                git::commit_layers(&indexes, &names, &staging, &r, &w)
+            })
+            .await
+            .map_err(join_error)??;
+            move_into_place(&rootfs, &dir)?;
         }
         Output::Tar(w) => {
             tokio::task::spawn_blocking(move || tar_out::write(&tree, &staging, w))
@@ -103,6 +123,15 @@ pub async fn pull(
         entries,
         warnings: warnings.take(),
     })
+}
+
+/// Rename the finished `rootfs` to `dir` (replacing it if it is an empty directory).
+fn move_into_place(rootfs: &Path, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        // Checked empty before we started; a racing writer makes this fail, which is right.
+        std::fs::remove_dir(dir).ctx(|| format!("replacing empty {}", dir.display()))?;
+    }
+    std::fs::rename(rootfs, dir).ctx(|| format!("moving the finished tree to {}", dir.display()))
 }
 
 /// DIR must be new or an empty directory; returns the directory to build next to it in.
@@ -133,7 +162,8 @@ fn check_target(dir: &Path) -> Result<PathBuf> {
     Ok(parent)
 }
 
-/// Fetch and extract every layer into `build/staging/<position>`, and merge their indexes.
+/// Fetch and extract every layer into `build/staging/<position>`; returns the layer indexes
+/// and the staging directories, by position.
 async fn extract_all(
     cache: &Cache,
     src: &Source,
@@ -141,21 +171,49 @@ async fn extract_all(
     build: &Path,
     opts: &PullOptions,
     warnings: &Warnings,
-) -> Result<(Tree, Vec<PathBuf>)> {
+) -> Result<(Vec<LayerIndex>, Vec<PathBuf>)> {
     let staging_root = build.join("staging");
     std::fs::create_dir(&staging_root).ctx(|| format!("creating {}", staging_root.display()))?;
     let staging: Vec<PathBuf> = (0..image.layers.len())
         .map(|i| staging_root.join(i.to_string()))
         .collect();
+    let bars = indicatif::MultiProgress::new();
+    if !opts.progress {
+        bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}",
+    )
+    .expect("a valid template");
+    let total: u64 = image.layers.iter().map(|l| l.descriptor.size).sum();
+    let overall = bars.add(indicatif::ProgressBar::new(total).with_style(style.clone()));
+    overall.set_prefix("all layers  ");
     let indexes: Vec<LayerIndex> = futures_util::stream::iter(image.layers.iter().enumerate())
         .map(|(i, layer)| {
             let dir = staging[i].clone();
             let w = warnings.clone();
+            let bar = bars.insert_before(
+                &overall,
+                indicatif::ProgressBar::new(layer.descriptor.size).with_style(style.clone()),
+            );
+            bar.set_prefix(layer.descriptor.digest.short().to_string());
+            let overall = overall.clone();
             async move {
-                let blob = cache.fetch(src, &layer.descriptor).await?;
+                let last = std::sync::atomic::AtomicU64::new(0);
+                let blob = cache
+                    .fetch_with_progress(src, &layer.descriptor, &|n| {
+                        bar.set_position(n);
+                        let before = last.swap(n, std::sync::atomic::Ordering::Relaxed);
+                        if n >= before {
+                            overall.inc(n - before);
+                        }
+                    })
+                    .await?;
+                bar.set_position(layer.descriptor.size);
+                bar.set_message("extracting");
                 let compression = layer.compression;
                 let digest = layer.descriptor.digest.clone();
-                tokio::task::spawn_blocking(move || {
+                let result = tokio::task::spawn_blocking(move || {
                     extract_layer(&blob, compression, &dir, &w).map_err(|e| match e {
                         Error::Malformed { what, reason } => Error::Malformed {
                             what: format!("{what} in layer {} ({digest})", i + 1),
@@ -165,19 +223,17 @@ async fn extract_all(
                     })
                 })
                 .await
-                .map_err(join_error)?
+                .map_err(join_error)?;
+                bar.finish_with_message("done");
+                result
             }
         })
         .buffered(opts.jobs.max(1))
         .try_collect()
         .await?;
-    let names: Vec<String> = image
-        .layers
-        .iter()
-        .map(|l| l.descriptor.digest.to_string())
-        .collect();
-    let refs: Vec<&LayerIndex> = indexes.iter().collect();
-    Ok((tree::merge(&refs, &names)?, staging))
+    overall.finish_and_clear();
+    bars.clear().ok();
+    Ok((indexes, staging))
 }
 
 /// Stream one layer: index it, and write each regular file to `dir/<index position>` with
