@@ -1,6 +1,7 @@
 //! The content-addressed store on disk: `blobs/sha256/<hex>`, each file verified before it
-//! got its name. Writes go to `tmp/` and are renamed into place, so a reader never sees a
-//! partial blob, even after a crash.
+//! got its name, and `indexes/sha256/<layer hex>`, the layer indexes built from them. Writes
+//! go to `tmp/` and are renamed into place, so a reader never sees a partial file, even after
+//! a crash.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use futures_util::{StreamExt, TryStreamExt};
 
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
+use crate::index::LayerIndex;
 use crate::manifest::Descriptor;
 use crate::source::Source;
 
@@ -34,7 +36,7 @@ impl Cache {
 
     /// Open (creating if needed) a cache rooted at `root`.
     pub fn open(root: &Path) -> Result<Cache> {
-        for sub in ["blobs/sha256", "tmp"] {
+        for sub in ["blobs/sha256", "indexes/sha256", "tmp"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d)
                 .ctx(|| format!("creating cache directory {}", d.display()))?;
@@ -55,6 +57,39 @@ impl Cache {
 
     pub fn has_blob(&self, d: &Digest) -> bool {
         self.blob_path(d).is_file()
+    }
+
+    fn index_path(&self, layer: &Digest) -> PathBuf {
+        self.root.join("indexes/sha256").join(layer.hex())
+    }
+
+    /// The cached index of `layer`, if there is a sound one. A damaged or outdated file is
+    /// removed (and said once in the log), so that it is rebuilt.
+    pub fn load_index(&self, layer: &Digest) -> Option<LayerIndex> {
+        let path = self.index_path(layer);
+        let bytes = std::fs::read(&path).ok()?;
+        match crate::index::codec::decode(&bytes) {
+            Ok(idx) => Some(idx),
+            Err(e) => {
+                tracing::warn!("discarding cached index of {layer}: {e}");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Store the index of `layer` (atomically; a concurrent writer of the same index is fine).
+    pub fn store_index(&self, layer: &Digest, index: &LayerIndex) -> Result<()> {
+        let dest = self.index_path(layer);
+        let tmp_dir = self.root.join("tmp");
+        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
+            .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
+        tmp.write_all(&crate::index::codec::encode(index))
+            .ctx(|| format!("writing the index of {layer}"))?;
+        tmp.persist(&dest)
+            .map_err(|e| e.error)
+            .ctx(|| format!("storing {}", dest.display()))?;
+        Ok(())
     }
 
     /// Make sure blob `desc` is in the cache, downloading and verifying it if not. A cut

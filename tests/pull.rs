@@ -148,6 +148,26 @@ fn pull_matches_umoci_on_every_overlay_rule_and_entry_kind() {
     let reference = umoci_unpack(&image, work.path());
     assert_same_tree(&ours, &reference, "imgfs pull vs umoci unpack");
 
+    // Again from a warm cache: indexes are known up front, so shadowed files are skipped.
+    let warm = work.path().join("warm");
+    imgfs_ok(&cache, &["pull", "--quiet", &image, warm.to_str().unwrap()]);
+    assert_same_tree(&warm, &reference, "warm pull vs umoci unpack");
+    // A damaged cached index is noticed, discarded and rebuilt.
+    let idx = cache
+        .join("indexes/sha256")
+        .join(img.layers[0].digest().hex());
+    std::fs::write(&idx, b"IMGFSIDX garbage").unwrap();
+    let again = work.path().join("again");
+    imgfs_ok(
+        &cache,
+        &["pull", "--quiet", &image, again.to_str().unwrap()],
+    );
+    assert_same_tree(&again, &reference, "pull over a damaged index");
+    assert!(
+        std::fs::read(&idx).unwrap().len() > 100,
+        "the index was rebuilt"
+    );
+
     // Spot checks of what the comparison covers, so that a shared mistake cannot hide.
     let s = common::compare::snapshot(&ours);
     assert!(!s.records.contains_key("var/cache/stale"));

@@ -18,7 +18,9 @@ mod apply;
 mod git;
 mod tar_out;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures_util::{StreamExt, TryStreamExt};
 
@@ -74,7 +76,18 @@ pub async fn pull(
         .ctx(|| format!("creating a build directory in {}", build_parent.display()))?;
     let warnings = Warnings::new();
 
-    let (indexes, staging) = extract_all(cache, src, image, build.path(), opts, &warnings).await?;
+    // Every commit of --git needs the files of its own tree, so nothing may be skipped there.
+    let skip_shadowed = !matches!(out, Output::Git(_));
+    let (indexes, staging) = extract_all(
+        cache,
+        src,
+        image,
+        build.path(),
+        opts,
+        skip_shadowed,
+        &warnings,
+    )
+    .await?;
     let names: Vec<String> = image
         .layers
         .iter()
@@ -170,6 +183,7 @@ async fn extract_all(
     image: &Image,
     build: &Path,
     opts: &PullOptions,
+    skip_shadowed: bool,
     warnings: &Warnings,
 ) -> Result<(Vec<LayerIndex>, Vec<PathBuf>)> {
     let staging_root = build.join("staging");
@@ -188,10 +202,14 @@ async fn extract_all(
     let total: u64 = image.layers.iter().map(|l| l.descriptor.size).sum();
     let overall = bars.add(indicatif::ProgressBar::new(total).with_style(style.clone()));
     overall.set_prefix("all layers  ");
+    let needed = skip_shadowed
+        .then(|| needed_entries(cache, image))
+        .flatten();
     let indexes: Vec<LayerIndex> = futures_util::stream::iter(image.layers.iter().enumerate())
         .map(|(i, layer)| {
             let dir = staging[i].clone();
             let w = warnings.clone();
+            let needed = needed.as_ref().map(|n| n[i].clone());
             let bar = bars.insert_before(
                 &overall,
                 indicatif::ProgressBar::new(layer.descriptor.size).with_style(style.clone()),
@@ -214,18 +232,24 @@ async fn extract_all(
                 let compression = layer.compression;
                 let digest = layer.descriptor.digest.clone();
                 let result = tokio::task::spawn_blocking(move || {
-                    extract_layer(&blob, compression, &dir, &w).map_err(|e| match e {
-                        Error::Malformed { what, reason } => Error::Malformed {
-                            what: format!("{what} in layer {} ({digest})", i + 1),
-                            reason,
+                    extract_layer(&blob, compression, &dir, needed.as_ref(), &w).map_err(
+                        |e| match e {
+                            Error::Malformed { what, reason } => Error::Malformed {
+                                what: format!("{what} in layer {} ({digest})", i + 1),
+                                reason,
+                            },
+                            other => other,
                         },
-                        other => other,
-                    })
+                    )
                 })
                 .await
                 .map_err(join_error)?;
                 bar.finish_with_message("done");
-                result
+                let index = result?;
+                if let Err(e) = cache.store_index(&layer.descriptor.digest, &index) {
+                    tracing::warn!("not caching the index of {}: {e}", layer.descriptor.digest);
+                }
+                Ok::<_, Error>(index)
             }
         })
         .buffered(opts.jobs.max(1))
@@ -236,18 +260,42 @@ async fn extract_all(
     Ok((indexes, staging))
 }
 
+/// When every layer's index is cached, the merged tree is known before any byte is extracted:
+/// then only the files it keeps need writing. Returns, per layer position, the entry positions
+/// whose data survives.
+fn needed_entries(cache: &Cache, image: &Image) -> Option<Vec<Arc<HashSet<u32>>>> {
+    let indexes: Vec<LayerIndex> = image
+        .layers
+        .iter()
+        .map(|l| cache.load_index(&l.descriptor.digest))
+        .collect::<Option<_>>()?;
+    let refs: Vec<&LayerIndex> = indexes.iter().collect();
+    let tree = tree::merge(&refs, &[]).ok()?;
+    let mut needed = vec![HashSet::new(); image.layers.len()];
+    for d in tree.walk() {
+        if let Some(data) = tree.inode_of(d).data {
+            needed[data.layer as usize].insert(data.entry);
+        }
+    }
+    Some(needed.into_iter().map(Arc::new).collect())
+}
+
 /// Stream one layer: index it, and write each regular file to `dir/<index position>` with
-/// its metadata.
+/// its metadata — only those in `needed`, when that is known.
 fn extract_layer(
     blob: &Path,
     compression: Compression,
     dir: &Path,
+    needed: Option<&Arc<HashSet<u32>>>,
     warnings: &Warnings,
 ) -> Result<LayerIndex> {
     std::fs::create_dir(dir).ctx(|| format!("creating {}", dir.display()))?;
     let tar = crate::layer::open_tar_stream(blob, compression)?;
     let mut buf = vec![0u8; 256 << 10];
     index::build(tar, |entry, pos, data| {
+        if needed.is_some_and(|n| !n.contains(&(pos as u32))) {
+            return Ok(());
+        }
         let path = dir.join(pos.to_string());
         let mut f =
             std::fs::File::create_new(&path).ctx(|| format!("creating {}", path.display()))?;

@@ -5,6 +5,8 @@
 //! Paths are normalised on the way in (`./x`, `/x` and `x` are one path; `.` and `//` vanish;
 //! `..` that would climb out of the image root is refused), so no later stage sees them raw.
 
+pub mod codec;
+
 use std::io::Read;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,227 @@
+//! The on-disk form of a [`LayerIndex`]: compact (paths share prefixes with the previous entry,
+//! integers are varints via postcard), versioned and checksummed, so a damaged or outdated
+//! file is detected and rebuilt rather than trusted.
+//!
+//! Layout: `IMGFSIDX` · format version (u32 LE) · sha256 of the payload (32 bytes) · payload.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::{Entry, Kind, LayerIndex};
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"IMGFSIDX";
+/// Bump when the payload changes shape; older files are then rebuilt.
+pub const VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    entries: Vec<Enc>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Enc {
+    /// Bytes shared with the previous entry's path.
+    shared: u32,
+    suffix: String,
+    kind: u8,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: i64,
+    link: Option<String>,
+    dev: Option<(u32, u32)>,
+    xattrs: Vec<(String, Vec<u8>)>,
+    /// Data offset minus the previous entry's (offsets grow through a tar).
+    offset_delta: i64,
+}
+
+fn kind_code(k: Kind) -> u8 {
+    match k {
+        Kind::Dir => 0,
+        Kind::File => 1,
+        Kind::Symlink => 2,
+        Kind::Hardlink => 3,
+        Kind::Char => 4,
+        Kind::Block => 5,
+        Kind::Fifo => 6,
+        Kind::Whiteout => 7,
+        Kind::Opaque => 8,
+    }
+}
+
+fn code_kind(c: u8) -> Option<Kind> {
+    Some(match c {
+        0 => Kind::Dir,
+        1 => Kind::File,
+        2 => Kind::Symlink,
+        3 => Kind::Hardlink,
+        4 => Kind::Char,
+        5 => Kind::Block,
+        6 => Kind::Fifo,
+        7 => Kind::Whiteout,
+        8 => Kind::Opaque,
+        _ => return None,
+    })
+}
+
+/// Serialise an index.
+pub fn encode(index: &LayerIndex) -> Vec<u8> {
+    let mut prev_path = "";
+    let mut prev_offset = 0i64;
+    let entries = index
+        .entries
+        .iter()
+        .map(|e| {
+            let shared = prev_path
+                .bytes()
+                .zip(e.path.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            // Never split a UTF-8 character.
+            let shared = (0..=shared)
+                .rev()
+                .find(|&n| e.path.is_char_boundary(n))
+                .unwrap_or(0);
+            let enc = Enc {
+                shared: shared as u32,
+                suffix: e.path[shared..].to_string(),
+                kind: kind_code(e.kind),
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                size: e.size,
+                mtime: e.mtime,
+                link: e.link.clone(),
+                dev: matches!(e.kind, Kind::Char | Kind::Block)
+                    .then_some((e.dev_major, e.dev_minor)),
+                xattrs: e.xattrs.clone(),
+                offset_delta: e.offset as i64 - prev_offset,
+            };
+            prev_path = &e.path;
+            prev_offset = e.offset as i64;
+            enc
+        })
+        .collect();
+    let payload =
+        postcard::to_allocvec(&Payload { entries }).expect("encoding to memory cannot fail");
+    let mut out = Vec::with_capacity(payload.len() + 44);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&Sha256::digest(&payload));
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Deserialise an index, refusing anything damaged, truncated or of another version.
+pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
+    let bad = |reason: &str| Error::malformed("layer index file", reason);
+    if bytes.len() < 44 || &bytes[..8] != MAGIC {
+        return Err(bad("not an imgfs index (bad magic or too short)"));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(bad(&format!(
+            "format version {version}, this imgfs reads {VERSION}"
+        )));
+    }
+    let payload = &bytes[44..];
+    if Sha256::digest(payload).as_slice() != &bytes[12..44] {
+        return Err(bad("checksum mismatch"));
+    }
+    let p: Payload = postcard::from_bytes(payload).map_err(|e| bad(&e.to_string()))?;
+    let mut entries = Vec::with_capacity(p.entries.len());
+    let mut prev_path = String::new();
+    let mut prev_offset = 0i64;
+    for enc in p.entries {
+        let shared = enc.shared as usize;
+        if shared > prev_path.len() || !prev_path.is_char_boundary(shared) {
+            return Err(bad("path prefix out of range"));
+        }
+        let path = format!("{}{}", &prev_path[..shared], enc.suffix);
+        let offset = prev_offset + enc.offset_delta;
+        if offset < 0 {
+            return Err(bad("negative data offset"));
+        }
+        let (dev_major, dev_minor) = enc.dev.unwrap_or((0, 0));
+        entries.push(Entry {
+            path: path.clone(),
+            kind: code_kind(enc.kind).ok_or_else(|| bad("unknown entry kind"))?,
+            mode: enc.mode,
+            uid: enc.uid,
+            gid: enc.gid,
+            size: enc.size,
+            mtime: enc.mtime,
+            link: enc.link,
+            dev_major,
+            dev_minor,
+            xattrs: enc.xattrs,
+            offset: offset as u64,
+        });
+        prev_path = path;
+        prev_offset = offset;
+    }
+    Ok(LayerIndex { entries })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> LayerIndex {
+        let e = |path: &str, kind: Kind, offset: u64| Entry {
+            path: path.into(),
+            kind,
+            mode: 0o4755,
+            uid: 1000,
+            gid: 50,
+            size: 12,
+            mtime: -5,
+            link: (kind == Kind::Symlink).then(|| "../ü/target".to_string()),
+            dev_major: if kind == Kind::Char { 1 } else { 0 },
+            dev_minor: if kind == Kind::Char { 3 } else { 0 },
+            xattrs: vec![("user.x".into(), vec![0, 1, 2])],
+            offset,
+        };
+        LayerIndex {
+            entries: vec![
+                e("usr", Kind::Dir, 512),
+                e("usr/lib/ü/libé.so", Kind::File, 1536),
+                e("usr/lib/ü/libê.so", Kind::Symlink, 3072),
+                e("dev/null", Kind::Char, 3584),
+                e("opq", Kind::Opaque, 4096),
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trips_exactly() {
+        let idx = sample();
+        assert_eq!(decode(&encode(&idx)).unwrap().entries, idx.entries);
+    }
+
+    #[test]
+    fn damage_of_any_kind_is_detected() {
+        let good = encode(&sample());
+        let mut flipped = good.clone();
+        let last = flipped.len() - 3;
+        flipped[last] ^= 1;
+        for (bytes, want) in [
+            (flipped, "checksum"),
+            (good[..good.len() - 1].to_vec(), "checksum"),
+            (b"garbage".to_vec(), "magic"),
+            (
+                {
+                    let mut v = good.clone();
+                    v[8] = 99;
+                    v
+                },
+                "version 99",
+            ),
+        ] {
+            let e = decode(&bytes).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+}
