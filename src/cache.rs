@@ -95,16 +95,19 @@ impl Cache {
     /// Make sure blob `desc` is in the cache, downloading and verifying it if not. A cut
     /// download resumes where it stopped (`Range`); nothing unverified is ever stored.
     pub async fn fetch(&self, src: &Source, desc: &Descriptor) -> Result<PathBuf> {
-        self.fetch_with_progress(src, desc, &|_| {}).await
+        self.fetch_into(src, desc, &|_| {}, None).await
     }
 
-    /// [`Cache::fetch`], calling `progress` with the bytes stored so far (it may go back to 0
-    /// when a registry ignores `Range` and the download restarts).
-    pub async fn fetch_with_progress(
+    /// [`Cache::fetch`], calling `progress` with the bytes stored so far, and sending every
+    /// byte, once and in order, to `sink` as it arrives — so a consumer can work while the
+    /// download runs. The sink sees bytes *before* the whole blob is verified: whoever reads
+    /// it must discard its work unless this returns `Ok`. A closed sink is ignored.
+    pub async fn fetch_into(
         &self,
         src: &Source,
         desc: &Descriptor,
         progress: &(dyn Fn(u64) + Sync),
+        sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
     ) -> Result<PathBuf> {
         let dest = self.blob_path(&desc.digest);
         if dest.is_file() {
@@ -120,26 +123,29 @@ impl Cache {
         let mut cuts = 0;
         loop {
             let mut blob = src.open_blob(desc, written).await?;
-            if blob.start != written {
-                // The server ignored Range: start over.
-                tracing::debug!("{}: restarting from 0", desc.digest);
-                tmp.as_file_mut()
-                    .set_len(0)
-                    .and_then(|_| std::io::Seek::rewind(tmp.as_file_mut()))
-                    .ctx(what)?;
-                hasher = Hasher::new();
-                written = 0;
-                progress(0);
+            // A server that ignored Range sends bytes we have: skip them (what we kept was
+            // hashed already, and the final digest covers exactly what we keep).
+            let mut skip = written.saturating_sub(blob.start);
+            if skip > 0 {
+                tracing::debug!("{}: range ignored; skipping {skip} bytes", desc.digest);
             }
             let mut cut: Option<String> = None;
             while let Some(chunk) = blob.stream.next().await {
-                let chunk = match chunk {
+                let mut chunk = match chunk {
                     Ok(c) => c,
                     Err(e) => {
                         cut = Some(e.to_string());
                         break;
                     }
                 };
+                if skip > 0 {
+                    let n = skip.min(chunk.len() as u64);
+                    skip -= n;
+                    chunk = chunk.slice(n as usize..);
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                }
                 written += chunk.len() as u64;
                 if desc.size > 0 && written > desc.size {
                     return Err(Error::SizeMismatch {
@@ -154,6 +160,10 @@ impl Cache {
                 // through tokio's blocking pool costs more than it saves.
                 tmp.write_all(&chunk).ctx(what)?;
                 progress(written);
+                if let Some(s) = sink {
+                    // A closed sink means its reader gave up; keep downloading for the cache.
+                    let _ = s.send(chunk).await;
+                }
             }
             if cut.is_none() && desc.size > 0 && written < desc.size {
                 cut = Some(format!("stream ended at byte {written} of {}", desc.size));

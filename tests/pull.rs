@@ -559,3 +559,46 @@ fn git_mode_records_one_commit_per_layer() {
     std::fs::remove_dir_all(repo.join(".git")).unwrap();
     assert_same_tree(&repo, &plain, "--git work tree vs plain pull");
 }
+
+#[test]
+fn a_corrupted_layer_fails_the_pull_and_leaves_nothing() {
+    // Its own registry: this test corrupts storage. Layers are extracted while they download,
+    // so this checks that nothing extracted from unverified bytes survives.
+    let reg = Registry::start(RegistryAuth::None);
+    let layer = FixtureLayer::from_tar(Tar::new().file("f", 0o644, &[9u8; 50_000]).bytes());
+    let digest = layer.digest();
+    FixtureImage::new("amd64", vec![layer]).push(&reg.host, "hostile/corrupt", "v1");
+    let data = reg.blob_data_path(&digest);
+    let mut bytes = std::fs::read(&data).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55; // in the gzip trailer: the tar still parses
+    std::fs::write(&data, bytes).unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let parent = work.path().join("parent");
+    std::fs::create_dir(&parent).unwrap();
+    let cache = work.path().join("cache");
+    let err = imgfs_err(
+        &cache,
+        &[
+            "pull",
+            "-q",
+            &format!("{}/hostile/corrupt:v1", reg.host),
+            parent.join("root").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("digest mismatch") && err.contains(digest.as_str()),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&parent).unwrap().count(),
+        0,
+        "nothing left next to the target"
+    );
+    assert!(!cache.join("blobs/sha256").join(digest.hex()).exists());
+    assert!(
+        !cache.join("indexes/sha256").join(digest.hex()).exists(),
+        "no index of unverified bytes"
+    );
+}

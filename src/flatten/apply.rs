@@ -41,6 +41,40 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// The process umask, read once. Reading it means setting it, so this is called before any
+/// worker starts ([`init`]).
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let old = rustix::process::umask(Mode::empty());
+        rustix::process::umask(old);
+        old.bits()
+    })
+}
+
+/// Read process-wide settings before workers start.
+pub fn init() {
+    umask();
+}
+
+/// Whether a file we created (owned by us, with `mode` less the umask) needs `chown`.
+fn needs_chown(uid: u32, gid: u32) -> bool {
+    uid != rustix::process::geteuid().as_raw() || gid != rustix::process::getegid().as_raw()
+}
+
+/// Whether `mode` survives creation as is: not cut by the umask, and not cleared by a chown.
+fn needs_chmod(mode: u32, chowned: bool) -> bool {
+    chowned || mode & umask() != 0
+}
+
+/// Open options that create a new file with `mode` (less the umask) in one system call.
+pub fn create_options(mode: u32) -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true).mode(mode);
+    o
+}
+
 fn times(mtime: i64) -> Timestamps {
     let t = Timespec {
         tv_sec: mtime,
@@ -64,23 +98,31 @@ fn xattr_warning(w: &Warnings, name: &str, e: rustix::io::Errno) {
     });
 }
 
-/// Owner, mode, xattrs and mtime of a freshly written regular file.
+/// Owner, mode, xattrs and mtime of a regular file just written through
+/// [`create_options`]`(e.mode)`. Calls only what creation did not already get right: most
+/// files need nothing but their mtime.
 pub fn file_meta(f: &File, path: &Path, e: &Entry, w: &Warnings) -> Result<()> {
-    if is_root() {
-        rustix::fs::fchown(
-            f,
-            Some(rustix::fs::Uid::from_raw(e.uid)),
-            Some(rustix::fs::Gid::from_raw(e.gid)),
-        )
-        .map_err(std::io::Error::from)
-        .ctx(|| format!("chown {}", path.display()))?;
-    } else {
-        not_root_warning(w);
+    let mut chowned = false;
+    if needs_chown(e.uid, e.gid) {
+        if is_root() {
+            rustix::fs::fchown(
+                f,
+                Some(rustix::fs::Uid::from_raw(e.uid)),
+                Some(rustix::fs::Gid::from_raw(e.gid)),
+            )
+            .map_err(std::io::Error::from)
+            .ctx(|| format!("chown {}", path.display()))?;
+            chowned = true;
+        } else {
+            not_root_warning(w);
+        }
     }
     // After chown, which clears setuid/setgid.
-    rustix::fs::fchmod(f, Mode::from_raw_mode(e.mode))
-        .map_err(std::io::Error::from)
-        .ctx(|| format!("chmod {}", path.display()))?;
+    if needs_chmod(e.mode, chowned) {
+        rustix::fs::fchmod(f, Mode::from_raw_mode(e.mode))
+            .map_err(std::io::Error::from)
+            .ctx(|| format!("chmod {}", path.display()))?;
+    }
     for (name, value) in &e.xattrs {
         if let Err(err) = rustix::fs::fsetxattr(f, name.as_str(), value, XattrFlags::empty()) {
             xattr_warning(w, name, err);
@@ -92,22 +134,27 @@ pub fn file_meta(f: &File, path: &Path, e: &Entry, w: &Warnings) -> Result<()> {
 }
 
 /// Owner, mode, xattrs and mtime of a path that is not a regular file (not following it).
-fn path_meta(p: &Path, m: &Meta, w: &Warnings) -> Result<()> {
+/// `created_mode` is the mode it was created with, before the umask.
+fn path_meta(p: &Path, m: &Meta, created_mode: u32, w: &Warnings) -> Result<()> {
     let io = |e: rustix::io::Errno| std::io::Error::from(e);
-    if is_root() {
-        rustix::fs::chownat(
-            CWD,
-            p,
-            Some(rustix::fs::Uid::from_raw(m.uid)),
-            Some(rustix::fs::Gid::from_raw(m.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(io)
-        .ctx(|| format!("chown {}", p.display()))?;
-    } else {
-        not_root_warning(w);
+    let mut chowned = false;
+    if needs_chown(m.uid, m.gid) {
+        if is_root() {
+            rustix::fs::chownat(
+                CWD,
+                p,
+                Some(rustix::fs::Uid::from_raw(m.uid)),
+                Some(rustix::fs::Gid::from_raw(m.gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(io)
+            .ctx(|| format!("chown {}", p.display()))?;
+            chowned = true;
+        } else {
+            not_root_warning(w);
+        }
     }
-    if m.kind != Kind::Symlink {
+    if m.kind != Kind::Symlink && (created_mode != m.mode || needs_chmod(m.mode, chowned)) {
         rustix::fs::chmodat(CWD, p, Mode::from_raw_mode(m.mode), AtFlags::empty())
             .map_err(io)
             .ctx(|| format!("chmod {}", p.display()))?;
@@ -132,6 +179,11 @@ pub enum Place {
     Move,
     /// `link(2)`: staging stays usable for another tree (one git commit per layer).
     Link,
+}
+
+/// Directories are made writable by us while they are filled; their real mode comes last.
+fn dir_create_mode(mode: u32) -> u32 {
+    mode | 0o700
 }
 
 /// Build `tree` at `root` (which must not exist), taking regular files from `staging`.
@@ -163,7 +215,13 @@ pub fn materialize(
             continue;
         }
         match m.kind {
-            Kind::Dir => std::fs::create_dir(&p).ctx(|| format!("creating {}", p.display()))?,
+            Kind::Dir => {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .mode(dir_create_mode(m.mode))
+                    .create(&p)
+                    .ctx(|| format!("creating {}", p.display()))?
+            }
             Kind::File => {
                 let data = inode.data.expect("regular files have data");
                 let from = staging[data.layer as usize].join(data.entry.to_string());
@@ -176,7 +234,7 @@ pub fn materialize(
             Kind::Symlink => {
                 std::os::unix::fs::symlink(m.link.as_deref().unwrap_or(""), &p)
                     .ctx(|| format!("creating symlink {}", p.display()))?;
-                path_meta(&p, m, w)?;
+                path_meta(&p, m, m.mode, w)?;
             }
             Kind::Char | Kind::Block | Kind::Fifo => {
                 let ft = match m.kind {
@@ -186,7 +244,7 @@ pub fn materialize(
                 };
                 let dev = rustix::fs::makedev(m.dev_major, m.dev_minor);
                 match rustix::fs::mknodat(CWD, &p, ft, Mode::from_raw_mode(m.mode), dev) {
-                    Ok(()) => path_meta(&p, m, w)?,
+                    Ok(()) => path_meta(&p, m, m.mode, w)?,
                     Err(e) if e == rustix::io::Errno::PERM && m.kind != Kind::Fifo => {
                         w.once("mknod", || {
                             format!(
@@ -221,7 +279,13 @@ pub fn materialize(
         .chain(std::iter::once::<DentryId>(ROOT));
     for d in dirs {
         if let Some(p) = &paths[d as usize] {
-            path_meta(p, &tree.inode_of(d).meta, w)?;
+            let m = &tree.inode_of(d).meta;
+            let created = if d == ROOT {
+                0o777
+            } else {
+                dir_create_mode(m.mode)
+            };
+            path_meta(p, m, created, w)?;
         }
     }
     Ok(())

@@ -27,7 +27,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use crate::cache::Cache;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{self, LayerIndex};
-use crate::manifest::{Compression, Image};
+use crate::manifest::Image;
 use crate::source::Source;
 use crate::tree;
 
@@ -75,6 +75,8 @@ pub async fn pull(
         .tempdir_in(&build_parent)
         .ctx(|| format!("creating a build directory in {}", build_parent.display()))?;
     let warnings = Warnings::new();
+    apply::init();
+    let started = std::time::Instant::now();
 
     // Every commit of --git needs the files of its own tree, so nothing may be skipped there.
     let skip_shadowed = !matches!(out, Output::Git(_));
@@ -93,10 +95,12 @@ pub async fn pull(
         .iter()
         .map(|l| l.descriptor.digest.to_string())
         .collect();
+    tracing::info!("layers fetched and extracted: {:.2?}", started.elapsed());
     let tree = {
         let refs: Vec<&LayerIndex> = indexes.iter().collect();
         tree::merge(&refs, &names)?
     };
+    tracing::info!("tree merged: {:.2?}", started.elapsed());
     let entries = tree.walk().len();
     let rootfs = build.path().join("rootfs");
     match out {
@@ -126,12 +130,14 @@ pub async fn pull(
                 .map_err(join_error)??;
         }
     }
+    tracing::info!("tree written: {:.2?}", started.elapsed());
     let build_path = build.path().to_path_buf();
     // Leftover staging files (deleted or replaced by later layers) go with the build dir.
     tokio::task::spawn_blocking(move || drop(build))
         .await
         .map_err(join_error)?;
     debug_assert!(!build_path.exists());
+    tracing::info!("staging removed: {:.2?}", started.elapsed());
     Ok(PullReport {
         entries,
         warnings: warnings.take(),
@@ -218,32 +224,52 @@ async fn extract_all(
             let overall = overall.clone();
             async move {
                 let last = std::sync::atomic::AtomicU64::new(0);
-                let blob = cache
-                    .fetch_with_progress(src, &layer.descriptor, &|n| {
-                        bar.set_position(n);
-                        let before = last.swap(n, std::sync::atomic::Ordering::Relaxed);
-                        if n >= before {
-                            overall.inc(n - before);
-                        }
-                    })
-                    .await?;
-                bar.set_position(layer.descriptor.size);
-                bar.set_message("extracting");
+                let progress = |n: u64| {
+                    bar.set_position(n);
+                    let before = last.swap(n, std::sync::atomic::Ordering::Relaxed);
+                    overall.inc(n.saturating_sub(before));
+                };
                 let compression = layer.compression;
                 let digest = layer.descriptor.digest.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    extract_layer(&blob, compression, &dir, needed.as_ref(), &w).map_err(
-                        |e| match e {
-                            Error::Malformed { what, reason } => Error::Malformed {
-                                what: format!("{what} in layer {} ({digest})", i + 1),
-                                reason,
-                            },
-                            other => other,
-                        },
-                    )
-                })
-                .await
-                .map_err(join_error)?;
+                let name_errors = move |e: Error| match e {
+                    Error::Malformed { what, reason } => Error::Malformed {
+                        what: format!("{what} in layer {} ({digest})", i + 1),
+                        reason,
+                    },
+                    other => other,
+                };
+                let result = if cache.has_blob(&layer.descriptor.digest) {
+                    let blob = cache.blob_path(&layer.descriptor.digest);
+                    bar.set_message("extracting");
+                    tokio::task::spawn_blocking(move || {
+                        let tar = crate::layer::open_tar_stream(&blob, compression)?;
+                        extract_layer(tar, &dir, needed.as_ref(), &w)
+                    })
+                    .await
+                    .map_err(join_error)?
+                } else {
+                    // Extract while downloading. The bytes are verified when the download
+                    // ends; on a mismatch the fetch fails and this pull's output is dropped.
+                    let (tx, rx) = tokio::sync::mpsc::channel(64);
+                    let extraction = tokio::task::spawn_blocking(move || {
+                        let tar = crate::layer::decompress(
+                            crate::layer::ChannelReader::new(rx),
+                            compression,
+                        )
+                        .ctx(|| "starting to decompress".into())?;
+                        extract_layer(tar, &dir, needed.as_ref(), &w)
+                    });
+                    let fetched = cache
+                        .fetch_into(src, &layer.descriptor, &progress, Some(&tx))
+                        .await;
+                    drop(tx);
+                    bar.set_message("extracting");
+                    let extracted = extraction.await.map_err(join_error)?;
+                    // A failed download explains a failed extraction, not the reverse.
+                    fetched?;
+                    extracted
+                }
+                .map_err(name_errors);
                 bar.finish_with_message("done");
                 let index = result?;
                 if let Err(e) = cache.store_index(&layer.descriptor.digest, &index) {
@@ -280,25 +306,24 @@ fn needed_entries(cache: &Cache, image: &Image) -> Option<Vec<Arc<HashSet<u32>>>
     Some(needed.into_iter().map(Arc::new).collect())
 }
 
-/// Stream one layer: index it, and write each regular file to `dir/<index position>` with
-/// its metadata — only those in `needed`, when that is known.
+/// Stream one layer's tar: index it, and write each regular file to `dir/<index position>`
+/// with its metadata — only those in `needed`, when that is known.
 fn extract_layer(
-    blob: &Path,
-    compression: Compression,
+    tar: Box<dyn std::io::Read + Send>,
     dir: &Path,
     needed: Option<&Arc<HashSet<u32>>>,
     warnings: &Warnings,
 ) -> Result<LayerIndex> {
     std::fs::create_dir(dir).ctx(|| format!("creating {}", dir.display()))?;
-    let tar = crate::layer::open_tar_stream(blob, compression)?;
     let mut buf = vec![0u8; 256 << 10];
     index::build(tar, |entry, pos, data| {
         if needed.is_some_and(|n| !n.contains(&(pos as u32))) {
             return Ok(());
         }
         let path = dir.join(pos.to_string());
-        let mut f =
-            std::fs::File::create_new(&path).ctx(|| format!("creating {}", path.display()))?;
+        let mut f = apply::create_options(entry.mode)
+            .open(&path)
+            .ctx(|| format!("creating {}", path.display()))?;
         let mut written = 0u64;
         loop {
             let n = match data.read(&mut buf) {
