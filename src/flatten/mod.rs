@@ -250,7 +250,8 @@ async fn extract_all(
                 } else {
                     // Extract while downloading. The bytes are verified when the download
                     // ends; on a mismatch the fetch fails and this pull's output is dropped.
-                    let (tx, rx) = tokio::sync::mpsc::channel(64);
+                    // A few chunks of slack: enough to keep both sides busy, little memory per layer.
+                    let (tx, rx) = tokio::sync::mpsc::channel(8);
                     let extraction = tokio::task::spawn_blocking(move || {
                         let tar = crate::layer::decompress(
                             crate::layer::ChannelReader::new(rx),
