@@ -1,6 +1,8 @@
 //! Layer blobs as tar streams: undo gzip or zstd (or nothing) on a verified blob from the cache.
 //! Random access into compressed layers (seek points) arrives with the mount work.
 
+pub mod seek;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;

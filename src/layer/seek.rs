@@ -1,0 +1,406 @@
+//! Random access into gzip streams (the zran technique from zlib's examples): while a layer is
+//! decompressed once, record checkpoints at deflate block boundaries — the compressed offset
+//! (down to the bit), the uncompressed offset, and the 32 KiB of output before it. From a
+//! checkpoint, a raw inflater primed with those bits and that window decompresses onward, so
+//! any byte range costs at most one span of decompression instead of the whole layer.
+//!
+//! Written on libz-rs-sys's zlib API because only that exposes what this needs
+//! (`Z_BLOCK`, `inflatePrime`, `inflateSetDictionary`); flate2 hides them.
+
+use std::io::{BufRead, Read, Seek, SeekFrom};
+
+use libz_rs_sys as z;
+use serde::{Deserialize, Serialize};
+
+/// Uncompressed bytes between checkpoints: a read decompresses at most this much extra.
+pub const SPAN: u64 = 4 << 20;
+const WINDOW: usize = 32 << 10;
+
+/// A place to resume decompression.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Offset in the compressed blob of the first byte the inflater has not used up.
+    pub in_offset: u64,
+    /// How many bits of the byte before `in_offset` belong to what follows (0–7).
+    pub bits: u8,
+    /// Offset in the uncompressed stream.
+    pub out_offset: u64,
+    /// The output just before `out_offset` (up to 32 KiB; empty at the start of a member).
+    pub window: Vec<u8>,
+}
+
+fn err(msg: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("gzip: {msg}"))
+}
+
+/// A raw-deflate inflater. Boxed: zlib's state points back at its stream, which must not move.
+struct Inflater {
+    strm: Box<z::z_stream>,
+}
+
+impl Inflater {
+    fn raw() -> std::io::Result<Inflater> {
+        let mut strm = Box::new(z::z_stream::default());
+        // SAFETY: `strm` is a valid, default-initialised stream (zalloc/zfree set by Default),
+        // the version string is zlib's own and the size is that of the struct we pass.
+        let rc = unsafe {
+            z::inflateInit2_(
+                &mut *strm,
+                -15,
+                z::zlibVersion(),
+                std::mem::size_of::<z::z_stream>() as i32,
+            )
+        };
+        if rc != z::Z_OK {
+            return Err(err(format!("cannot start an inflater ({rc})")));
+        }
+        Ok(Inflater { strm })
+    }
+
+    fn reset(&mut self) -> std::io::Result<()> {
+        // SAFETY: the stream was initialised in `raw` and is still alive.
+        match unsafe { z::inflateReset(&mut *self.strm) } {
+            z::Z_OK => Ok(()),
+            rc => Err(err(format!("inflateReset failed ({rc})"))),
+        }
+    }
+
+    /// Resume at a checkpoint: feed it the partial byte's bits and the window.
+    fn prime(&mut self, bits: u8, byte: u8, window: &[u8]) -> std::io::Result<()> {
+        // SAFETY: initialised stream; `window` is a live slice of the given length.
+        unsafe {
+            if bits > 0 {
+                let rc = z::inflatePrime(&mut *self.strm, bits as i32, (byte >> (8 - bits)) as i32);
+                if rc != z::Z_OK {
+                    return Err(err(format!("inflatePrime failed ({rc})")));
+                }
+            }
+            if !window.is_empty() {
+                let rc =
+                    z::inflateSetDictionary(&mut *self.strm, window.as_ptr(), window.len() as u32);
+                if rc != z::Z_OK {
+                    return Err(err(format!("inflateSetDictionary failed ({rc})")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inflate from `input` into `output`; returns (consumed, produced, return code).
+    fn inflate(&mut self, input: &[u8], output: &mut [u8], flush: i32) -> (usize, usize, i32) {
+        let s = &mut *self.strm;
+        s.next_in = input.as_ptr();
+        s.avail_in = input.len().min(u32::MAX as usize) as u32;
+        s.next_out = output.as_mut_ptr();
+        s.avail_out = output.len().min(u32::MAX as usize) as u32;
+        let (ai, ao) = (s.avail_in, s.avail_out);
+        // SAFETY: next_in/next_out point into live slices whose lengths bound avail_in/out.
+        let rc = unsafe { z::inflate(s, flush) };
+        let s = &mut *self.strm;
+        let consumed = (ai - s.avail_in) as usize;
+        let produced = (ao - s.avail_out) as usize;
+        s.next_in = std::ptr::null();
+        s.next_out = std::ptr::null_mut();
+        (consumed, produced, rc)
+    }
+
+    /// zlib's `data_type` after the last call: bit 7 set at a block end, bit 6 in the last
+    /// block, low 3 bits the unused bits of the last input byte.
+    fn data_type(&self) -> i32 {
+        self.strm.data_type
+    }
+}
+
+impl Drop for Inflater {
+    fn drop(&mut self) {
+        // SAFETY: initialised in `raw`, ended exactly once here.
+        unsafe {
+            z::inflateEnd(&mut *self.strm);
+        }
+    }
+}
+
+/// Skip a gzip member header (RFC 1952 §2.3); returns its length.
+fn skip_header(r: &mut impl BufRead) -> std::io::Result<u64> {
+    let mut n = 10u64;
+    let mut h = [0u8; 10];
+    r.read_exact(&mut h)?;
+    if h[0] != 0x1f || h[1] != 0x8b || h[2] != 8 {
+        return Err(err("not a gzip member header"));
+    }
+    let flags = h[3];
+    if flags & 0x04 != 0 {
+        let mut l = [0u8; 2];
+        r.read_exact(&mut l)?;
+        let len = u16::from_le_bytes(l) as u64;
+        let skipped = std::io::copy(&mut r.take(len), &mut std::io::sink())?;
+        if skipped != len {
+            return Err(err("truncated header"));
+        }
+        n += 2 + len;
+    }
+    for bit in [0x08, 0x10] {
+        if flags & bit != 0 {
+            let mut s = Vec::new();
+            n += r.read_until(0, &mut s)? as u64;
+        }
+    }
+    if flags & 0x02 != 0 {
+        r.read_exact(&mut [0u8; 2])?;
+        n += 2;
+    }
+    Ok(n)
+}
+
+/// Is the rest of the stream empty or zero padding? Consumes the padding.
+fn at_end(r: &mut impl BufRead, pos: &mut u64) -> std::io::Result<bool> {
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let zeros = buf.iter().take_while(|b| **b == 0).count();
+        if zeros < buf.len() {
+            if zeros > 0 {
+                return Err(err("garbage after the last member"));
+            }
+            return Ok(false);
+        }
+        r.consume(zeros);
+        *pos += zeros as u64;
+    }
+}
+
+/// Decompresses a gzip stream (any number of members) as a `Read`, recording checkpoints
+/// every [`SPAN`] bytes of output. Like [`super::GzipMembers`], it skips the CRC-32 and checks
+/// the length in each trailer.
+pub struct IndexingReader<R: BufRead> {
+    src: R,
+    inflater: Inflater,
+    /// Compressed bytes consumed.
+    in_pos: u64,
+    /// Uncompressed bytes produced.
+    out_pos: u64,
+    in_member: bool,
+    member_out: u32,
+    finished: bool,
+    ring: Vec<u8>,
+    ring_next: usize,
+    span: u64,
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+impl<R: BufRead> IndexingReader<R> {
+    pub fn new(src: R) -> std::io::Result<IndexingReader<R>> {
+        Self::with_span(src, SPAN)
+    }
+
+    pub fn with_span(src: R, span: u64) -> std::io::Result<IndexingReader<R>> {
+        Ok(IndexingReader {
+            src,
+            inflater: Inflater::raw()?,
+            in_pos: 0,
+            out_pos: 0,
+            in_member: false,
+            member_out: 0,
+            finished: false,
+            ring: Vec::with_capacity(WINDOW),
+            ring_next: 0,
+            span: span.max(1),
+            checkpoints: Vec::new(),
+        })
+    }
+
+    /// Keep the last 32 KiB of output in a ring (oldest byte at `ring_next` once full).
+    fn remember(&mut self, out: &[u8]) {
+        let mut tail = &out[out.len().saturating_sub(WINDOW)..];
+        if self.ring.len() < WINDOW {
+            let take = (WINDOW - self.ring.len()).min(tail.len());
+            self.ring.extend_from_slice(&tail[..take]);
+            tail = &tail[take..];
+        }
+        if tail.is_empty() {
+            return;
+        }
+        let first = (WINDOW - self.ring_next).min(tail.len());
+        self.ring[self.ring_next..self.ring_next + first].copy_from_slice(&tail[..first]);
+        let rest = &tail[first..];
+        self.ring[..rest.len()].copy_from_slice(rest);
+        self.ring_next = (self.ring_next + tail.len()) % WINDOW;
+    }
+
+    /// The last 32 KiB of output, oldest first.
+    fn window(&self) -> Vec<u8> {
+        if self.ring.len() < WINDOW {
+            return self.ring.clone();
+        }
+        let mut w = Vec::with_capacity(WINDOW);
+        w.extend_from_slice(&self.ring[self.ring_next..]);
+        w.extend_from_slice(&self.ring[..self.ring_next]);
+        w
+    }
+
+    fn due(&self) -> bool {
+        self.checkpoints
+            .last()
+            .is_none_or(|c| self.out_pos - c.out_offset >= self.span)
+    }
+
+    /// Begin the next member, or finish; returns false at the end of the stream.
+    fn start_member(&mut self) -> std::io::Result<bool> {
+        if at_end(&mut self.src, &mut self.in_pos)? {
+            return Ok(false);
+        }
+        self.in_pos += skip_header(&mut self.src)?;
+        self.inflater.reset()?;
+        self.in_member = true;
+        self.member_out = 0;
+        self.ring.clear();
+        self.ring_next = 0;
+        if self.due() {
+            // A member starts with no history: no window, no partial byte.
+            self.checkpoints.push(Checkpoint {
+                in_offset: self.in_pos,
+                bits: 0,
+                out_offset: self.out_pos,
+                window: Vec::new(),
+            });
+        }
+        Ok(true)
+    }
+}
+
+impl<R: BufRead> Read for IndexingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() || self.finished {
+            return Ok(0);
+        }
+        loop {
+            if !self.in_member && !self.start_member()? {
+                self.finished = true;
+                return Ok(0);
+            }
+            let input = self.src.fill_buf()?;
+            if input.is_empty() {
+                return Err(err("stream truncated inside a member"));
+            }
+            let (used, produced, rc) = self.inflater.inflate(input, buf, z::Z_BLOCK);
+            self.src.consume(used);
+            self.in_pos += used as u64;
+            self.out_pos += produced as u64;
+            self.member_out = self.member_out.wrapping_add(produced as u32);
+            self.remember(&buf[..produced]);
+            match rc {
+                z::Z_OK | z::Z_BUF_ERROR => {
+                    let dt = self.inflater.data_type();
+                    if dt & 128 != 0 && dt & 64 == 0 && self.due() {
+                        self.checkpoints.push(Checkpoint {
+                            in_offset: self.in_pos,
+                            bits: (dt & 7) as u8,
+                            out_offset: self.out_pos,
+                            window: self.window(),
+                        });
+                    }
+                    if rc == z::Z_BUF_ERROR && used == 0 && produced == 0 {
+                        return Err(err("inflate made no progress"));
+                    }
+                }
+                z::Z_STREAM_END => {
+                    let mut trailer = [0u8; 8];
+                    self.src
+                        .read_exact(&mut trailer)
+                        .map_err(|_| err("stream truncated (no member trailer)"))?;
+                    self.in_pos += 8;
+                    if u32::from_le_bytes(trailer[4..].try_into().expect("4 bytes"))
+                        != self.member_out
+                    {
+                        return Err(err("member length does not match its trailer"));
+                    }
+                    self.in_member = false;
+                }
+                rc => return Err(err(format!("corrupt deflate data ({rc})"))),
+            }
+            if produced > 0 {
+                return Ok(produced);
+            }
+        }
+    }
+}
+
+/// Read `len` uncompressed bytes from `start` out of the gzip `blob`, decompressing from the
+/// last checkpoint at or before `start`. Fewer bytes come back only at the end of the stream.
+pub fn read_at(
+    blob: &mut (impl Read + Seek),
+    checkpoints: &[Checkpoint],
+    start: u64,
+    len: usize,
+) -> std::io::Result<Vec<u8>> {
+    let i = checkpoints.partition_point(|c| c.out_offset <= start);
+    let cp = checkpoints
+        .get(i.wrapping_sub(1))
+        .ok_or_else(|| err("no checkpoint before the requested offset"))?;
+    let back = u64::from(cp.bits > 0);
+    let from = cp
+        .in_offset
+        .checked_sub(back)
+        .ok_or_else(|| err("checkpoint offset out of range"))?;
+    blob.seek(SeekFrom::Start(from))?;
+    let mut src = std::io::BufReader::with_capacity(128 << 10, blob);
+    let mut inflater = Inflater::raw()?;
+    let mut partial = [0u8; 1];
+    if back == 1 {
+        src.read_exact(&mut partial)?;
+    }
+    inflater.prime(cp.bits, partial[0], &cp.window)?;
+
+    let mut out = Vec::with_capacity(len);
+    let mut pos = cp.out_offset;
+    let mut scratch = vec![0u8; 256 << 10];
+    let mut in_member = true;
+    let mut pos_in = from + back;
+    while out.len() < len {
+        if !in_member {
+            if at_end(&mut src, &mut pos_in)? {
+                break;
+            }
+            pos_in += skip_header(&mut src)?;
+            inflater.reset()?;
+            in_member = true;
+        }
+        let input = src.fill_buf()?;
+        if input.is_empty() {
+            return Err(err("stream truncated inside a member"));
+        }
+        let (used, produced, rc) = inflater.inflate(input, &mut scratch, z::Z_NO_FLUSH);
+        src.consume(used);
+        pos_in += used as u64;
+        // Keep the part of this output that falls in [start, start + len).
+        let chunk_start = pos;
+        let chunk_end = pos + produced as u64;
+        if chunk_end > start {
+            let a = start.saturating_sub(chunk_start) as usize;
+            let want = len - out.len();
+            let b = produced.min(a + want);
+            if a < b {
+                out.extend_from_slice(&scratch[a..b]);
+            }
+        }
+        pos = chunk_end;
+        match rc {
+            z::Z_OK => {}
+            z::Z_BUF_ERROR if used > 0 || produced > 0 => {}
+            z::Z_STREAM_END => {
+                let mut trailer = [0u8; 8];
+                src.read_exact(&mut trailer)
+                    .map_err(|_| err("stream truncated (no member trailer)"))?;
+                pos_in += 8;
+                in_member = false;
+            }
+            rc => return Err(err(format!("corrupt deflate data ({rc})"))),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

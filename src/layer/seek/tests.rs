@@ -1,0 +1,140 @@
+use super::*;
+use std::io::Write;
+
+/// Compressible but varied text, deterministic.
+fn text(n: usize) -> Vec<u8> {
+    let words = [
+        "layer",
+        "index",
+        "gzip",
+        "window",
+        "block",
+        "tar",
+        "overlay",
+        "/usr/lib/",
+    ];
+    let mut seed = 7u64;
+    let mut out = Vec::with_capacity(n + 16);
+    while out.len() < n {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(words[(seed % 8) as usize].as_bytes());
+        out.push(if seed.is_multiple_of(5) { b'\n' } else { b' ' });
+        if seed.is_multiple_of(11) {
+            out.extend_from_slice(&seed.to_le_bytes());
+        }
+    }
+    out.truncate(n);
+    out
+}
+
+fn noise(n: usize) -> Vec<u8> {
+    let mut seed = 99u64;
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+fn gz(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn index(blob: &[u8], span: u64) -> (Vec<u8>, Vec<Checkpoint>) {
+    let mut r = IndexingReader::with_span(std::io::BufReader::new(blob), span).unwrap();
+    let mut out = Vec::new();
+    // Small reads, as the tar reader does, so checkpoints land mid-call too.
+    let mut buf = vec![0u8; 10_000];
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    (out, r.checkpoints)
+}
+
+fn check_ranges(blob: &[u8], data: &[u8], cps: &[Checkpoint]) {
+    let mut cur = std::io::Cursor::new(blob);
+    let n = data.len() as u64;
+    let mut seed = 3u64;
+    let mut cases: Vec<(u64, usize)> = vec![(0, 10), (n - 5, 5), (n - 5, 100), (n, 10)];
+    for c in cps {
+        cases.push((c.out_offset, 3000));
+        cases.push((c.out_offset.saturating_sub(1), 2));
+    }
+    for _ in 0..50 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        cases.push(((seed >> 11) % n, ((seed >> 40) % 300_000) as usize));
+    }
+    for (start, len) in cases {
+        let got = read_at(&mut cur, cps, start, len).unwrap();
+        let end = (start as usize + len).min(data.len());
+        assert_eq!(got, &data[start as usize..end], "range {start}+{len}");
+    }
+}
+
+#[test]
+fn any_range_of_a_single_member_stream() {
+    let data = text(6 << 20);
+    let blob = gz(&data);
+    let (out, cps) = index(&blob, 1 << 20);
+    assert_eq!(out, data);
+    assert!(cps.len() >= 5, "{} checkpoints", cps.len());
+    assert!(
+        cps.iter().any(|c| c.bits != 0),
+        "some checkpoints sit mid-byte"
+    );
+    assert!(cps.iter().skip(1).all(|c| c.window.len() == 32 << 10));
+    check_ranges(&blob, &data, &cps);
+}
+
+#[test]
+fn any_range_across_many_members_and_stored_blocks() {
+    let parts = [
+        text(1_500_000),
+        noise(2_000_000),
+        text(10),
+        Vec::new(),
+        noise(700_000),
+    ];
+    let mut blob = Vec::new();
+    let mut data = Vec::new();
+    for p in &parts {
+        blob.extend(gz(p));
+        data.extend_from_slice(p);
+    }
+    blob.extend([0u8; 512]);
+    let (out, cps) = index(&blob, 512 << 10);
+    assert_eq!(out, data);
+    assert!(cps.len() >= 6, "{} checkpoints", cps.len());
+    check_ranges(&blob, &data, &cps);
+}
+
+#[test]
+fn damaged_streams_are_errors_not_wrong_bytes() {
+    let data = text(300_000);
+    let blob = gz(&data);
+    let mut r = IndexingReader::new(&blob[..blob.len() - 3]).unwrap();
+    assert!(
+        std::io::copy(&mut r, &mut std::io::sink()).is_err(),
+        "cut trailer"
+    );
+    let mut bad = blob.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1; // ISIZE: the length check catches it
+    let res = IndexingReader::new(&bad[..])
+        .unwrap()
+        .read_to_end(&mut Vec::new());
+    assert!(res.unwrap_err().to_string().contains("length"));
+}
