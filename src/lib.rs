@@ -13,5 +13,6 @@ pub mod reference;
 pub mod registry;
 pub mod source;
 pub mod tree;
+pub mod view;
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! The command line: argument parsing, logging setup and the commands themselves. This is the
 //! boundary where library errors get their context and become one line on stderr.
 
+mod browse;
 mod inspect;
 mod pull;
 
@@ -56,6 +57,10 @@ enum Command {
     Fetch(FetchArgs),
     /// Write the image's merged root filesystem to a new directory (or a tar stream)
     Pull(pull::PullArgs),
+    /// List a directory of the image, without mounting it
+    Ls(browse::LsArgs),
+    /// Print a file of the image, without mounting it
+    Cat(browse::CatArgs),
 }
 
 #[derive(Args)]
@@ -111,6 +116,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect::run(&g, args).await,
         Command::Fetch(args) => fetch(&g, args).await,
         Command::Pull(args) => pull::run(&g, args).await,
+        Command::Ls(args) => browse::ls(&g, args).await,
+        Command::Cat(args) => browse::cat(&g, args).await,
     }
 }
 

@@ -12,11 +12,12 @@ use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"IMGFSIDX";
 /// Bump when the payload changes shape; older files are then rebuilt.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Payload {
     entries: Vec<Enc>,
+    checkpoints: Option<Vec<crate::layer::seek::Checkpoint>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -105,7 +106,11 @@ pub fn encode(index: &LayerIndex) -> Vec<u8> {
         })
         .collect();
     let payload =
-        postcard::to_allocvec(&Payload { entries }).expect("encoding to memory cannot fail");
+        postcard::to_allocvec(&Payload {
+            entries,
+            checkpoints: index.checkpoints.clone(),
+        })
+        .expect("encoding to memory cannot fail");
     let mut out = Vec::with_capacity(payload.len() + 44);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -162,7 +167,10 @@ pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
         prev_path = path;
         prev_offset = offset;
     }
-    Ok(LayerIndex { entries })
+    Ok(LayerIndex {
+        entries,
+        checkpoints: p.checkpoints,
+    })
 }
 
 #[cfg(test)]
@@ -185,6 +193,12 @@ mod tests {
             offset,
         };
         LayerIndex {
+            checkpoints: Some(vec![crate::layer::seek::Checkpoint {
+                in_offset: 10,
+                bits: 3,
+                out_offset: 4 << 20,
+                window: vec![7; 100],
+            }]),
             entries: vec![
                 e("usr", Kind::Dir, 512),
                 e("usr/lib/ü/libé.so", Kind::File, 1536),
@@ -198,7 +212,9 @@ mod tests {
     #[test]
     fn round_trips_exactly() {
         let idx = sample();
-        assert_eq!(decode(&encode(&idx)).unwrap().entries, idx.entries);
+        let back = decode(&encode(&idx)).unwrap();
+        assert_eq!(back.entries, idx.entries);
+        assert_eq!(back.checkpoints, idx.checkpoints);
     }
 
     #[test]

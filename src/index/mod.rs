@@ -50,10 +50,13 @@ pub struct Entry {
     pub offset: u64,
 }
 
-/// All entries of a layer, in tar order.
+/// All entries of a layer, in tar order, and (for gzip layers indexed for mounting) the seek
+/// points that let any byte range of the uncompressed tar be produced cheaply.
 #[derive(Clone, Debug, Default)]
 pub struct LayerIndex {
     pub entries: Vec<Entry>,
+    /// Gzip checkpoints, in uncompressed order; `None` when not recorded.
+    pub checkpoints: Option<Vec<crate::layer::seek::Checkpoint>>,
 }
 
 /// Normalise a tar path. `what` names the entry in errors.
@@ -96,7 +99,10 @@ pub fn build(
         }
         entries.push(entry);
     }
-    Ok(LayerIndex { entries })
+    Ok(LayerIndex {
+        entries,
+        checkpoints: None,
+    })
 }
 
 /// Decode one tar entry; `None` for entries that carry no file (PAX globals and the like).

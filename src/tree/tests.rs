@@ -25,7 +25,10 @@ fn link(path: &str, kind: Kind, target: &str) -> Entry {
 }
 
 fn layer(entries: Vec<Entry>) -> LayerIndex {
-    LayerIndex { entries }
+    LayerIndex {
+        entries,
+        checkpoints: None,
+    }
 }
 
 fn paths(t: &Tree) -> Vec<String> {
