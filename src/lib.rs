@@ -6,6 +6,7 @@ pub mod cli;
 pub mod digest;
 pub mod error;
 pub mod flatten;
+pub mod fuse;
 pub mod index;
 pub mod layer;
 pub mod manifest;

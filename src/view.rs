@@ -75,14 +75,22 @@ fn build_index(blob: &std::path::Path, compression: Compression) -> Result<Layer
             idx.checkpoints = Some(std::mem::take(&mut r.checkpoints));
             Ok(idx)
         }
-        _ => index::build(crate::layer::open_tar_stream(blob, compression)?, |_, _, _| Ok(())),
+        _ => index::build(
+            crate::layer::open_tar_stream(blob, compression)?,
+            |_, _, _| Ok(()),
+        ),
     }
 }
 
 impl ImageView {
     /// Fetch every layer blob (verified) and index it — or load its index from the cache —
     /// then merge. Indexes are built concurrently and cached for the next time.
-    pub async fn open(cache: &Cache, src: &Source, image: &Image, opts: &ViewOptions) -> Result<ImageView> {
+    pub async fn open(
+        cache: &Cache,
+        src: &Source,
+        image: &Image,
+        opts: &ViewOptions,
+    ) -> Result<ImageView> {
         let n = match opts.layers {
             Some(n) if n == 0 || n > image.layers.len() => {
                 return Err(Error::Unsupported {
@@ -93,49 +101,50 @@ impl ImageView {
             Some(n) => n,
             None => image.layers.len(),
         };
-        let layers: Vec<LayerData> = futures_util::stream::iter(image.layers[..n].iter().enumerate())
-            .map(|(i, layer)| async move {
-                let blob = cache.fetch(src, &layer.descriptor).await?;
-                let digest = &layer.descriptor.digest;
-                let compression = layer.compression;
-                let cached = cache
-                    .load_index(digest)
-                    .filter(|idx| compression != Compression::Gzip || idx.checkpoints.is_some());
-                let index = match cached {
-                    Some(idx) => idx,
-                    None => {
-                        let b = blob.clone();
-                        let d = digest.clone();
-                        let idx = tokio::task::spawn_blocking(move || {
-                            build_index(&b, compression).map_err(|e| match e {
-                                Error::Malformed { what, reason } => Error::Malformed {
-                                    what: format!("{what} in layer {} ({d})", i + 1),
-                                    reason,
-                                },
-                                other => other,
+        let layers: Vec<LayerData> =
+            futures_util::stream::iter(image.layers[..n].iter().enumerate())
+                .map(|(i, layer)| async move {
+                    let blob = cache.fetch(src, &layer.descriptor).await?;
+                    let digest = &layer.descriptor.digest;
+                    let compression = layer.compression;
+                    let cached = cache.load_index(digest).filter(|idx| {
+                        compression != Compression::Gzip || idx.checkpoints.is_some()
+                    });
+                    let index = match cached {
+                        Some(idx) => idx,
+                        None => {
+                            let b = blob.clone();
+                            let d = digest.clone();
+                            let idx = tokio::task::spawn_blocking(move || {
+                                build_index(&b, compression).map_err(|e| match e {
+                                    Error::Malformed { what, reason } => Error::Malformed {
+                                        what: format!("{what} in layer {} ({d})", i + 1),
+                                        reason,
+                                    },
+                                    other => other,
+                                })
                             })
-                        })
-                        .await
-                        .map_err(|e| Error::Io {
-                            context: "an indexing thread failed".into(),
-                            source: std::io::Error::other(e.to_string()),
-                        })??;
-                        if let Err(e) = cache.store_index(digest, &idx) {
-                            tracing::warn!("not caching the index of {digest}: {e}");
+                            .await
+                            .map_err(|e| Error::Io {
+                                context: "an indexing thread failed".into(),
+                                source: std::io::Error::other(e.to_string()),
+                            })??;
+                            if let Err(e) = cache.store_index(digest, &idx) {
+                                tracing::warn!("not caching the index of {digest}: {e}");
+                            }
+                            idx
                         }
-                        idx
-                    }
-                };
-                Ok::<_, Error>(LayerData {
-                    digest: digest.to_string(),
-                    blob,
-                    compression,
-                    index,
+                    };
+                    Ok::<_, Error>(LayerData {
+                        digest: digest.to_string(),
+                        blob,
+                        compression,
+                        index,
+                    })
                 })
-            })
-            .buffered(opts.jobs.max(1))
-            .try_collect()
-            .await?;
+                .buffered(opts.jobs.max(1))
+                .try_collect()
+                .await?;
         let names: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
         let refs: Vec<&LayerIndex> = layers.iter().map(|l| &l.index).collect();
         let tree = tree::merge(&refs, &names)?;
@@ -173,11 +182,17 @@ impl ImageView {
                 Ok(buf)
             }
             Compression::Gzip => self.read_spans(data.layer, layer, start, len).map_err(fail),
-            Compression::Zstd => self.read_from_start(data.layer, layer, start, len).map_err(fail),
+            Compression::Zstd => self
+                .read_from_start(data.layer, layer, start, len)
+                .map_err(fail),
         }
     }
 
-    fn span(&self, key: SpanKey, make: impl FnOnce() -> std::io::Result<Vec<u8>>) -> std::io::Result<Arc<Vec<u8>>> {
+    fn span(
+        &self,
+        key: SpanKey,
+        make: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    ) -> std::io::Result<Arc<Vec<u8>>> {
         if let Some(s) = self.spans.lock().unwrap().get(&key) {
             return Ok(s.clone());
         }
@@ -188,7 +203,13 @@ impl ImageView {
         Ok(s)
     }
 
-    fn read_spans(&self, li: u32, layer: &LayerData, start: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    fn read_spans(
+        &self,
+        li: u32,
+        layer: &LayerData,
+        start: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>> {
         let cps = layer
             .index
             .checkpoints
@@ -197,9 +218,12 @@ impl ImageView {
         let mut out = Vec::with_capacity(len);
         let mut pos = start;
         while out.len() < len {
-            let k = cps.partition_point(|c| c.out_offset <= pos).checked_sub(1).ok_or_else(|| {
-                std::io::Error::other("no seek point before the requested offset")
-            })?;
+            let k = cps
+                .partition_point(|c| c.out_offset <= pos)
+                .checked_sub(1)
+                .ok_or_else(|| {
+                    std::io::Error::other("no seek point before the requested offset")
+                })?;
             let span_start = cps[k].out_offset;
             let span_len = cps.get(k + 1).map(|c| (c.out_offset - span_start) as usize);
             let span = self.span((li, span_start), || {
@@ -222,7 +246,13 @@ impl ImageView {
 
     /// zstd layers have no seek points yet: decompress from the start, one span at a time
     /// (correct, but costs O(offset) for a cold span; recorded as a known limit).
-    fn read_from_start(&self, li: u32, layer: &LayerData, start: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    fn read_from_start(
+        &self,
+        li: u32,
+        layer: &LayerData,
+        start: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>> {
         let span = seek::SPAN;
         let mut out = Vec::with_capacity(len);
         let mut pos = start;

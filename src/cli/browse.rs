@@ -48,9 +48,9 @@ async fn open_view(g: &Global, image: &str, layer: Option<usize>) -> Result<Imag
         layers: layer,
         ..ViewOptions::default()
     };
-    Ok(ImageView::open(&cache, &source, &image, &opts)
+    ImageView::open(&cache, &source, &image, &opts)
         .await
-        .with_context(|| format!("indexing {}", image.reference))?)
+        .with_context(|| format!("indexing {}", image.reference))
 }
 
 fn resolve(tree: &Tree, path: &str) -> Result<DentryId> {
@@ -97,7 +97,13 @@ fn mode_string(kind: Kind, mode: u32) -> String {
     s
 }
 
-fn print_entry(out: &mut impl Write, tree: &Tree, d: DentryId, name: &str, long: bool) -> Result<()> {
+fn print_entry(
+    out: &mut impl Write,
+    tree: &Tree,
+    d: DentryId,
+    name: &str,
+    long: bool,
+) -> Result<()> {
     let m = &tree.inode_of(d).meta;
     if !long {
         writeln!(out, "{name}")?;
@@ -140,13 +146,23 @@ pub async fn ls(g: &Global, args: LsArgs) -> Result<()> {
             if !first {
                 writeln!(out)?;
             }
-            let p = if dir == ROOT { "/".to_string() } else { format!("/{}", tree.path(dir)) };
+            let p = if dir == ROOT {
+                "/".to_string()
+            } else {
+                format!("/{}", tree.path(dir))
+            };
             writeln!(out, "{p}:")?;
         }
         first = false;
         let children: Vec<DentryId> = tree.children(dir).collect();
         for &c in &children {
-            print_entry(&mut out, tree, c, &tree.dentries[c as usize].name, args.long)?;
+            print_entry(
+                &mut out,
+                tree,
+                c,
+                &tree.dentries[c as usize].name,
+                args.long,
+            )?;
         }
         if args.recursive {
             stack.extend(

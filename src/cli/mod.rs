@@ -3,6 +3,7 @@
 
 mod browse;
 mod inspect;
+mod mount;
 mod pull;
 
 use std::path::PathBuf;
@@ -57,6 +58,10 @@ enum Command {
     Fetch(FetchArgs),
     /// Write the image's merged root filesystem to a new directory (or a tar stream)
     Pull(pull::PullArgs),
+    /// Mount the image read-only on an empty directory; returns when it is ready
+    Mount(mount::MountArgs),
+    /// Unmount an imgfs mount
+    Umount(mount::UmountArgs),
     /// List a directory of the image, without mounting it
     Ls(browse::LsArgs),
     /// Print a file of the image, without mounting it
@@ -116,6 +121,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect::run(&g, args).await,
         Command::Fetch(args) => fetch(&g, args).await,
         Command::Pull(args) => pull::run(&g, args).await,
+        Command::Mount(args) => mount::mount(&g, args).await,
+        Command::Umount(args) => mount::umount(args),
         Command::Ls(args) => browse::ls(&g, args).await,
         Command::Cat(args) => browse::cat(&g, args).await,
     }

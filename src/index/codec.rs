@@ -105,12 +105,11 @@ pub fn encode(index: &LayerIndex) -> Vec<u8> {
             enc
         })
         .collect();
-    let payload =
-        postcard::to_allocvec(&Payload {
-            entries,
-            checkpoints: index.checkpoints.clone(),
-        })
-        .expect("encoding to memory cannot fail");
+    let payload = postcard::to_allocvec(&Payload {
+        entries,
+        checkpoints: index.checkpoints.clone(),
+    })
+    .expect("encoding to memory cannot fail");
     let mut out = Vec::with_capacity(payload.len() + 44);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());

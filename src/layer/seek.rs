@@ -353,7 +353,8 @@ pub fn read_at(
     }
     inflater.prime(cp.bits, partial[0], &cp.window)?;
 
-    let mut out = Vec::with_capacity(len);
+    // `len` may be "to the end" (usize::MAX): reserve what a span needs, not what was asked.
+    let mut out = Vec::with_capacity(len.min(2 * SPAN as usize));
     let mut pos = cp.out_offset;
     let mut scratch = vec![0u8; 256 << 10];
     let mut in_member = true;

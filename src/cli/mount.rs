@@ -1,0 +1,203 @@
+//! `imgfs mount IMAGE DIR` and `imgfs umount DIR`.
+//!
+//! `mount` returns once the mount is ready and leaves a daemon serving it. The daemon is this
+//! same program re-run with `--foreground` in a new session (not a fork: forking a process that
+//! already runs threads is unsafe), its log in the cache directory; the parent waits until DIR
+//! shows up as a mount, or reports the daemon's error if it exits first.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use super::{Global, Opened};
+use crate::fuse::ImageFs;
+use crate::view::{ImageView, ViewOptions};
+
+#[derive(Args)]
+pub struct MountArgs {
+    image: String,
+    /// Empty directory to mount on
+    dir: PathBuf,
+    /// Stay attached and log to stderr; Ctrl-C or SIGTERM unmounts
+    #[arg(long, short)]
+    foreground: bool,
+    /// Mount options: allow_other, allow_root
+    #[arg(short = 'o', value_name = "OPTION", value_delimiter = ',')]
+    options: Vec<String>,
+    /// The image as of its first N layers
+    #[arg(long, value_name = "N")]
+    layer: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct UmountArgs {
+    /// A directory an imgfs mount is on
+    dir: PathBuf,
+}
+
+/// Is `dir` a mount point? (From /proc/self/mountinfo, whose paths escape space as \040.)
+pub fn is_mount_point(dir: &Path) -> bool {
+    let Ok(canon) = dir.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = canon.to_string_lossy().replace(' ', "\\040");
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| m == want)
+}
+
+fn check_mount_dir(dir: &Path) -> Result<()> {
+    let md =
+        std::fs::metadata(dir).with_context(|| format!("{}: no such directory", dir.display()))?;
+    if !md.is_dir() {
+        bail!("{}: not a directory", dir.display());
+    }
+    if is_mount_point(dir) {
+        bail!("{}: something is already mounted there", dir.display());
+    }
+    if std::fs::read_dir(dir)?.next().is_some() {
+        bail!("{}: not empty (mount on an empty directory)", dir.display());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: load the fuse module (modprobe fuse), or install fuse3");
+    }
+    if !rustix::process::geteuid().is_root() && which("fusermount3").is_none() {
+        bail!("mounting as a user needs fusermount3: install the fuse3 package");
+    }
+    Ok(())
+}
+
+fn which(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| p.is_file())
+}
+
+pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
+    check_mount_dir(&args.dir)?;
+    let mut acl = fuser::SessionACL::Owner;
+    for o in &args.options {
+        match o.as_str() {
+            "allow_other" => acl = fuser::SessionACL::All,
+            "allow_root" => acl = fuser::SessionACL::RootAndOwner,
+            other => bail!("unknown mount option {other:?} (imgfs takes allow_other, allow_root)"),
+        }
+    }
+    if !args.foreground {
+        return spawn_daemon(g, &args).await;
+    }
+    let Opened {
+        cache,
+        source,
+        image,
+    } = g.open(&args.image).await?;
+    let opts = ViewOptions {
+        layers: args.layer,
+        ..ViewOptions::default()
+    };
+    let view = ImageView::open(&cache, &source, &image, &opts)
+        .await
+        .with_context(|| format!("indexing {}", image.reference))?;
+    let fs = ImageFs::new(view, tokio::runtime::Handle::current());
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::RO,
+        fuser::MountOption::FSName(image.reference.clone()),
+        fuser::MountOption::Subtype("imgfs".into()),
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    config.acl = acl;
+    config.n_threads = Some(2);
+    let session = fuser::spawn_mount(fs, &args.dir, &config)
+        .with_context(|| format!("mounting on {}", args.dir.display()))?;
+    tracing::info!("{} mounted on {}", image.reference, args.dir.display());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let external = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break false,
+            _ = term.recv() => break false,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if session.guard.is_finished() {
+                    break true;
+                }
+            }
+        }
+    };
+    if external {
+        session.join().ok();
+    } else {
+        session
+            .umount_and_join()
+            .with_context(|| format!("unmounting {}", args.dir.display()))?;
+    }
+    tracing::info!("{} unmounted", args.dir.display());
+    Ok(())
+}
+
+/// Run the daemon and wait until the mount is up (or the daemon has failed).
+async fn spawn_daemon(g: &Global, args: &MountArgs) -> Result<()> {
+    let logs = g.cache()?.root().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let log_path = logs.join(format!("mount-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(std::env::args_os().skip(1))
+        .arg("--foreground")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    loop {
+        if is_mount_point(&args.dir) {
+            println!("{}", child.id());
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            let msg = last.strip_prefix("imgfs: ").unwrap_or(last);
+            bail!("the mount daemon failed ({status}): {msg}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn umount(args: UmountArgs) -> Result<()> {
+    if !is_mount_point(&args.dir) {
+        bail!("{}: not mounted", args.dir.display());
+    }
+    if rustix::process::geteuid().is_root() {
+        rustix::mount::unmount(&args.dir, rustix::mount::UnmountFlags::empty())
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("unmounting {}", args.dir.display()))?;
+    } else {
+        let st = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&args.dir)
+            .status()
+            .context("running fusermount3 (install fuse3)")?;
+        if !st.success() {
+            bail!("fusermount3 -u {} failed", args.dir.display());
+        }
+    }
+    Ok(())
+}

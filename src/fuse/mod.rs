@@ -1,0 +1,354 @@
+//! The image served read-only over FUSE (fuser): the [`ImageView`]'s tree as inodes, file data
+//! read through its seek points.
+//!
+//! The image never changes, so the kernel is told to cache everything for long (entries,
+//! attributes, directory listings, page cache kept across opens, symlinks) and to read ahead
+//! generously. Metadata requests are answered inline from memory; reads, which may decompress
+//! a span, are handed to a blocking thread pool and answered from there (fuser's replies are
+//! `Send`), so one slow read never stalls `ls`.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use crate::index::Kind;
+use crate::tree::{DentryId, InodeId, ROOT};
+use crate::view::ImageView;
+
+/// How long the kernel may trust what we said: the image is immutable.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+pub struct ImageFs {
+    view: Arc<ImageView>,
+    /// The directory entry of each directory inode (directories have exactly one).
+    dir_dentry: Vec<DentryId>,
+    /// Subdirectory counts, for directories' link counts.
+    subdirs: Vec<u32>,
+    rt: tokio::runtime::Handle,
+}
+
+/// FUSE inode numbers are tree inode ids plus one (FUSE's root is 1, the tree's 0).
+fn fuse_ino(i: InodeId) -> INodeNo {
+    INodeNo(i as u64 + 1)
+}
+
+impl ImageFs {
+    pub fn new(view: ImageView, rt: tokio::runtime::Handle) -> ImageFs {
+        let tree = &view.tree;
+        let mut dir_dentry = vec![DentryId::MAX; tree.inodes.len()];
+        let mut subdirs = vec![0u32; tree.inodes.len()];
+        dir_dentry[0] = ROOT;
+        for d in tree.walk() {
+            let de = &tree.dentries[d as usize];
+            if tree.inodes[de.inode as usize].meta.kind == Kind::Dir {
+                dir_dentry[de.inode as usize] = d;
+                subdirs[tree.dentries[de.parent as usize].inode as usize] += 1;
+            }
+        }
+        ImageFs {
+            view: Arc::new(view),
+            dir_dentry,
+            subdirs,
+            rt,
+        }
+    }
+
+    fn inode(&self, ino: INodeNo) -> Option<InodeId> {
+        let i = u64::from(ino).checked_sub(1)?;
+        (i < self.view.tree.inodes.len() as u64).then_some(i as InodeId)
+    }
+
+    fn attr(&self, i: InodeId) -> FileAttr {
+        let inode = &self.view.tree.inodes[i as usize];
+        let m = &inode.meta;
+        let kind = file_type(m.kind);
+        let size = match m.kind {
+            Kind::File => m.size,
+            Kind::Symlink => m.link.as_ref().map_or(0, |l| l.len() as u64),
+            _ => 0,
+        };
+        let time = if m.mtime >= 0 {
+            UNIX_EPOCH + Duration::from_secs(m.mtime as u64)
+        } else {
+            UNIX_EPOCH
+        };
+        FileAttr {
+            ino: fuse_ino(i),
+            size,
+            blocks: size.div_ceil(512),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm: (m.mode & 0o7777) as u16,
+            nlink: if m.kind == Kind::Dir {
+                2 + self.subdirs[i as usize]
+            } else {
+                inode.nlink.max(1)
+            },
+            uid: m.uid,
+            gid: m.gid,
+            rdev: rustix::fs::makedev(m.dev_major, m.dev_minor) as u32,
+            flags: 0,
+            blksize: 4096,
+        }
+    }
+
+    fn dir(&self, ino: INodeNo) -> Option<DentryId> {
+        let i = self.inode(ino)?;
+        let d = self.dir_dentry[i as usize];
+        (d != DentryId::MAX).then_some(d)
+    }
+
+    /// (name, inode) of a directory's entries as listed: `.`, `..`, then children by name.
+    fn listing(&self, d: DentryId) -> Vec<(Vec<u8>, InodeId)> {
+        let tree = &self.view.tree;
+        let de = &tree.dentries[d as usize];
+        let parent = tree.dentries[de.parent as usize].inode;
+        let mut out = vec![(b".".to_vec(), de.inode), (b"..".to_vec(), parent)];
+        out.extend(tree.children(d).map(|c| {
+            let cd = &tree.dentries[c as usize];
+            (cd.name.as_bytes().to_vec(), cd.inode)
+        }));
+        out
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Char => FileType::CharDevice,
+        Kind::Block => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// Reply with an xattr value or name list, honouring the size protocol.
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Each is a request; a kernel that refuses one still works without it.
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_CACHE_SYMLINKS
+                | InitFlags::FUSE_DO_READDIRPLUS
+                | InitFlags::FUSE_READDIRPLUS_AUTO
+                | InitFlags::FUSE_PARALLEL_DIROPS,
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(d) = self.dir(parent) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let tree = &self.view.tree;
+        let found = std::str::from_utf8(name.as_bytes())
+            .ok()
+            .and_then(|n| tree.dentries[d as usize].children.as_ref()?.get(n).copied());
+        match found {
+            Some(c) => {
+                let attr = self.attr(tree.dentries[c as usize].inode);
+                reply.entry(&TTL, &attr, Generation(0));
+            }
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inode(ino) {
+            Some(i) => reply.attr(&TTL, &self.attr(i)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .inode(ino)
+            .and_then(|i| self.view.tree.inodes[i as usize].meta.link.as_deref())
+        {
+            Some(l) => reply.data(l.as_bytes()),
+            None => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & (libc_flags::O_WRONLY | libc_flags::O_RDWR) != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match self.inode(ino) {
+            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(i) = self.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let view = self.view.clone();
+        self.rt
+            .spawn_blocking(move || match view.read(i, offset, size as usize) {
+                Ok(data) => reply.data(&data),
+                Err(e) => {
+                    tracing::error!("read of inode {i} at {offset}: {e}");
+                    reply.error(Errno::EIO);
+                }
+            });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.dir(ino) {
+            Some(_) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            None => reply.error(Errno::ENOTDIR),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(d) = self.dir(ino) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        // The offset handed out with an entry is where the *next* call resumes.
+        for (k, (name, i)) in self
+            .listing(d)
+            .into_iter()
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let kind = file_type(self.view.tree.inodes[i as usize].meta.kind);
+            if reply.add(fuse_ino(i), k as u64 + 1, kind, OsStr::from_bytes(&name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(d) = self.dir(ino) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (k, (name, i)) in self
+            .listing(d)
+            .into_iter()
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let attr = self.attr(i);
+            if reply.add(
+                fuse_ino(i),
+                k as u64 + 1,
+                OsStr::from_bytes(&name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let tree = &self.view.tree;
+        let bytes: u64 = tree.inodes.iter().map(|i| i.meta.size).sum();
+        reply.statfs(
+            bytes.div_ceil(4096),
+            0,
+            0,
+            tree.inodes.len() as u64,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(i) = self.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let m = &self.view.tree.inodes[i as usize].meta;
+        match m
+            .xattrs
+            .iter()
+            .find(|(k, _)| k.as_bytes() == name.as_bytes())
+        {
+            Some((_, v)) => reply_xattr(reply, size, v),
+            None => reply.error(Errno::ENODATA),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(i) = self.inode(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut names = Vec::new();
+        for (k, _) in &self.view.tree.inodes[i as usize].meta.xattrs {
+            names.extend_from_slice(k.as_bytes());
+            names.push(0);
+        }
+        reply_xattr(reply, size, &names);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if self.inode(ino).is_none() {
+            return reply.error(Errno::ENOENT);
+        }
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok();
+    }
+}
+
+/// open(2) access-mode bits, as the kernel passes them.
+mod libc_flags {
+    pub const O_WRONLY: i32 = 1;
+    pub const O_RDWR: i32 = 2;
+}

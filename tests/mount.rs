@@ -1,0 +1,277 @@
+//! `imgfs mount`: the mounted tree equals what `imgfs pull` writes (same comparator as the pull
+//! suite), reads stay correct under concurrency, the daemon unmounts cleanly on SIGTERM and
+//! `imgfs umount`, a damaged cached index is rebuilt, and `ls`/`cat` answer without FUSE.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::compare::{assert_same_tree, snapshot};
+use common::fixtures::rich_image;
+use common::layers::Tar;
+use common::*;
+
+/// A mount that is unmounted (and its daemon waited for) when dropped.
+struct Mounted {
+    dir: PathBuf,
+    pid: i32,
+}
+
+impl Mounted {
+    fn new(cache: &Path, image: &str, dir: &Path, extra: &[&str]) -> Mounted {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut args = vec!["mount", image, dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = imgfs_ok(cache, &args);
+        Mounted {
+            dir: dir.to_path_buf(),
+            pid: out.trim().parse().expect("mount prints the daemon's pid"),
+        }
+    }
+
+    fn alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+                .unwrap_or_default()
+                .contains(") Z ")
+    }
+
+    fn wait_gone(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (self.alive() || is_mounted(&self.dir)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            !is_mounted(&self.dir),
+            "still mounted: {}",
+            self.dir.display()
+        );
+        assert!(!self.alive(), "daemon {} still running", self.pid);
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if is_mounted(&self.dir) {
+            let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        }
+    }
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let canon = dir.canonicalize().unwrap_or(dir.to_path_buf());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap()))
+}
+
+#[test]
+fn the_mounted_tree_equals_the_pulled_tree() {
+    let reg = registry();
+    let img = rich_image();
+    img.push(&reg.host, "mount/rich", "v1");
+    let image = format!("{}/mount/rich:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let pulled = work.path().join("pulled");
+    imgfs_ok(&cache, &["pull", "-q", &image, pulled.to_str().unwrap()]);
+
+    let m = Mounted::new(&cache, &image, &work.path().join("mnt"), &[]);
+    assert_same_tree(&m.dir, &pulled, "mount vs pull");
+    let s = snapshot(&m.dir);
+    assert_eq!(s.records["usr/bin/ping"].xattrs["user.origin"], b"fixture");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mountinfo.contains(&image),
+        "the image is the mount's source"
+    );
+    assert!(
+        std::fs::write(m.dir.join("etc/new"), b"x").is_err(),
+        "read-only"
+    );
+
+    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
+    m.wait_gone();
+}
+
+/// A gzip image with files spread over several seek-point spans.
+fn big_image(repo: &str) -> (String, Vec<(String, Vec<u8>)>) {
+    let reg = registry();
+    let mut files = Vec::new();
+    let mut seed = 5u64;
+    for i in 0..40 {
+        let len = [10usize, 70_000, 1_500_000, 5_000][i % 4];
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                // Half compressible, half noise.
+                if i % 2 == 0 {
+                    b'a' + (seed % 4) as u8
+                } else {
+                    seed as u8
+                }
+            })
+            .collect();
+        files.push((format!("d{}/f{i}", i % 5), data));
+    }
+    let mut t = Tar::new();
+    for d in 0..5 {
+        t = t.dir(&format!("d{d}"), 0o755);
+    }
+    for (p, data) in &files {
+        t = t.file(p, 0o644, data);
+    }
+    FixtureImage::new("amd64", vec![FixtureLayer::from_tar(t.bytes())]).push(&reg.host, repo, "v1");
+    (format!("{}/{repo}:v1", reg.host), files)
+}
+
+#[test]
+fn concurrent_readers_get_right_bytes_while_listing_goes_on() {
+    let (image, files) = big_image("mount/big");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let m = Mounted::new(&cache, &image, &work.path().join("mnt"), &[]);
+    let dir = m.dir.clone();
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            let files = &files;
+            let dir = &dir;
+            s.spawn(move || {
+                for k in 0..25 {
+                    let (p, want) = &files[(t * 7 + k * 3) % files.len()];
+                    use std::io::{Read, Seek};
+                    let mut f = std::fs::File::open(dir.join(p)).unwrap();
+                    // A random window, then the whole file.
+                    let off = (k * 7919) % want.len().max(1);
+                    f.seek(std::io::SeekFrom::Start(off as u64)).unwrap();
+                    let mut part = vec![0u8; 4096.min(want.len() - off)];
+                    f.read_exact(&mut part).unwrap();
+                    assert_eq!(&part[..], &want[off..off + part.len()], "{p} at {off}");
+                    assert_eq!(&std::fs::read(dir.join(p)).unwrap(), want, "{p}");
+                }
+            });
+        }
+        s.spawn(|| {
+            for _ in 0..50 {
+                for d in 0..5 {
+                    assert_eq!(
+                        std::fs::read_dir(dir.join(format!("d{d}")))
+                            .unwrap()
+                            .count(),
+                        8
+                    );
+                }
+            }
+        });
+    });
+    // SIGTERM unmounts and the daemon exits.
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(m.pid).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    m.wait_gone();
+}
+
+#[test]
+fn ls_and_cat_answer_without_mounting() {
+    let (image, files) = big_image("mount/ls");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let out = imgfs_ok(&cache, &["ls", &image, "/d1"]);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec!["f1", "f11", "f16", "f21", "f26", "f31", "f36", "f6"]
+    );
+    let long = imgfs_ok(&cache, &["ls", "-l", &image, "d1/f1"]);
+    assert!(
+        long.starts_with("-rw-r--r--") && long.contains(" 70000 "),
+        "{long}"
+    );
+    let (p, want) = &files[2];
+    let got = imgfs(&cache, &["cat", &image, p]);
+    assert!(got.status.success());
+    assert_eq!(&got.stdout, want);
+    let err = imgfs_err(&cache, &["cat", &image, "/nope"]);
+    assert!(
+        err.contains("/nope") && err.contains("no such file"),
+        "{err}"
+    );
+
+    // A damaged cached index is discarded and rebuilt.
+    let idx_dir = cache.join("indexes/sha256");
+    let idx = std::fs::read_dir(&idx_dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&idx).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0xff;
+    std::fs::write(&idx, &bytes).unwrap();
+    let again = imgfs(&cache, &["cat", &image, p]);
+    assert!(again.status.success());
+    assert_eq!(&again.stdout, want);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("discarding cached index"));
+    assert_ne!(std::fs::read(&idx).unwrap(), bytes, "rebuilt");
+}
+
+#[test]
+fn mount_refuses_bad_targets_clearly() {
+    let reg = registry();
+    FixtureImage::new("amd64", vec![FixtureLayer::gzip(&[("f", b"x")])]).push(
+        &reg.host,
+        "mount/small",
+        "v1",
+    );
+    let image = format!("{}/mount/small:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let err = imgfs_err(
+        &cache,
+        &[
+            "mount",
+            &image,
+            work.path().join("missing").to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("no such directory"), "{err}");
+    let full = work.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("x"), b"").unwrap();
+    let err = imgfs_err(&cache, &["mount", &image, full.to_str().unwrap()]);
+    assert!(err.contains("not empty"), "{err}");
+    let m = Mounted::new(&cache, &image, &work.path().join("mnt"), &["--layer", "1"]);
+    assert_eq!(std::fs::read(m.dir.join("f")).unwrap(), b"x");
+    let err = imgfs_err(&cache, &["mount", &image, m.dir.to_str().unwrap()]);
+    assert!(err.contains("already mounted"), "{err}");
+    let err = imgfs_err(
+        &cache,
+        &[
+            "mount",
+            &format!("{}/mount/nope:v1", reg.host),
+            work.path().join("mnt2").to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("no such directory"), "{err}");
+    std::fs::create_dir(work.path().join("mnt2")).unwrap();
+    let err = imgfs_err(
+        &cache,
+        &[
+            "mount",
+            &format!("{}/mount/nope:v1", reg.host),
+            work.path().join("mnt2").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("daemon failed") && err.contains("not found"),
+        "{err}"
+    );
+    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
+    m.wait_gone();
+}
