@@ -69,10 +69,11 @@ fn build_index(blob: &std::path::Path, compression: Compression) -> Result<Layer
             let mut r = seek::IndexingReader::new(std::io::BufReader::with_capacity(256 << 10, f))
                 .ctx(|| "starting to decompress".into())?;
             let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
-            // Drain what follows the tar's end marker so that the checks at the end run.
+            // Drain what follows the tar's end marker so that the checks at the end run and
+            // the last span digest covers the blob to its end.
             std::io::copy(&mut r, &mut std::io::sink())
                 .map_err(|e| Error::malformed("layer", e))?;
-            idx.checkpoints = Some(std::mem::take(&mut r.checkpoints));
+            idx.seek = Some(r.seek_points());
             Ok(idx)
         }
         _ => index::build(
@@ -107,9 +108,9 @@ impl ImageView {
                     let blob = cache.fetch(src, &layer.descriptor).await?;
                     let digest = &layer.descriptor.digest;
                     let compression = layer.compression;
-                    let cached = cache.load_index(digest).filter(|idx| {
-                        compression != Compression::Gzip || idx.checkpoints.is_some()
-                    });
+                    let cached = cache
+                        .load_index(digest)
+                        .filter(|idx| compression != Compression::Gzip || idx.seek.is_some());
                     let index = match cached {
                         Some(idx) => idx,
                         None => {
@@ -212,8 +213,9 @@ impl ImageView {
     ) -> std::io::Result<Vec<u8>> {
         let cps = layer
             .index
-            .checkpoints
-            .as_deref()
+            .seek
+            .as_ref()
+            .map(|s| s.checkpoints.as_slice())
             .ok_or_else(|| std::io::Error::other("gzip layer indexed without seek points"))?;
         let mut out = Vec::with_capacity(len);
         let mut pos = start;

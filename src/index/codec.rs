@@ -2,7 +2,9 @@
 //! integers are varints via postcard), versioned and checksummed, so a damaged or outdated
 //! file is detected and rebuilt rather than trusted.
 //!
-//! Layout: `IMGFSIDX` · format version (u32 LE) · sha256 of the payload (32 bytes) · payload.
+//! Layout: `IMGFSIDX` · format version (u32 LE) · sha256 of the payload (32 bytes) · payload,
+//! the payload zstd-compressed (the 32 KiB seek-point windows are most of it and compress
+//! well, as do the prefix-shared paths).
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -12,12 +14,12 @@ use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"IMGFSIDX";
 /// Bump when the payload changes shape; older files are then rebuilt.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 4;
 
 #[derive(Serialize, Deserialize)]
 struct Payload {
     entries: Vec<Enc>,
-    checkpoints: Option<Vec<crate::layer::seek::Checkpoint>>,
+    seek: Option<crate::layer::seek::SeekPoints>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -107,9 +109,10 @@ pub fn encode(index: &LayerIndex) -> Vec<u8> {
         .collect();
     let payload = postcard::to_allocvec(&Payload {
         entries,
-        checkpoints: index.checkpoints.clone(),
+        seek: index.seek.clone(),
     })
     .expect("encoding to memory cannot fail");
+    let payload = zstd::bulk::compress(&payload, 3).expect("compressing in memory cannot fail");
     let mut out = Vec::with_capacity(payload.len() + 44);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -134,7 +137,9 @@ pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
     if Sha256::digest(payload).as_slice() != &bytes[12..44] {
         return Err(bad("checksum mismatch"));
     }
-    let p: Payload = postcard::from_bytes(payload).map_err(|e| bad(&e.to_string()))?;
+    // The payload is checksummed, so its size is trusted; still cap it against a hostile file.
+    let payload = zstd::bulk::decompress(payload, 1 << 30).map_err(|e| bad(&e.to_string()))?;
+    let p: Payload = postcard::from_bytes(&payload).map_err(|e| bad(&e.to_string()))?;
     let mut entries = Vec::with_capacity(p.entries.len());
     let mut prev_path = String::new();
     let mut prev_offset = 0i64;
@@ -168,7 +173,7 @@ pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
     }
     Ok(LayerIndex {
         entries,
-        checkpoints: p.checkpoints,
+        seek: p.seek,
     })
 }
 
@@ -192,12 +197,15 @@ mod tests {
             offset,
         };
         LayerIndex {
-            checkpoints: Some(vec![crate::layer::seek::Checkpoint {
-                in_offset: 10,
-                bits: 3,
-                out_offset: 4 << 20,
-                window: vec![7; 100],
-            }]),
+            seek: Some(crate::layer::seek::SeekPoints {
+                checkpoints: vec![crate::layer::seek::Checkpoint {
+                    in_offset: 10,
+                    bits: 3,
+                    out_offset: 4 << 20,
+                    window: vec![7; 100],
+                }],
+                span_digests: vec![crate::digest::Digest::of(b"span")],
+            }),
             entries: vec![
                 e("usr", Kind::Dir, 512),
                 e("usr/lib/ü/libé.so", Kind::File, 1536),
@@ -213,7 +221,7 @@ mod tests {
         let idx = sample();
         let back = decode(&encode(&idx)).unwrap();
         assert_eq!(back.entries, idx.entries);
-        assert_eq!(back.checkpoints, idx.checkpoints);
+        assert_eq!(back.seek, idx.seek);
     }
 
     #[test]

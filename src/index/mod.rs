@@ -55,8 +55,8 @@ pub struct Entry {
 #[derive(Clone, Debug, Default)]
 pub struct LayerIndex {
     pub entries: Vec<Entry>,
-    /// Gzip checkpoints, in uncompressed order; `None` when not recorded.
-    pub checkpoints: Option<Vec<crate::layer::seek::Checkpoint>>,
+    /// Gzip seek points and span digests; `None` when not recorded.
+    pub seek: Option<crate::layer::seek::SeekPoints>,
 }
 
 /// Normalise a tar path. `what` names the entry in errors.
@@ -101,7 +101,7 @@ pub fn build(
     }
     Ok(LayerIndex {
         entries,
-        checkpoints: None,
+        seek: None,
     })
 }
 

@@ -171,11 +171,72 @@ fn at_end(r: &mut impl BufRead, pos: &mut u64) -> std::io::Result<bool> {
     }
 }
 
+/// A `BufRead` that hashes every byte its user consumes, in spans cut by [`Self::cut`].
+struct SpanHasher<R: BufRead> {
+    inner: R,
+    hasher: Option<crate::digest::Hasher>,
+    last: Option<u8>,
+    spans: Vec<crate::digest::Digest>,
+}
+
+impl<R: BufRead> SpanHasher<R> {
+    /// End the current span (if any) and start one; `with_last` makes the new span begin
+    /// with the byte consumed last (a checkpoint in the middle of a byte needs it).
+    fn cut(&mut self, with_last: bool) {
+        if let Some(h) = self.hasher.take() {
+            self.spans.push(h.finish());
+        }
+        let mut h = crate::digest::Hasher::new();
+        if with_last && let Some(b) = self.last {
+            h.update(&[b]);
+        }
+        self.hasher = Some(h);
+    }
+
+    fn finish(&mut self) {
+        if let Some(h) = self.hasher.take() {
+            self.spans.push(h.finish());
+        }
+    }
+}
+
+impl<R: BufRead> Read for SpanHasher<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = {
+            let avail = self.fill_buf()?;
+            let n = avail.len().min(buf.len());
+            buf[..n].copy_from_slice(&avail[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for SpanHasher<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, amt: usize) {
+        if amt > 0
+            && let Ok(buf) = self.inner.fill_buf()
+        {
+            let used = &buf[..amt.min(buf.len())];
+            if let Some(h) = &mut self.hasher {
+                h.update(used);
+            }
+            self.last = used.last().copied().or(self.last);
+        }
+        self.inner.consume(amt);
+    }
+}
+
 /// Decompresses a gzip stream (any number of members) as a `Read`, recording checkpoints
 /// every [`SPAN`] bytes of output. Like [`super::GzipMembers`], it skips the CRC-32 and checks
 /// the length in each trailer.
 pub struct IndexingReader<R: BufRead> {
-    src: R,
+    src: SpanHasher<R>,
     inflater: Inflater,
     /// Compressed bytes consumed.
     in_pos: u64,
@@ -190,6 +251,16 @@ pub struct IndexingReader<R: BufRead> {
     pub checkpoints: Vec<Checkpoint>,
 }
 
+/// What indexing a gzip stream records besides the tar entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeekPoints {
+    pub checkpoints: Vec<Checkpoint>,
+    /// sha256 of the compressed bytes each checkpoint's span reads: from the checkpoint (one
+    /// byte earlier when it sits mid-byte) to the next checkpoint's `in_offset`, the last one
+    /// to the end of the blob. Range reads check what they fetch against these.
+    pub span_digests: Vec<crate::digest::Digest>,
+}
+
 impl<R: BufRead> IndexingReader<R> {
     pub fn new(src: R) -> std::io::Result<IndexingReader<R>> {
         Self::with_span(src, SPAN)
@@ -197,7 +268,12 @@ impl<R: BufRead> IndexingReader<R> {
 
     pub fn with_span(src: R, span: u64) -> std::io::Result<IndexingReader<R>> {
         Ok(IndexingReader {
-            src,
+            src: SpanHasher {
+                inner: src,
+                hasher: None,
+                last: None,
+                spans: Vec::new(),
+            },
             inflater: Inflater::raw()?,
             in_pos: 0,
             out_pos: 0,
@@ -240,6 +316,15 @@ impl<R: BufRead> IndexingReader<R> {
         w
     }
 
+    /// The checkpoints and span digests; call after reading to the end.
+    pub fn seek_points(mut self) -> SeekPoints {
+        self.src.finish();
+        SeekPoints {
+            checkpoints: self.checkpoints,
+            span_digests: self.src.spans,
+        }
+    }
+
     fn due(&self) -> bool {
         self.checkpoints
             .last()
@@ -259,6 +344,7 @@ impl<R: BufRead> IndexingReader<R> {
         self.ring_next = 0;
         if self.due() {
             // A member starts with no history: no window, no partial byte.
+            self.src.cut(false);
             self.checkpoints.push(Checkpoint {
                 in_offset: self.in_pos,
                 bits: 0,
@@ -294,6 +380,7 @@ impl<R: BufRead> Read for IndexingReader<R> {
                 z::Z_OK | z::Z_BUF_ERROR => {
                     let dt = self.inflater.data_type();
                     if dt & 128 != 0 && dt & 64 == 0 && self.due() {
+                        self.src.cut(dt & 7 != 0);
                         self.checkpoints.push(Checkpoint {
                             in_offset: self.in_pos,
                             bits: (dt & 7) as u8,

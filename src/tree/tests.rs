@@ -27,7 +27,7 @@ fn link(path: &str, kind: Kind, target: &str) -> Entry {
 fn layer(entries: Vec<Entry>) -> LayerIndex {
     LayerIndex {
         entries,
-        checkpoints: None,
+        seek: None,
     }
 }
 

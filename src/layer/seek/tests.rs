@@ -48,6 +48,25 @@ fn gz(data: &[u8]) -> Vec<u8> {
 }
 
 fn index(blob: &[u8], span: u64) -> (Vec<u8>, Vec<Checkpoint>) {
+    let (out, sp) = index_full(blob, span);
+    // Each span digest covers exactly the bytes a range read from its checkpoint needs.
+    assert_eq!(sp.span_digests.len(), sp.checkpoints.len());
+    for (k, c) in sp.checkpoints.iter().enumerate() {
+        let start = (c.in_offset - u64::from(c.bits > 0)) as usize;
+        let end = sp
+            .checkpoints
+            .get(k + 1)
+            .map_or(blob.len(), |n| n.in_offset as usize);
+        assert_eq!(
+            sp.span_digests[k],
+            crate::digest::Digest::of(&blob[start..end]),
+            "span {k}"
+        );
+    }
+    (out, sp.checkpoints)
+}
+
+fn index_full(blob: &[u8], span: u64) -> (Vec<u8>, SeekPoints) {
     let mut r = IndexingReader::with_span(std::io::BufReader::new(blob), span).unwrap();
     let mut out = Vec::new();
     // Small reads, as the tar reader does, so checkpoints land mid-call too.
@@ -59,7 +78,7 @@ fn index(blob: &[u8], span: u64) -> (Vec<u8>, Vec<Checkpoint>) {
         }
         out.extend_from_slice(&buf[..n]);
     }
-    (out, r.checkpoints)
+    (out, r.seek_points())
 }
 
 fn check_ranges(blob: &[u8], data: &[u8], cps: &[Checkpoint]) {
