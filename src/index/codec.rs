@@ -137,8 +137,14 @@ pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
     if Sha256::digest(payload).as_slice() != &bytes[12..44] {
         return Err(bad("checksum mismatch"));
     }
-    // The payload is checksummed, so its size is trusted; still cap it against a hostile file.
-    let payload = zstd::bulk::decompress(payload, 1 << 30).map_err(|e| bad(&e.to_string()))?;
+    // The frame declares its size (we always write it); cap it against a hostile file.
+    let size = zstd::zstd_safe::get_frame_content_size(payload)
+        .ok()
+        .flatten()
+        .filter(|&n| n <= 1 << 30)
+        .ok_or_else(|| bad("payload size missing or too large"))?;
+    let payload =
+        zstd::bulk::decompress(payload, size as usize).map_err(|e| bad(&e.to_string()))?;
     let p: Payload = postcard::from_bytes(&payload).map_err(|e| bad(&e.to_string()))?;
     let mut entries = Vec::with_capacity(p.entries.len());
     let mut prev_path = String::new();
