@@ -17,6 +17,9 @@ use crate::source::Source;
 /// How many times one blob download may be cut and resumed before giving up.
 const MAX_RESUMES: u32 = 5;
 
+/// The most a blob of unknown size (schema 1 layers) may be.
+const MAX_UNKNOWN_SIZE: u64 = 16 << 30;
+
 /// A cache directory.
 #[derive(Clone, Debug)]
 pub struct Cache {
@@ -112,6 +115,10 @@ impl Cache {
         let dest = self.blob_path(&desc.digest);
         if dest.is_file() {
             tracing::debug!("{} already cached", desc.digest);
+            if let Some(s) = sink {
+                // Stored meanwhile by another process: the consumer still needs the bytes.
+                feed_from_file(&dest, s).await?;
+            }
             return Ok(dest);
         }
         let what = || format!("blob {} from {}", desc.digest, src.name());
@@ -120,6 +127,11 @@ impl Cache {
             .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
         let mut hasher = Hasher::new();
         let mut written: u64 = 0;
+        let limit = if desc.size_unknown {
+            MAX_UNKNOWN_SIZE
+        } else {
+            desc.size
+        };
         let mut cuts = 0;
         loop {
             let mut blob = src.open_blob(desc, written).await?;
@@ -147,11 +159,11 @@ impl Cache {
                     }
                 }
                 written += chunk.len() as u64;
-                if desc.size > 0 && written > desc.size {
+                if written > limit {
                     return Err(Error::SizeMismatch {
                         what: "blob".into(),
                         digest: desc.digest.clone(),
-                        expected: desc.size,
+                        expected: limit,
                         actual: written,
                     });
                 }
@@ -165,10 +177,20 @@ impl Cache {
                     let _ = s.send(chunk).await;
                 }
             }
-            if cut.is_none() && desc.size > 0 && written < desc.size {
+            if !desc.size_unknown && written == desc.size {
+                // Everything arrived, even if the connection then broke: verify it.
+                break;
+            }
+            if cut.is_none() && !desc.size_unknown && written < desc.size {
                 cut = Some(format!("stream ended at byte {written} of {}", desc.size));
             }
             let Some(reason) = cut else { break };
+            if src.is_local() {
+                return Err(Error::malformed(
+                    what(),
+                    format!("{reason} (the local file is damaged or truncated)"),
+                ));
+            }
             cuts += 1;
             if cuts > MAX_RESUMES {
                 return Err(Error::Unreachable {
@@ -185,7 +207,7 @@ impl Cache {
         let actual = hasher.finish();
         if actual != desc.digest {
             return Err(Error::DigestMismatch {
-                what: format!("blob from {}:", src.name()),
+                what: format!("blob from {}", src.name()),
                 expected: desc.digest.clone(),
                 actual,
             });
@@ -217,5 +239,23 @@ impl Cache {
             .try_collect::<Vec<_>>()
             .await?;
         Ok(descs.iter().map(|d| self.blob_path(&d.digest)).collect())
+    }
+}
+
+/// Send a cached blob's bytes to a download consumer.
+async fn feed_from_file(path: &Path, sink: &tokio::sync::mpsc::Sender<bytes::Bytes>) -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .ctx(|| format!("opening {}", path.display()))?;
+    loop {
+        let mut buf = bytes::BytesMut::with_capacity(256 << 10);
+        let n = f
+            .read_buf(&mut buf)
+            .await
+            .ctx(|| format!("reading {}", path.display()))?;
+        if n == 0 || sink.send(buf.freeze()).await.is_err() {
+            return Ok(());
+        }
     }
 }

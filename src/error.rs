@@ -52,11 +52,12 @@ pub enum Error {
     #[error("cannot reach registry {host}: {detail}")]
     Unreachable { host: String, detail: String },
 
-    #[error("{context}: {source}")]
+    // The cause is in the message, not also a `#[source]`: the CLI prints the whole chain,
+    // which would say it twice.
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -70,9 +71,9 @@ pub trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| Error::Io {
+        self.map_err(|cause| Error::Io {
             context: context(),
-            source,
+            cause,
         })
     }
 }

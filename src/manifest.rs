@@ -52,6 +52,10 @@ pub struct Descriptor {
     pub annotations: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// Schema 1 records no sizes: `size` is then 0 and means "unknown" (and a fetch is capped
+    /// instead). Everywhere else `size` is exact, 0 included.
+    #[serde(skip)]
+    pub size_unknown: bool,
 }
 
 /// An `os/arch[/variant]` triple.
@@ -358,11 +362,11 @@ fn parse_schema1(p: Probe, declared: Option<String>, raw: &[u8]) -> Result<Parse
         layers.push(Descriptor {
             media_type: media::DOCKER_LAYER_GZIP.to_string(),
             digest: fs.blob_sum.clone(),
-            // Schema 1 does not record sizes; 0 means "unknown" to the fetcher.
             size: 0,
             urls: vec![],
             annotations: BTreeMap::new(),
             platform: None,
+            size_unknown: true,
         });
     }
     let media_type = declared.unwrap_or_else(|| {
@@ -382,7 +386,10 @@ fn parse_schema1(p: Probe, declared: Option<String>, raw: &[u8]) -> Result<Parse
 }
 
 /// The digest a registry gives a manifest. For a signed schema 1 manifest that is the digest
-/// of the payload without its signatures (the JWS "protected" header says how to cut it).
+/// of the payload without its signatures (the JWS "protected" header says how to cut it) —
+/// but only when the received document *is* that payload plus its `signatures`: the cut is
+/// chosen by the sender, so the payload must be a schema 1 manifest equal, as JSON, to what
+/// will be parsed. Otherwise the digest is that of the bytes received.
 pub fn manifest_digest(raw: &[u8]) -> Digest {
     schema1_payload(raw)
         .map(|p| Digest::of(&p))
@@ -413,7 +420,10 @@ fn schema1_payload(raw: &[u8]) -> Option<Vec<u8>> {
     let tail = b64.decode(prot.format_tail.trim_end_matches('=')).ok()?;
     let mut payload = raw.get(..prot.format_length)?.to_vec();
     payload.extend_from_slice(&tail);
-    Some(payload)
+    let mut whole: serde_json::Value = serde_json::from_slice(raw).ok()?;
+    whole.as_object_mut()?.remove("signatures")?;
+    let cut: serde_json::Value = serde_json::from_slice(&payload).ok()?;
+    (whole == cut && cut.get("schemaVersion") == Some(&serde_json::json!(1))).then_some(payload)
 }
 
 /// Verify that `raw` is the manifest named by `digest`.
@@ -666,6 +676,27 @@ mod tests {
         let got: Vec<String> = layers.iter().map(|l| l.digest.to_string()).collect();
         assert_eq!(got, vec![d(1), d(3)]);
         assert_eq!(config, br#"{"id":"top","os":"linux"}"#);
+    }
+
+    #[test]
+    fn a_forged_signature_cut_cannot_make_one_manifest_pass_for_another() {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let pinned = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":1},"layers":[]}"#;
+        let protected = serde_json::json!({
+            "formatLength": 1,
+            "formatTail": b64.encode(&pinned[1..]),
+        });
+        let forged = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{}","size":1}},"layers":[],"signatures":[{{"protected":"{}"}}]}}"#,
+            d(9),
+            b64.encode(protected.to_string())
+        );
+        let pinned_digest = Digest::of(pinned);
+        assert!(verify_manifest(&pinned_digest, forged.as_bytes()).is_err());
+        assert_eq!(
+            manifest_digest(forged.as_bytes()),
+            Digest::of(forged.as_bytes())
+        );
     }
 
     #[test]

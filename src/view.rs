@@ -128,7 +128,7 @@ impl ImageView {
                             .await
                             .map_err(|e| Error::Io {
                                 context: "an indexing thread failed".into(),
-                                source: std::io::Error::other(e.to_string()),
+                                cause: std::io::Error::other(e.to_string()),
                             })??;
                             if let Err(e) = cache.store_index(digest, &idx) {
                                 tracing::warn!("not caching the index of {digest}: {e}");
@@ -173,7 +173,7 @@ impl ImageView {
         let start = entry.offset + offset;
         let fail = |e: std::io::Error| Error::Io {
             context: format!("reading {} from layer {}", entry.path, layer.digest),
-            source: e,
+            cause: e,
         };
         match layer.compression {
             Compression::None => {

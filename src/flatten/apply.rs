@@ -62,9 +62,11 @@ fn needs_chown(uid: u32, gid: u32) -> bool {
     uid != rustix::process::geteuid().as_raw() || gid != rustix::process::getegid().as_raw()
 }
 
-/// Whether `mode` survives creation as is: not cut by the umask, and not cleared by a chown.
+/// Whether `mode` survives creation as is: not cut by the umask, not cleared by a chown, and
+/// without setuid/setgid (which the kernel clears when a file is written by a process
+/// without CAP_FSETID, as a non-root pull is).
 fn needs_chmod(mode: u32, chowned: bool) -> bool {
-    chowned || mode & umask() != 0
+    chowned || mode & umask() != 0 || mode & 0o6000 != 0
 }
 
 /// Open options that create a new file with `mode` (less the umask) in one system call.

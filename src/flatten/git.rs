@@ -27,14 +27,40 @@ fn git(repo: &Path, args: &[&str]) -> Result<()> {
     if !out.status.success() {
         return Err(Error::Io {
             context: format!("git {}", args.join(" ")),
-            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            cause: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
         });
     }
     Ok(())
 }
 
+/// Give the owner write permission on every directory under `dir` (not following symlinks),
+/// so that a non-root user can empty directories an image made read-only.
+pub fn make_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(md) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !md.is_dir() {
+        return;
+    }
+    let mode = md.permissions().mode();
+    if mode & 0o700 != 0o700 {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o700));
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                make_writable(&e.path());
+            }
+        }
+    }
+}
+
 /// Empty `dir` but for `.git`.
 fn clear(dir: &Path) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        make_writable(dir);
+    }
     for e in std::fs::read_dir(dir).ctx(|| format!("reading {}", dir.display()))? {
         let e = e.ctx(|| format!("reading {}", dir.display()))?;
         if e.file_name() == ".git" {
@@ -62,9 +88,28 @@ pub fn commit_layers(
     let work = root.with_extension("next");
     std::fs::create_dir(root).ctx(|| format!("creating {}", root.display()))?;
     git(root, &["init", "-q", "-b", "main"])?;
+    // Record the image's bytes as they are: no line-ending or filter rules, whatever
+    // .gitattributes the image ships; and every file, whatever .gitignore it ships.
+    git(root, &["config", "core.autocrlf", "false"])?;
+    std::fs::write(
+        root.join(".git/info/attributes"),
+        "* -text -eol -filter -ident -working-tree-encoding -diff -merge\n",
+    )
+    .ctx(|| "writing .git/info/attributes".into())?;
     for k in 1..=indexes.len() {
         let refs: Vec<&LayerIndex> = indexes[..k].iter().collect();
         let t = tree::merge(&refs, names)?;
+        if let Some(d) = t
+            .walk()
+            .into_iter()
+            .find(|&d| t.dentries[d as usize].name == ".git")
+        {
+            return Err(Error::Unsupported {
+                what: "image for --git (it contains a .git of its own, which git cannot record)"
+                    .into(),
+                value: t.path(d),
+            });
+        }
         // Materialise next to the repository, then swap the contents in: `materialize`
         // wants a fresh directory, and the repository must stay.
         apply::materialize(&t, staging, &work, Place::Link, w)?;
@@ -80,7 +125,7 @@ pub fn commit_layers(
             .trim_start_matches("sha256:")
             .get(..12)
             .unwrap_or(digest);
-        git(root, &["add", "-A"])?;
+        git(root, &["add", "-A", "-f"])?;
         git(
             root,
             &[

@@ -77,19 +77,54 @@ pub async fn pull(
     let warnings = Warnings::new();
     apply::init();
     let started = std::time::Instant::now();
-
-    // Every commit of --git needs the files of its own tree, so nothing may be skipped there.
-    let skip_shadowed = !matches!(out, Output::Git(_));
-    let (indexes, staging) = extract_all(
+    let result = pull_in(
         cache,
         src,
         image,
-        build.path(),
+        out,
         opts,
-        skip_shadowed,
+        build.path(),
         &warnings,
+        started,
     )
-    .await?;
+    .await;
+    if result.is_err() && !rustix::process::geteuid().is_root() {
+        // Without root, directories an image made read-only would keep their contents.
+        git::make_writable(build.path());
+    }
+    // Leftover staging files (deleted or replaced by later layers) go with the build dir.
+    tokio::task::spawn_blocking(move || drop(build))
+        .await
+        .map_err(join_error)?;
+    tracing::info!("staging removed: {:.2?}", started.elapsed());
+    Ok(PullReport {
+        entries: result?,
+        warnings: warnings.take(),
+    })
+}
+
+/// The work of [`pull`] inside its build directory; returns the number of entries written.
+#[allow(clippy::too_many_arguments)]
+async fn pull_in(
+    cache: &Cache,
+    src: &Source,
+    image: &Image,
+    out: Output,
+    opts: &PullOptions,
+    build: &Path,
+    warnings: &Warnings,
+    started: std::time::Instant,
+) -> Result<usize> {
+    // Every commit of --git needs the files of its own tree, so nothing may be skipped there.
+    let skip_shadowed = !matches!(out, Output::Git(_));
+    // A tar stream takes metadata from the tree; staging files then stay readable by us
+    // whatever their mode in the image (a 0000 /etc/shadow, when not root).
+    let staging_meta = !matches!(out, Output::Tar(_));
+    let plan = Staging {
+        skip_shadowed,
+        with_meta: staging_meta,
+    };
+    let (indexes, staging) = extract_all(cache, src, image, build, opts, plan, warnings).await?;
     let names: Vec<String> = image
         .layers
         .iter()
@@ -102,7 +137,7 @@ pub async fn pull(
     };
     tracing::info!("tree merged: {:.2?}", started.elapsed());
     let entries = tree.walk().len();
-    let rootfs = build.path().join("rootfs");
+    let rootfs = build.join("rootfs");
     match out {
         Output::Dir(dir) => {
             let w = warnings.clone();
@@ -131,17 +166,7 @@ pub async fn pull(
         }
     }
     tracing::info!("tree written: {:.2?}", started.elapsed());
-    let build_path = build.path().to_path_buf();
-    // Leftover staging files (deleted or replaced by later layers) go with the build dir.
-    tokio::task::spawn_blocking(move || drop(build))
-        .await
-        .map_err(join_error)?;
-    debug_assert!(!build_path.exists());
-    tracing::info!("staging removed: {:.2?}", started.elapsed());
-    Ok(PullReport {
-        entries,
-        warnings: warnings.take(),
-    })
+    Ok(entries)
 }
 
 /// Rename the finished `rootfs` to `dir` (replacing it if it is an empty directory).
@@ -181,6 +206,15 @@ fn check_target(dir: &Path) -> Result<PathBuf> {
     Ok(parent)
 }
 
+/// How staging is written.
+#[derive(Clone, Copy)]
+struct Staging {
+    /// Leave out files the final tree does not keep (when all indexes are cached).
+    skip_shadowed: bool,
+    /// Give staging files their owner, mode, xattrs and mtime (not for a tar stream).
+    with_meta: bool,
+}
+
 /// Fetch and extract every layer into `build/staging/<position>`; returns the layer indexes
 /// and the staging directories, by position.
 async fn extract_all(
@@ -189,9 +223,13 @@ async fn extract_all(
     image: &Image,
     build: &Path,
     opts: &PullOptions,
-    skip_shadowed: bool,
+    plan: Staging,
     warnings: &Warnings,
 ) -> Result<(Vec<LayerIndex>, Vec<PathBuf>)> {
+    let Staging {
+        skip_shadowed,
+        with_meta: staging_meta,
+    } = plan;
     let staging_root = build.join("staging");
     std::fs::create_dir(&staging_root).ctx(|| format!("creating {}", staging_root.display()))?;
     let staging: Vec<PathBuf> = (0..image.layers.len())
@@ -243,7 +281,7 @@ async fn extract_all(
                     bar.set_message("extracting");
                     tokio::task::spawn_blocking(move || {
                         let tar = crate::layer::open_tar_stream(&blob, compression)?;
-                        extract_layer(tar, &dir, needed.as_ref(), &w)
+                        extract_layer(tar, &dir, needed.as_ref(), staging_meta, &w)
                     })
                     .await
                     .map_err(join_error)?
@@ -258,7 +296,7 @@ async fn extract_all(
                             compression,
                         )
                         .ctx(|| "starting to decompress".into())?;
-                        extract_layer(tar, &dir, needed.as_ref(), &w)
+                        extract_layer(tar, &dir, needed.as_ref(), staging_meta, &w)
                     });
                     let fetched = cache
                         .fetch_into(src, &layer.descriptor, &progress, Some(&tx))
@@ -313,6 +351,7 @@ fn extract_layer(
     tar: Box<dyn std::io::Read + Send>,
     dir: &Path,
     needed: Option<&Arc<HashSet<u32>>>,
+    with_meta: bool,
     warnings: &Warnings,
 ) -> Result<LayerIndex> {
     std::fs::create_dir(dir).ctx(|| format!("creating {}", dir.display()))?;
@@ -322,7 +361,7 @@ fn extract_layer(
             return Ok(());
         }
         let path = dir.join(pos.to_string());
-        let mut f = apply::create_options(entry.mode)
+        let mut f = apply::create_options(if with_meta { entry.mode } else { 0o600 })
             .open(&path)
             .ctx(|| format!("creating {}", path.display()))?;
         let mut written = 0u64;
@@ -351,13 +390,16 @@ fn extract_layer(
                 ),
             ));
         }
-        apply::file_meta(&f, &path, entry, warnings)
+        if with_meta {
+            apply::file_meta(&f, &path, entry, warnings)?;
+        }
+        Ok(())
     })
 }
 
 fn join_error(e: tokio::task::JoinError) -> Error {
     Error::Io {
         context: "a worker thread failed".into(),
-        source: std::io::Error::other(e.to_string()),
+        cause: std::io::Error::other(e.to_string()),
     }
 }

@@ -61,6 +61,13 @@ pub struct LayerIndex {
 
 /// Normalise a tar path. `what` names the entry in errors.
 pub fn normalize(raw: &str) -> Result<String> {
+    // Linux's PATH_MAX; longer names can only be hostile, and depth costs the tree work.
+    if raw.len() > 4096 {
+        return Err(Error::malformed(
+            "layer",
+            format!("entry name of {} bytes (longer than 4096)", raw.len()),
+        ));
+    }
     let mut parts: Vec<&str> = Vec::new();
     for comp in raw.split('/') {
         match comp {

@@ -240,9 +240,12 @@ impl Auth {
                 }
             )));
         }
-        let body: TokenResponse = resp
-            .json()
-            .await
+        let raw = super::read_capped(resp, 1 << 20).await.map_err(|_| {
+            fail(format!(
+                "token server {realm}: unreadable or oversized answer"
+            ))
+        })?;
+        let body: TokenResponse = serde_json::from_slice(&raw)
             .map_err(|e| fail(format!("token server {realm} sent no usable token: {e}")))?;
         let value = body
             .token
@@ -251,7 +254,8 @@ impl Auth {
             .ok_or_else(|| fail(format!("token server {realm} sent no token")))?;
         // The spec's default lifetime is 60 s. Refresh a little early so that a token never
         // expires between our check and the registry's.
-        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
+        // Clamped: a token server's number must not overflow our clock arithmetic.
+        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).clamp(1, 24 * 3600));
         let margin = (lifetime / 10).min(Duration::from_secs(10));
         Ok(Token {
             value,

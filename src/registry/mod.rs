@@ -87,7 +87,12 @@ fn is_loopback(host: &str) -> bool {
         .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
         .map(|(h, _)| h)
         .unwrap_or(host);
-    name == "localhost" || name.starts_with("127.") || name == "[::1]"
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    // An address, not a name that merely starts with "127." (127.example.com is remote).
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Client {
@@ -239,15 +244,15 @@ impl Client {
             .and_then(|v| Digest::parse(v).ok());
         // Manifests are small; a registry that sends megabytes is not sending a manifest.
         const MAX_MANIFEST: usize = 8 << 20;
-        if resp.content_length().unwrap_or(0) as usize > MAX_MANIFEST {
-            return Err(Error::malformed(
+        let bytes = read_capped(resp, MAX_MANIFEST).await.map_err(|e| match e {
+            CappedError::TooLarge => Error::malformed(
                 "manifest",
                 format!("{} is larger than {MAX_MANIFEST} bytes", what()),
-            ));
-        }
-        let bytes = resp.bytes().await.map_err(|e| Error::Unreachable {
-            host: registry.to_string(),
-            detail: format!("reading manifest {}: {}", what(), error_chain(&e)),
+            ),
+            CappedError::Http(e) => Error::Unreachable {
+                host: registry.to_string(),
+                detail: format!("reading manifest {}: {}", what(), error_chain(&e)),
+            },
         })?;
         let expected = match Digest::parse(reference) {
             Ok(d) => Some(d),
@@ -258,7 +263,7 @@ impl Client {
         }
         Ok(RawManifest {
             digest: manifest::manifest_digest(&bytes),
-            bytes: bytes.to_vec(),
+            bytes,
             content_type,
         })
     }
@@ -446,10 +451,31 @@ async fn check_status(
     })
 }
 
+pub(crate) enum CappedError {
+    TooLarge,
+    Http(reqwest::Error),
+}
+
+/// Read a response body, refusing more than `max` bytes whatever `Content-Length` says (a
+/// chunked response has none).
+pub(crate) async fn read_capped(mut resp: Response, max: usize) -> Result<Vec<u8>, CappedError> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(CappedError::TooLarge);
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(CappedError::Http)? {
+        if out.len() + chunk.len() > max {
+            return Err(CappedError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
 /// The registry's error codes and messages, or the status if the body has none.
 async fn registry_error_text(resp: Response) -> String {
     let status = resp.status();
-    let body = resp.bytes().await.unwrap_or_default();
+    let body = read_capped(resp, 64 << 10).await.unwrap_or_default();
     match serde_json::from_slice::<ErrorBody>(&body) {
         Ok(b) if !b.errors.is_empty() => b
             .errors
@@ -477,5 +503,7 @@ mod tests {
         assert_eq!(c.base_url("reg.lan:5000"), "http://reg.lan:5000");
         assert_eq!(c.base_url("quay.io"), "https://quay.io");
         assert_eq!(c.base_url("docker.io"), "https://registry-1.docker.io");
+        assert_eq!(c.base_url("127.example.com"), "https://127.example.com");
+        assert_eq!(c.base_url("[::1]:5000"), "http://[::1]:5000");
     }
 }

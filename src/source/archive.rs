@@ -78,8 +78,10 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
         |reason: String| Error::malformed(format!("docker archive {}", file.display()), reason);
     let mut f = File::open(&file).ctx(|| format!("opening {}", file.display()))?;
 
-    // Index the members: name → (data offset, size).
+    // Index the members: name → (data offset, size). Older `docker save` stores a layer that
+    // appears twice as a symlink to the first copy; links are followed to their target.
     let mut members: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut links: HashMap<String, String> = HashMap::new();
     {
         let mut ar = tar::Archive::new(&mut f);
         let entries = ar
@@ -89,9 +91,42 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
             let entry = entry.map_err(|e| bad(format!("bad tar entry: {e}")))?;
             let path = entry.path().map_err(|e| bad(e.to_string()))?;
             let key = normalize(&path.to_string_lossy());
-            members.insert(key, (entry.raw_file_position(), entry.size()));
+            match entry.header().entry_type() {
+                tar::EntryType::Symlink | tar::EntryType::Link => {
+                    let target = entry
+                        .link_name()
+                        .ok()
+                        .flatten()
+                        .map(|t| t.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let target = if entry.header().entry_type() == tar::EntryType::Symlink {
+                        let dir = key.rsplit_once('/').map_or("", |(d, _)| d);
+                        crate::index::normalize(&format!("{dir}/{target}")).unwrap_or_default()
+                    } else {
+                        normalize(&target)
+                    };
+                    links.insert(key, target);
+                }
+                _ => {
+                    members.insert(key, (entry.raw_file_position(), entry.size()));
+                }
+            }
         }
     }
+    let resolve = |mut name: String| -> Option<(u64, u64)> {
+        for _ in 0..8 {
+            if let Some(&m) = members.get(&name) {
+                return Some(m);
+            }
+            name = links.get(&name)?.clone();
+        }
+        None
+    };
+    let resolved: Vec<(String, (u64, u64))> = links
+        .keys()
+        .filter_map(|a| resolve(a.clone()).map(|m| (a.clone(), m)))
+        .collect();
+    members.extend(resolved);
     let mut read_member = |n: &str| -> Result<Vec<u8>> {
         let (off, size) = *members
             .get(&normalize(n))
@@ -146,7 +181,8 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
             None if compression == Compression::None => diff_id.clone(),
             None => hash_range(&mut f, off, size).ctx(|| format!("hashing {member}"))?,
         };
-        blobs.insert(digest.clone(), (off, size));
+        // A digest met twice is the same blob; keep the first (real) copy.
+        blobs.entry(digest.clone()).or_insert((off, size));
         layers.push(Layer {
             descriptor: manifest::Descriptor {
                 media_type: match compression {
@@ -160,6 +196,7 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
                 urls: vec![],
                 annotations: Default::default(),
                 platform: None,
+                size_unknown: false,
             },
             compression,
             diff_id: Some(diff_id.clone()),
@@ -173,6 +210,7 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
         urls: vec![],
         annotations: Default::default(),
         platform: None,
+        size_unknown: false,
     };
     let raw_manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,

@@ -64,6 +64,11 @@ impl Source {
         })
     }
 
+    /// Whether blobs come from local files (where a short read is damage, not a network cut).
+    pub fn is_local(&self) -> bool {
+        !matches!(self, Source::Registry { .. })
+    }
+
     /// A name for messages.
     pub fn name(&self) -> String {
         match self {
@@ -148,7 +153,7 @@ impl Source {
                 let path = cache.fetch(self, config).await?;
                 tokio::fs::read(&path).await.map_err(|e| Error::Io {
                     context: format!("reading cached config {}", path.display()),
-                    source: e,
+                    cause: e,
                 })?
             }
             _ => Vec::new(),

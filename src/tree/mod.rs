@@ -209,9 +209,11 @@ impl Tree {
         path: &str,
         depth: &mut u32,
     ) -> Result<DentryId, Unresolved> {
+        let comps: Vec<&str> = path.split('/').collect();
+        let rest_after = |i: usize| comps[i + 1..].join("/");
         let mut cur = start;
-        for comp in path.split('/') {
-            match comp {
+        for (i, comp) in comps.iter().enumerate() {
+            match *comp {
                 "" | "." => continue,
                 ".." => {
                     cur = self.dentries[cur as usize].parent;
@@ -223,6 +225,7 @@ impl Tree {
                 return Err(Unresolved::Missing {
                     dir: cur,
                     name: comp.to_string(),
+                    rest: rest_after(i),
                 });
             };
             cur = match self.kind(c) {
@@ -236,7 +239,15 @@ impl Tree {
                     }
                     let target = self.inode_of(c).meta.link.as_deref().unwrap_or_default();
                     let base = if target.starts_with('/') { ROOT } else { cur };
-                    self.resolve_dir(base, target, depth)?
+                    // Something missing inside the target: what follows it here comes after.
+                    self.resolve_dir(base, target, depth).map_err(|e| match e {
+                        Unresolved::Missing { dir, name, rest } => Unresolved::Missing {
+                            dir,
+                            name,
+                            rest: format!("{rest}/{}", rest_after(i)),
+                        },
+                        other => other,
+                    })?
                 }
                 _ => return Err(Unresolved::Other(format!("{comp:?} is not a directory"))),
             };
@@ -244,14 +255,18 @@ impl Tree {
         Ok(cur)
     }
 
-    /// [`Tree::resolve_dir`], making missing directories (also inside symlink targets).
+    /// [`Tree::resolve_dir`], making missing directories (also inside symlink targets). Each
+    /// one is made where resolution stopped, and resolution goes on from there.
     fn resolve_or_create_dir(&mut self, path: &str) -> Result<DentryId, String> {
+        let (mut start, mut path) = (ROOT, path.to_string());
+        let mut depth = 0;
         loop {
-            match self.resolve_dir(ROOT, path, &mut 0) {
+            match self.resolve_dir(start, &path, &mut depth) {
                 Ok(d) => return Ok(d),
-                Err(Unresolved::Missing { dir, name }) => {
+                Err(Unresolved::Missing { dir, name, rest }) => {
                     let ino = self.new_inode(Meta::implicit_dir(), None);
-                    self.add(dir, &name, ino);
+                    start = self.add(dir, &name, ino);
+                    path = rest;
                 }
                 Err(Unresolved::Other(why)) => return Err(why),
             }
@@ -277,7 +292,12 @@ impl Tree {
 
 /// Why a path did not resolve to a directory.
 enum Unresolved {
-    Missing { dir: DentryId, name: String },
+    /// `name` is missing in `dir`; `rest` is what was still to resolve after it.
+    Missing {
+        dir: DentryId,
+        name: String,
+        rest: String,
+    },
     Other(String),
 }
 

@@ -185,3 +185,25 @@ fn malformed_layers_are_refused_naming_the_entry() {
         .to_string();
     assert!(err.contains("symbolic links"), "{err}");
 }
+
+#[test]
+fn deep_paths_resolve_in_linear_time_and_missing_parents_appear_inside_symlink_targets() {
+    let deep = (0..5000)
+        .map(|i| format!("d{i}"))
+        .collect::<Vec<_>>()
+        .join("/");
+    let started = std::time::Instant::now();
+    let t = merged(&[layer(vec![e(&format!("{deep}/f"), Kind::File)])]);
+    assert!(t.lookup(&format!("{deep}/f")).is_some());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let t = merged(&[
+        layer(vec![link("a", Kind::Symlink, "x/y")]),
+        layer(vec![e("a/b/c", Kind::File)]),
+    ]);
+    assert!(t.lookup("x/y/b/c").is_some(), "{:?}", paths(&t));
+}
