@@ -511,3 +511,83 @@ fn a_corrupted_layer_fails_the_pull_and_leaves_nothing() {
         "no index of unverified bytes"
     );
 }
+
+#[test]
+fn without_root_modes_survive_and_tar_output_works() {
+    // As `nobody`: owners cannot be set (said once), but setuid bits, unreadable files and
+    // read-only directories must still come out right.
+    let reg = registry();
+    let img = FixtureImage::new(
+        "amd64",
+        vec![FixtureLayer::from_tar(
+            Tar::new()
+                .dir("usr", 0o555)
+                .dir("usr/bin", 0o555)
+                .file("usr/bin/su", 0o4755, b"setuid")
+                .dir("etc", 0o755)
+                .file("etc/shadow", 0o000, b"secret")
+                .bytes(),
+        )],
+    );
+    img.push(&reg.host, "conf/nonroot", "v1");
+    let image = format!("{}/conf/nonroot:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_imgfs"))
+            .arg("--cache-dir")
+            .arg(work.path().join("cache"))
+            .args(args)
+            .env("HOME", work.path())
+            .env("DOCKER_CONFIG", work.path().join("none"))
+            .output()
+            .unwrap()
+    };
+    let root = work.path().join("root");
+    let out = as_nobody(&["pull", "-q", &image, root.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("not running as root").count(),
+        1,
+        "said once: {stderr}"
+    );
+    let mode = |p: &str| {
+        std::fs::symlink_metadata(root.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("usr/bin/su"), 0o4755);
+    assert_eq!(mode("etc/shadow"), 0o000);
+    assert_eq!(mode("usr/bin"), 0o555);
+
+    let tar_file = work.path().join("out.tar");
+    let out = as_nobody(&["pull", "-q", &image, "--tar", tar_file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = Command::new("tar")
+        .args(["-tvf", tar_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("-rwsr-xr-x") && listing.contains("usr/bin/su"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains("----------") && listing.contains("etc/shadow"),
+        "{listing}"
+    );
+}
