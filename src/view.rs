@@ -61,13 +61,16 @@ pub struct ImageView {
     spans: Mutex<lru::LruCache<SpanKey, Arc<Vec<u8>>>>,
 }
 
-/// Index a layer blob for reading: entries, and checkpoints for gzip.
-fn build_index(blob: &std::path::Path, compression: Compression) -> Result<LayerIndex> {
+/// Index a layer blob read from `blob`: entries, and seek points for gzip.
+fn build_index(
+    blob: impl std::io::Read + Send + 'static,
+    compression: Compression,
+) -> Result<LayerIndex> {
     match compression {
         Compression::Gzip => {
-            let f = File::open(blob).ctx(|| format!("opening {}", blob.display()))?;
-            let mut r = seek::IndexingReader::new(std::io::BufReader::with_capacity(256 << 10, f))
-                .ctx(|| "starting to decompress".into())?;
+            let mut r =
+                seek::IndexingReader::new(std::io::BufReader::with_capacity(256 << 10, blob))
+                    .ctx(|| "starting to decompress".into())?;
             let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
             // Drain what follows the tar's end marker so that the checks at the end run and
             // the last span digest covers the blob to its end.
@@ -77,7 +80,7 @@ fn build_index(blob: &std::path::Path, compression: Compression) -> Result<Layer
             Ok(idx)
         }
         _ => index::build(
-            crate::layer::open_tar_stream(blob, compression)?,
+            crate::layer::decompress(blob, compression).ctx(|| "starting to decompress".into())?,
             |_, _, _| Ok(()),
         ),
     }
@@ -105,37 +108,58 @@ impl ImageView {
         let layers: Vec<LayerData> =
             futures_util::stream::iter(image.layers[..n].iter().enumerate())
                 .map(|(i, layer)| async move {
-                    let blob = cache.fetch(src, &layer.descriptor).await?;
                     let digest = &layer.descriptor.digest;
                     let compression = layer.compression;
+                    let name = move |e: Error| match e {
+                        Error::Malformed { what, reason } => Error::Malformed {
+                            what: format!(
+                                "{what} in layer {} ({})",
+                                i + 1,
+                                layer.descriptor.digest
+                            ),
+                            reason,
+                        },
+                        other => other,
+                    };
+                    let joined = |e: tokio::task::JoinError| Error::Io {
+                        context: "an indexing thread failed".into(),
+                        cause: std::io::Error::other(e.to_string()),
+                    };
                     let cached = cache
                         .load_index(digest)
                         .filter(|idx| compression != Compression::Gzip || idx.seek.is_some());
-                    let index = match cached {
-                        Some(idx) => idx,
+                    let fresh = cached.is_none();
+                    let (blob, index) = match cached {
+                        Some(idx) => (cache.fetch(src, &layer.descriptor).await?, idx),
+                        None if cache.has_blob(digest) => {
+                            let blob = cache.blob_path(digest);
+                            let f =
+                                File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
+                            let idx =
+                                tokio::task::spawn_blocking(move || build_index(f, compression))
+                                    .await
+                                    .map_err(joined)?
+                                    .map_err(name)?;
+                            (blob, idx)
+                        }
                         None => {
-                            let b = blob.clone();
-                            let d = digest.clone();
-                            let idx = tokio::task::spawn_blocking(move || {
-                                build_index(&b, compression).map_err(|e| match e {
-                                    Error::Malformed { what, reason } => Error::Malformed {
-                                        what: format!("{what} in layer {} ({d})", i + 1),
-                                        reason,
-                                    },
-                                    other => other,
-                                })
-                            })
-                            .await
-                            .map_err(|e| Error::Io {
-                                context: "an indexing thread failed".into(),
-                                cause: std::io::Error::other(e.to_string()),
-                            })??;
-                            if let Err(e) = cache.store_index(digest, &idx) {
-                                tracing::warn!("not caching the index of {digest}: {e}");
-                            }
-                            idx
+                            // Index while downloading; the index counts only if the blob verifies.
+                            let (tx, rx) = tokio::sync::mpsc::channel(8);
+                            let indexing = tokio::task::spawn_blocking(move || {
+                                build_index(crate::layer::ChannelReader::new(rx), compression)
+                            });
+                            let fetched = cache
+                                .fetch_into(src, &layer.descriptor, &|_| {}, Some(&tx))
+                                .await;
+                            drop(tx);
+                            let idx = indexing.await.map_err(joined)?;
+                            let blob = fetched?;
+                            (blob, idx.map_err(name)?)
                         }
                     };
+                    if fresh && let Err(e) = cache.store_index(digest, &index) {
+                        tracing::warn!("not caching the index of {digest}: {e}");
+                    }
                     Ok::<_, Error>(LayerData {
                         digest: digest.to_string(),
                         blob,
