@@ -2,13 +2,13 @@
 //! regular file, a way to read any byte range straight out of its layer blob. `mount` serves
 //! it over FUSE; `ls` and `cat` answer from it directly.
 //!
-//! Reads go through seek points: an uncompressed layer is read in place; a gzip layer is
-//! decompressed from the checkpoint before the range, one span (about [`seek::SPAN`] bytes)
-//! at a time, and recent spans are kept in a bounded LRU so that sequential and repeated
-//! reads decompress each span once.
+//! Reads go through seek points: an uncompressed layer is read in place; a gzip or zstd layer
+//! is decompressed from the seek point before the range (a deflate block boundary, or a zstd
+//! frame start), one span at a time, and recent spans are kept in a bounded LRU so that
+//! sequential and repeated reads decompress each span once. A single-frame zstd layer has
+//! one seek point, so its spans cost a decompression from its start.
 
 use std::fs::File;
-use std::io::Read as _;
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -79,10 +79,17 @@ fn build_index(
             idx.seek = Some(r.seek_points());
             Ok(idx)
         }
-        _ => index::build(
-            crate::layer::decompress(blob, compression).ctx(|| "starting to decompress".into())?,
-            |_, _, _| Ok(()),
-        ),
+        Compression::Zstd => {
+            let mut r = crate::layer::zstd_seek::ZstdIndexingReader::new(
+                std::io::BufReader::with_capacity(256 << 10, blob),
+            );
+            let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
+            std::io::copy(&mut r, &mut std::io::sink())
+                .map_err(|e| Error::malformed("layer", e))?;
+            idx.seek = Some(r.seek_points());
+            Ok(idx)
+        }
+        Compression::None => index::build(blob, |_, _, _| Ok(())),
     }
 }
 
@@ -127,7 +134,7 @@ impl ImageView {
                     };
                     let cached = cache
                         .load_index(digest)
-                        .filter(|idx| compression != Compression::Gzip || idx.seek.is_some());
+                        .filter(|idx| compression == Compression::None || idx.seek.is_some());
                     let fresh = cached.is_none();
                     let (blob, index) = match cached {
                         Some(idx) => (cache.fetch(src, &layer.descriptor).await?, idx),
@@ -206,10 +213,9 @@ impl ImageView {
                 f.read_exact_at(&mut buf, start).map_err(fail)?;
                 Ok(buf)
             }
-            Compression::Gzip => self.read_spans(data.layer, layer, start, len).map_err(fail),
-            Compression::Zstd => self
-                .read_from_start(data.layer, layer, start, len)
-                .map_err(fail),
+            Compression::Gzip | Compression::Zstd => {
+                self.read_spans(data.layer, layer, start, len).map_err(fail)
+            }
         }
     }
 
@@ -240,7 +246,7 @@ impl ImageView {
             .seek
             .as_ref()
             .map(|s| s.checkpoints.as_slice())
-            .ok_or_else(|| std::io::Error::other("gzip layer indexed without seek points"))?;
+            .ok_or_else(|| std::io::Error::other("layer indexed without seek points"))?;
         let mut out = Vec::with_capacity(len);
         let mut pos = start;
         while out.len() < len {
@@ -250,11 +256,23 @@ impl ImageView {
                 .ok_or_else(|| {
                     std::io::Error::other("no seek point before the requested offset")
                 })?;
-            let span_start = cps[k].out_offset;
-            let span_len = cps.get(k + 1).map(|c| (c.out_offset - span_start) as usize);
+            // Cached spans are at most SPAN bytes, aligned from their seek point, however
+            // far apart seek points are (a single-frame zstd layer has only one).
+            let cp_start = cps[k].out_offset;
+            let span_start = cp_start + (pos - cp_start) / seek::SPAN * seek::SPAN;
+            let span_len = match cps.get(k + 1) {
+                Some(next) => (next.out_offset - span_start).min(seek::SPAN) as usize,
+                None => seek::SPAN as usize,
+            };
             let span = self.span((li, span_start), || {
                 let mut f = File::open(&layer.blob)?;
-                seek::read_at(&mut f, cps, span_start, span_len.unwrap_or(usize::MAX))
+                let len = span_len;
+                match layer.compression {
+                    Compression::Zstd => {
+                        crate::layer::zstd_seek::read_at(&mut f, cps, span_start, len)
+                    }
+                    _ => seek::read_at(&mut f, cps, span_start, len),
+                }
             })?;
             let at = (pos - span_start) as usize;
             if at >= span.len() {
@@ -265,42 +283,6 @@ impl ImageView {
             }
             let take = (len - out.len()).min(span.len() - at);
             out.extend_from_slice(&span[at..at + take]);
-            pos += take as u64;
-        }
-        Ok(out)
-    }
-
-    /// zstd layers have no seek points yet: decompress from the start, one span at a time
-    /// (correct, but costs O(offset) for a cold span; recorded as a known limit).
-    fn read_from_start(
-        &self,
-        li: u32,
-        layer: &LayerData,
-        start: u64,
-        len: usize,
-    ) -> std::io::Result<Vec<u8>> {
-        let span = seek::SPAN;
-        let mut out = Vec::with_capacity(len);
-        let mut pos = start;
-        while out.len() < len {
-            let span_start = pos / span * span;
-            let s = self.span((li, span_start), || {
-                let mut r = crate::layer::open_tar_stream(&layer.blob, layer.compression)
-                    .map_err(std::io::Error::other)?;
-                std::io::copy(&mut (&mut r).take(span_start), &mut std::io::sink())?;
-                let mut buf = Vec::with_capacity(span as usize);
-                std::io::Read::read_to_end(&mut r.take(span), &mut buf)?;
-                Ok(buf)
-            })?;
-            let at = (pos - span_start) as usize;
-            if at >= s.len() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "layer ends before the file does",
-                ));
-            }
-            let take = (len - out.len()).min(s.len() - at);
-            out.extend_from_slice(&s[at..at + take]);
             pos += take as u64;
         }
         Ok(out)

@@ -275,3 +275,49 @@ fn mount_refuses_bad_targets_clearly() {
     imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
     m.wait_gone();
 }
+
+#[test]
+fn zstd_and_uncompressed_layers_mount_like_they_pull() {
+    let reg = registry();
+    let mut seed = 11u64;
+    let big: Vec<u8> = (0..9_000_000)
+        .map(|i| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            if i % 2 == 0 { seed as u8 } else { b'z' }
+        })
+        .collect();
+    let l1 = Tar::new()
+        .dir("z", 0o755)
+        .file("z/big", 0o644, &big)
+        .file("z/small", 0o600, b"tiny")
+        .bytes();
+    let l2 = Tar::new()
+        .whiteout("z/small")
+        .file("z/plain", 0o644, b"from an uncompressed layer")
+        .bytes();
+    // Two zstd frames in one layer: a seek point mid-layer.
+    let half = l1.len() / 2;
+    let mut zst = zstd::encode_all(&l1[..half], 3).unwrap();
+    zst.extend(zstd::encode_all(&l1[half..], 3).unwrap());
+    let layers = vec![
+        FixtureLayer {
+            diff_id: imgfs::digest::Digest::of(&l1),
+            blob: zst,
+            media_type: imgfs::manifest::media::OCI_LAYER_ZSTD,
+        },
+        FixtureLayer::plain_tar(l2),
+    ];
+    FixtureImage::new("amd64", layers).push(&reg.host, "mount/zstd", "v1");
+    let image = format!("{}/mount/zstd:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let pulled = work.path().join("pulled");
+    imgfs_ok(&cache, &["pull", "-q", &image, pulled.to_str().unwrap()]);
+    let m = Mounted::new(&cache, &image, &work.path().join("mnt"), &[]);
+    assert_same_tree(&m.dir, &pulled, "zstd mount vs pull");
+    assert_eq!(std::fs::read(m.dir.join("z/big")).unwrap(), big);
+    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
+    m.wait_gone();
+}

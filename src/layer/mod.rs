@@ -2,6 +2,7 @@
 //! Random access into compressed layers (seek points) arrives with the mount work.
 
 pub mod seek;
+pub mod zstd_seek;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};

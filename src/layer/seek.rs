@@ -29,7 +29,7 @@ pub struct Checkpoint {
     pub window: Vec<u8>,
 }
 
-fn err(msg: impl std::fmt::Display) -> std::io::Error {
+pub(super) fn err(msg: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, format!("gzip: {msg}"))
 }
 
@@ -172,17 +172,17 @@ fn at_end(r: &mut impl BufRead, pos: &mut u64) -> std::io::Result<bool> {
 }
 
 /// A `BufRead` that hashes every byte its user consumes, in spans cut by [`Self::cut`].
-struct SpanHasher<R: BufRead> {
-    inner: R,
-    hasher: Option<crate::digest::Hasher>,
-    last: Option<u8>,
-    spans: Vec<crate::digest::Digest>,
+pub(super) struct SpanHasher<R: BufRead> {
+    pub(super) inner: R,
+    pub(super) hasher: Option<crate::digest::Hasher>,
+    pub(super) last: Option<u8>,
+    pub(super) spans: Vec<crate::digest::Digest>,
 }
 
 impl<R: BufRead> SpanHasher<R> {
     /// End the current span (if any) and start one; `with_last` makes the new span begin
     /// with the byte consumed last (a checkpoint in the middle of a byte needs it).
-    fn cut(&mut self, with_last: bool) {
+    pub(super) fn cut(&mut self, with_last: bool) {
         if let Some(h) = self.hasher.take() {
             self.spans.push(h.finish());
         }
@@ -193,7 +193,7 @@ impl<R: BufRead> SpanHasher<R> {
         self.hasher = Some(h);
     }
 
-    fn finish(&mut self) {
+    pub(super) fn finish(&mut self) {
         if let Some(h) = self.hasher.take() {
             self.spans.push(h.finish());
         }
