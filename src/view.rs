@@ -179,7 +179,9 @@ impl ImageView {
                 .await?;
         let names: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
         let refs: Vec<&LayerIndex> = layers.iter().map(|l| &l.index).collect();
+        let t = std::time::Instant::now();
         let tree = tree::merge(&refs, &names)?;
+        tracing::debug!("tree merged in {:.1?}", t.elapsed());
         Ok(ImageView {
             tree,
             layers,

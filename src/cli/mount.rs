@@ -2,8 +2,9 @@
 //!
 //! `mount` returns once the mount is ready and leaves a daemon serving it. The daemon is this
 //! same program re-run with `--foreground` in a new session (not a fork: forking a process that
-//! already runs threads is unsafe), its log in the cache directory; the parent waits until DIR
-//! shows up as a mount, or reports the daemon's error if it exits first.
+//! already runs threads is unsafe), its log in the cache directory. The daemon says "ready"
+//! through an inherited socket the moment the mount is up; if it exits first, the parent
+//! reports its error.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -94,11 +95,13 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     if !args.foreground {
         return spawn_daemon(g, &args).await;
     }
+    let t0 = std::time::Instant::now();
     let Opened {
         cache,
         source,
         image,
     } = g.open(&args.image).await?;
+    tracing::info!("resolved {} in {:.1?}", image.reference, t0.elapsed());
     let opts = ViewOptions {
         layers: args.layer,
         ..ViewOptions::default()
@@ -106,6 +109,7 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     let view = ImageView::open(&cache, &source, &image, &opts)
         .await
         .with_context(|| format!("indexing {}", image.reference))?;
+    tracing::info!("indexes loaded and merged at {:.1?}", t0.elapsed());
     let fs = ImageFs::new(view, tokio::runtime::Handle::current());
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -119,7 +123,22 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     config.n_threads = Some(2);
     let session = fuser::spawn_mount(fs, &args.dir, &config)
         .with_context(|| format!("mounting on {}", args.dir.display()))?;
-    tracing::info!("{} mounted on {}", image.reference, args.dir.display());
+    if let Some(fd) = std::env::var("IMGFS_READY_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        // SAFETY: the parent passed us this descriptor for exactly this one write.
+        let mut ready = unsafe { std::fs::File::from_raw_fd(fd) };
+        let _ = ready.write_all(b"1");
+    }
+    tracing::info!(
+        "{} mounted on {} at {:.1?}",
+        image.reference,
+        args.dir.display(),
+        t0.elapsed()
+    );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let external = loop {
@@ -161,24 +180,39 @@ async fn spawn_daemon(g: &Global, args: &MountArgs) -> Result<()> {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
     }
-    let mut child = cmd.spawn().context("starting the mount daemon")?;
-    loop {
-        if is_mount_point(&args.dir) {
-            println!("{}", child.id());
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let last = text
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("");
-            let msg = last.strip_prefix("imgfs: ").unwrap_or(last);
-            bail!("the mount daemon failed ({status}): {msg}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let (parent_end, child_end) = std::os::unix::net::UnixStream::pair()?;
+    let child_fd = std::os::fd::AsRawFd::as_raw_fd(&child_end);
+    cmd.env("IMGFS_READY_FD", child_fd.to_string());
+    // SAFETY: only async-signal-safe calls (fcntl) on a descriptor we own.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            let fd = std::os::fd::BorrowedFd::borrow_raw(child_fd);
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty()).map_err(Into::into)
+        });
     }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    drop(child_end);
+    // One byte when the mount is up; end of stream if the daemon dies first.
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut b = [0u8; 1];
+        matches!((&parent_end).read(&mut b), Ok(1))
+    })
+    .await?;
+    if ready && is_mount_point(&args.dir) {
+        println!("{}", child.id());
+        return Ok(());
+    }
+    let status = child.wait()?;
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let msg = last.strip_prefix("imgfs: ").unwrap_or(last);
+    bail!("the mount daemon failed ({status}): {msg}");
 }
 
 pub fn umount(args: UmountArgs) -> Result<()> {

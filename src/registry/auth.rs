@@ -126,7 +126,7 @@ impl Auth {
     /// token when the cached one is missing or near expiry.
     pub async fn header(
         &self,
-        http: &reqwest::Client,
+        client: &super::Client,
         host: &str,
         scope: &str,
     ) -> Result<Option<HeaderValue>> {
@@ -147,7 +147,13 @@ impl Auth {
                     return Ok(Some(bearer_header(&t.value)));
                 }
                 let token = self
-                    .fetch_token(http, host, &realm, service.as_deref(), scope)
+                    .fetch_token(
+                        &client.http_for(&realm)?,
+                        host,
+                        &realm,
+                        service.as_deref(),
+                        scope,
+                    )
                     .await?;
                 let header = bearer_header(&token.value);
                 self.tokens.lock().unwrap().insert(key, token);

@@ -37,7 +37,11 @@ pub struct ClientOptions {
 
 /// A registry client shared by all requests of one command.
 pub struct Client {
-    http: reqwest::Client,
+    /// For plain HTTP to loopback registries: no TLS roots (loading the system's ~150
+    /// certificate files costs ~40 ms, most of a warm mount).
+    plain: std::sync::OnceLock<reqwest::Client>,
+    /// Everything else; built on first use.
+    tls: std::sync::OnceLock<reqwest::Client>,
     opts: ClientOptions,
     auth: auth::Auth,
 }
@@ -97,21 +101,37 @@ fn is_loopback(host: &str) -> bool {
 
 impl Client {
     pub fn new(opts: ClientOptions) -> Result<Client> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("imgfs/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(15))
-            // A stalled body is a cut connection: resume it rather than wait forever.
-            .read_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| Error::Registry {
-                host: "-".into(),
-                detail: format!("cannot build an HTTP client: {e}"),
-            })?;
         Ok(Client {
-            http,
+            plain: std::sync::OnceLock::new(),
+            tls: std::sync::OnceLock::new(),
             auth: auth::Auth::with_credentials(opts.credentials.clone()),
             opts,
         })
+    }
+
+    /// The HTTP client for `url` (cheap to clone: it is a handle).
+    pub(crate) fn http_for(&self, url: &str) -> Result<reqwest::Client> {
+        let host = url
+            .strip_prefix("http://")
+            .map(|rest| rest.split('/').next().unwrap_or(""));
+        let plain = host.is_some_and(is_loopback);
+        let cell = if plain { &self.plain } else { &self.tls };
+        if let Some(c) = cell.get() {
+            return Ok(c.clone());
+        }
+        let mut b = reqwest::Client::builder()
+            .user_agent(concat!("imgfs/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(15))
+            // A stalled body is a cut connection: resume it rather than wait forever.
+            .read_timeout(Duration::from_secs(60));
+        if plain {
+            b = b.tls_certs_only(Vec::new());
+        }
+        let c = b.build().map_err(|e| Error::Registry {
+            host: "-".into(),
+            detail: format!("cannot build an HTTP client: {e}"),
+        })?;
+        Ok(cell.get_or_init(|| c).clone())
     }
 
     /// `https://host` or, for loopback and `--insecure-registry` hosts, `http://host`.
@@ -141,7 +161,7 @@ impl Client {
         let mut reauthenticated = false;
         loop {
             attempt += 1;
-            let auth = self.auth.header(&self.http, registry, scope).await?;
+            let auth = self.auth.header(self, registry, scope).await?;
             let mut req = make();
             if let Some(h) = &auth {
                 req = req.header(header::AUTHORIZATION, h.clone());
@@ -219,9 +239,10 @@ impl Client {
             self.base_url(registry)
         );
         let accept = media::ACCEPT_MANIFESTS.join(", ");
+        let http = self.http_for(&url)?;
         let resp = self
             .send(registry, &Self::scope_pull(repository), &|| {
-                self.http.get(&url).header(header::ACCEPT, &accept)
+                http.get(&url).header(header::ACCEPT, &accept)
             })
             .await?;
         let what = || {
@@ -278,9 +299,10 @@ impl Client {
         offset: u64,
     ) -> Result<BlobStream> {
         let url = format!("{}/v2/{repository}/blobs/{digest}", self.base_url(registry));
+        let http = self.http_for(&url)?;
         let resp = self
             .send(registry, &Self::scope_pull(repository), &|| {
-                let r = self.http.get(&url);
+                let r = http.get(&url);
                 if offset > 0 {
                     r.header(header::RANGE, format!("bytes={offset}-"))
                 } else {
@@ -328,15 +350,16 @@ impl Client {
         let scope = format!("repository:{repository}:pull,push");
         let base = self.base_url(registry);
         let head_url = format!("{base}/v2/{repository}/blobs/{digest}");
+        let http = self.http_for(&base)?;
         let head = self
-            .send(registry, &scope, &|| self.http.head(&head_url))
+            .send(registry, &scope, &|| http.head(&head_url))
             .await?;
         if head.status().is_success() {
             return Ok(digest);
         }
         let start_url = format!("{base}/v2/{repository}/blobs/uploads/");
         let resp = self
-            .send(registry, &scope, &|| self.http.post(&start_url))
+            .send(registry, &scope, &|| http.post(&start_url))
             .await?;
         let resp = check_status(registry, resp, "upload", || repository.to_string()).await?;
         let location = resp
@@ -356,8 +379,7 @@ impl Client {
         put_url.push_str(&format!("digest={digest}"));
         let resp = self
             .send(registry, &scope, &|| {
-                self.http
-                    .request(Method::PUT, &put_url)
+                http.request(Method::PUT, &put_url)
                     .header(header::CONTENT_TYPE, "application/octet-stream")
                     .body(data.clone())
             })
@@ -380,10 +402,10 @@ impl Client {
             "{}/v2/{repository}/manifests/{reference}",
             self.base_url(registry)
         );
+        let http = self.http_for(&url)?;
         let resp = self
             .send(registry, &scope, &|| {
-                self.http
-                    .put(&url)
+                http.put(&url)
                     .header(header::CONTENT_TYPE, media_type)
                     .body(bytes.clone())
             })
