@@ -48,7 +48,7 @@ impl Default for ViewOptions {
         ViewOptions {
             layers: None,
             jobs: 4,
-            cached_spans: 8,
+            cached_spans: 6,
         }
     }
 }
@@ -59,6 +59,9 @@ pub struct ImageView {
     pub tree: Tree,
     pub layers: Vec<LayerData>,
     spans: Mutex<lru::LruCache<SpanKey, Arc<Vec<u8>>>>,
+    /// One gate per span being decompressed: readahead sends several reads into one cold
+    /// span at once, and only the first should decompress it (CPU, and memory).
+    inflight: Mutex<std::collections::HashMap<SpanKey, Arc<Mutex<()>>>>,
 }
 
 /// Index a layer blob read from `blob`: entries, and seek points for gzip.
@@ -188,6 +191,7 @@ impl ImageView {
             spans: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(opts.cached_spans.max(1)).expect("at least one"),
             )),
+            inflight: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -229,11 +233,26 @@ impl ImageView {
         if let Some(s) = self.spans.lock().unwrap().get(&key) {
             return Ok(s.clone());
         }
-        // Decompress outside the lock: other readers go on meanwhile. Two readers of one
-        // cold span may both decompress it; the second result simply replaces the first.
-        let s = Arc::new(make()?);
-        self.spans.lock().unwrap().put(key, s.clone());
-        Ok(s)
+        // Decompress outside the cache lock, so that readers of other spans go on; readers
+        // of this span wait at its gate and then find it cached.
+        let gate = self
+            .inflight
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_default()
+            .clone();
+        let _turn = gate.lock().unwrap();
+        if let Some(s) = self.spans.lock().unwrap().get(&key) {
+            return Ok(s.clone());
+        }
+        let made = make().map(Arc::new);
+        if let Ok(s) = &made {
+            // Cached before the gate goes, so a newcomer finds it rather than a new gate.
+            self.spans.lock().unwrap().put(key, s.clone());
+        }
+        self.inflight.lock().unwrap().remove(&key);
+        made
     }
 
     fn read_spans(

@@ -95,6 +95,13 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     if !args.foreground {
         return spawn_daemon(g, &args).await;
     }
+    // glibc gives each thread that frees a 4 MiB span buffer its own arena and keeps the
+    // memory: measured 121-154 MB of daemon RSS after a big read, 70-75 MB with one arena
+    // and the same read speed.
+    // SAFETY: mallopt only tunes the allocator; called before the FUSE threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let t0 = std::time::Instant::now();
     let Opened {
         cache,
