@@ -414,6 +414,17 @@ impl<R: BufRead> Read for IndexingReader<R> {
     }
 }
 
+/// The last seek point at or before uncompressed offset `start`.
+pub(super) fn checkpoint_before(
+    checkpoints: &[Checkpoint],
+    start: u64,
+) -> std::io::Result<&Checkpoint> {
+    let i = checkpoints.partition_point(|c| c.out_offset <= start);
+    checkpoints
+        .get(i.wrapping_sub(1))
+        .ok_or_else(|| err("no seek point before the requested offset"))
+}
+
 /// Read `len` uncompressed bytes from `start` out of the gzip `blob`, decompressing from the
 /// last checkpoint at or before `start`. Fewer bytes come back only at the end of the stream.
 pub fn read_at(
@@ -422,10 +433,7 @@ pub fn read_at(
     start: u64,
     len: usize,
 ) -> std::io::Result<Vec<u8>> {
-    let i = checkpoints.partition_point(|c| c.out_offset <= start);
-    let cp = checkpoints
-        .get(i.wrapping_sub(1))
-        .ok_or_else(|| err("no checkpoint before the requested offset"))?;
+    let cp = checkpoint_before(checkpoints, start)?;
     let back = u64::from(cp.bits > 0);
     let from = cp
         .in_offset

@@ -7,7 +7,7 @@ use std::io::{BufRead, Read, Seek, SeekFrom};
 
 use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer, ResetDirective};
 
-use super::seek::{Checkpoint, SPAN, SeekPoints, SpanHasher, err};
+use super::seek::{Checkpoint, SPAN, SeekPoints, SpanHasher, checkpoint_before, err};
 
 fn zerr(code: usize) -> std::io::Error {
     err(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)))
@@ -114,10 +114,7 @@ pub fn read_at(
     start: u64,
     len: usize,
 ) -> std::io::Result<Vec<u8>> {
-    let i = checkpoints.partition_point(|c| c.out_offset <= start);
-    let cp = checkpoints
-        .get(i.wrapping_sub(1))
-        .ok_or_else(|| err("no seek point before the requested offset"))?;
+    let cp = checkpoint_before(checkpoints, start)?;
     blob.seek(SeekFrom::Start(cp.in_offset))?;
     let mut dec = zstd::stream::read::Decoder::new(blob)?;
     std::io::copy(
