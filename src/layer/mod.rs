@@ -86,36 +86,6 @@ fn gzip_error(msg: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, format!("gzip: {msg}"))
 }
 
-fn read_u8(r: &mut impl Read) -> std::io::Result<u8> {
-    let mut b = [0u8; 1];
-    r.read_exact(&mut b)?;
-    Ok(b[0])
-}
-
-/// Skip a gzip member header (RFC 1952 §2.3).
-fn skip_header(r: &mut impl BufRead) -> std::io::Result<()> {
-    let mut h = [0u8; 10];
-    r.read_exact(&mut h)?;
-    if h[0] != 0x1f || h[1] != 0x8b || h[2] != 8 {
-        return Err(gzip_error("not a gzip member header"));
-    }
-    let flags = h[3];
-    if flags & 0x04 != 0 {
-        let len = u16::from_le_bytes([read_u8(r)?, read_u8(r)?]);
-        std::io::copy(&mut r.take(len.into()), &mut std::io::sink())?;
-    }
-    for bit in [0x08, 0x10] {
-        if flags & bit != 0 {
-            let mut skipped = Vec::new();
-            r.read_until(0, &mut skipped)?;
-        }
-    }
-    if flags & 0x02 != 0 {
-        r.read_exact(&mut [0u8; 2])?;
-    }
-    Ok(())
-}
-
 impl<R: BufRead> Read for GzipMembers<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if buf.is_empty() {
@@ -153,7 +123,7 @@ impl<R: BufRead> Read for GzipMembers<R> {
                 self.between = Some(r);
                 continue;
             }
-            skip_header(&mut r)?;
+            seek::skip_header(&mut r)?;
             self.produced = 0;
             self.member = Some(flate2::bufread::DeflateDecoder::new(r));
         }

@@ -120,8 +120,9 @@ impl Drop for Inflater {
     }
 }
 
-/// Skip a gzip member header (RFC 1952 §2.3); returns its length.
-fn skip_header(r: &mut impl BufRead) -> std::io::Result<u64> {
+/// Skip a gzip member header (RFC 1952 §2.3); returns its length. Shared by every gzip
+/// reader here ([`super::GzipMembers`] too).
+pub(super) fn skip_header(r: &mut impl BufRead) -> std::io::Result<u64> {
     let mut n = 10u64;
     let mut h = [0u8; 10];
     r.read_exact(&mut h)?;
