@@ -321,3 +321,39 @@ fn zstd_and_uncompressed_layers_mount_like_they_pull() {
     imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
     m.wait_gone();
 }
+
+#[test]
+fn a_directory_larger_than_one_readdir_buffer_lists_completely() {
+    let reg = registry();
+    let mut t = Tar::new().dir("many", 0o755);
+    let names: Vec<String> = (0..3000)
+        .map(|i| format!("entry-with-a-longish-name-{i:05}"))
+        .collect();
+    for n in &names {
+        t = t.file(&format!("many/{n}"), 0o644, b"");
+    }
+    FixtureImage::new("amd64", vec![FixtureLayer::from_tar(t.bytes())]).push(
+        &reg.host,
+        "mount/many",
+        "v1",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let m = Mounted::new(
+        &cache,
+        &format!("{}/mount/many:v1", reg.host),
+        &work.path().join("mnt"),
+        &[],
+    );
+    let mut listed: Vec<String> = std::fs::read_dir(m.dir.join("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed, names,
+        "every entry once, none lost across readdir calls"
+    );
+    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
+    m.wait_gone();
+}

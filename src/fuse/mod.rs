@@ -31,6 +31,9 @@ pub struct ImageFs {
     dir_dentry: Vec<DentryId>,
     /// Subdirectory counts, for directories' link counts.
     subdirs: Vec<u32>,
+    /// Each directory's entries in listing order, by directory inode: made once, so that a
+    /// `readdir` continuing at offset k costs only the entries it returns.
+    children: Vec<Box<[DentryId]>>,
     rt: tokio::runtime::Handle,
 }
 
@@ -52,10 +55,21 @@ impl ImageFs {
                 subdirs[tree.dentries[de.parent as usize].inode as usize] += 1;
             }
         }
+        let children = dir_dentry
+            .iter()
+            .map(|&d| {
+                if d == DentryId::MAX {
+                    Box::default()
+                } else {
+                    tree.children(d).collect()
+                }
+            })
+            .collect();
         ImageFs {
             view: Arc::new(view),
             dir_dentry,
             subdirs,
+            children,
             rt,
         }
     }
@@ -108,17 +122,22 @@ impl ImageFs {
         (d != DentryId::MAX).then_some(d)
     }
 
-    /// (name, inode) of a directory's entries as listed: `.`, `..`, then children by name.
-    fn listing(&self, d: DentryId) -> Vec<(Vec<u8>, InodeId)> {
+    /// A directory's entries from listing position `offset` on, as (position of the next
+    /// entry, name, inode): `.`, `..`, then children by name.
+    fn entries(&self, d: DentryId, offset: u64) -> impl Iterator<Item = (u64, &str, InodeId)> {
         let tree = &self.view.tree;
         let de = &tree.dentries[d as usize];
         let parent = tree.dentries[de.parent as usize].inode;
-        let mut out = vec![(b".".to_vec(), de.inode), (b"..".to_vec(), parent)];
-        out.extend(tree.children(d).map(|c| {
+        let dots = [(".", de.inode), ("..", parent)];
+        let children = self.children[de.inode as usize].iter().map(|&c| {
             let cd = &tree.dentries[c as usize];
-            (cd.name.as_bytes().to_vec(), cd.inode)
-        }));
-        out
+            (cd.name.as_str(), cd.inode)
+        });
+        dots.into_iter()
+            .chain(children.skip((offset as usize).saturating_sub(2)))
+            .skip((offset as usize).min(2))
+            .zip(offset + 1..)
+            .map(|((name, ino), next)| (next, name, ino))
     }
 }
 
@@ -260,14 +279,9 @@ impl Filesystem for ImageFs {
             return reply.error(Errno::ENOTDIR);
         };
         // The offset handed out with an entry is where the *next* call resumes.
-        for (k, (name, i)) in self
-            .listing(d)
-            .into_iter()
-            .enumerate()
-            .skip(offset as usize)
-        {
+        for (next, name, i) in self.entries(d, offset) {
             let kind = file_type(self.view.tree.inodes[i as usize].meta.kind);
-            if reply.add(fuse_ino(i), k as u64 + 1, kind, OsStr::from_bytes(&name)) {
+            if reply.add(fuse_ino(i), next, kind, name) {
                 break;
             }
         }
@@ -285,21 +299,9 @@ impl Filesystem for ImageFs {
         let Some(d) = self.dir(ino) else {
             return reply.error(Errno::ENOTDIR);
         };
-        for (k, (name, i)) in self
-            .listing(d)
-            .into_iter()
-            .enumerate()
-            .skip(offset as usize)
-        {
+        for (next, name, i) in self.entries(d, offset) {
             let attr = self.attr(i);
-            if reply.add(
-                fuse_ino(i),
-                k as u64 + 1,
-                OsStr::from_bytes(&name),
-                &TTL,
-                &attr,
-                Generation(0),
-            ) {
+            if reply.add(fuse_ino(i), next, name, &TTL, &attr, Generation(0)) {
                 break;
             }
         }
