@@ -28,6 +28,9 @@ use crate::tree::{self, InodeId, Tree};
 pub struct LayerData {
     pub digest: String,
     pub blob: PathBuf,
+    /// The blob, open for the life of the view: reads of uncompressed layers are `pread`s on
+    /// it (safe to share between threads; seeking readers open their own).
+    file: File,
     pub compression: Compression,
     pub index: LayerIndex,
 }
@@ -170,9 +173,11 @@ impl ImageView {
                     if fresh && let Err(e) = cache.store_index(digest, &index) {
                         tracing::warn!("not caching the index of {digest}: {e}");
                     }
+                    let file = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
                     Ok::<_, Error>(LayerData {
                         digest: digest.to_string(),
                         blob,
+                        file,
                         compression,
                         index,
                     })
@@ -214,9 +219,8 @@ impl ImageView {
         };
         match layer.compression {
             Compression::None => {
-                let f = File::open(&layer.blob).map_err(fail)?;
                 let mut buf = vec![0u8; len];
-                f.read_exact_at(&mut buf, start).map_err(fail)?;
+                layer.file.read_exact_at(&mut buf, start).map_err(fail)?;
                 Ok(buf)
             }
             Compression::Gzip | Compression::Zstd => {
