@@ -66,6 +66,11 @@ impl Cache {
         self.root.join("indexes/sha256").join(layer.hex())
     }
 
+    /// Whether an index file of `layer` exists (not whether it is sound).
+    pub fn has_index(&self, layer: &Digest) -> bool {
+        self.index_path(layer).is_file()
+    }
+
     /// The cached index of `layer`, if there is a sound one. A damaged or outdated file is
     /// removed (and said once in the log), so that it is rebuilt.
     pub fn load_index(&self, layer: &Digest) -> Option<LayerIndex> {

@@ -94,6 +94,32 @@ fn the_mounted_tree_equals_the_pulled_tree() {
 
     imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
     m.wait_gone();
+
+    // A pull after the mount leaves the mount's indexes (with seek points) as they are.
+    let read_indexes = || {
+        let mut v: Vec<(std::path::PathBuf, Vec<u8>)> =
+            std::fs::read_dir(cache.join("indexes/sha256"))
+                .unwrap()
+                .map(|e| {
+                    let p = e.unwrap().path();
+                    let b = std::fs::read(&p).unwrap();
+                    (p, b)
+                })
+                .collect();
+        v.sort();
+        v
+    };
+    let before = read_indexes();
+    imgfs_ok(
+        &cache,
+        &[
+            "pull",
+            "-q",
+            &image,
+            work.path().join("again").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(read_indexes(), before);
 }
 
 /// A gzip image with files spread over several seek-point spans.

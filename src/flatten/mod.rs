@@ -311,7 +311,11 @@ async fn extract_all(
                 .map_err(name_errors);
                 bar.finish_with_message("done");
                 let index = result?;
-                if let Err(e) = cache.store_index(&layer.descriptor.digest, &index) {
+                // Never over a cached one: it may carry seek points (built by a mount) that this
+                // one lacks, and rewriting an unchanged index is wasted work.
+                if !cache.has_index(&layer.descriptor.digest)
+                    && let Err(e) = cache.store_index(&layer.descriptor.digest, &index)
+                {
                     tracing::warn!("not caching the index of {}: {e}", layer.descriptor.digest);
                 }
                 Ok::<_, Error>(index)
