@@ -1,7 +1,9 @@
 //! The content-addressed store on disk: `blobs/sha256/<hex>`, each file verified before it
-//! got its name, and `indexes/sha256/<layer hex>`, the layer indexes built from them. Writes
-//! go to `tmp/` and are renamed into place, so a reader never sees a partial file, even after
-//! a crash.
+//! got its name; `indexes/sha256/<layer hex>`, the layer indexes built from them; and
+//! `chunks/sha256/<hex>`, compressed spans of layers fetched by range, each named by the
+//! digest it was verified against. Writes go to `tmp/` and are renamed into place, so a
+//! reader never sees a partial file, even after a crash. Any blob or chunk may be deleted at
+//! any time (`imgfs cache prune`): readers keep open files, and a missing chunk is refetched.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,54 @@ const MAX_RESUMES: u32 = 5;
 
 /// The most a blob of unknown size (schema 1 layers) may be.
 const MAX_UNKNOWN_SIZE: u64 = 16 << 30;
+
+/// What a cache file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Blob,
+    Index,
+    Chunk,
+    /// Downloads in progress, or left by a crash.
+    Tmp,
+    /// Mount daemons' logs.
+    Log,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [Kind::Blob, Kind::Index, Kind::Chunk, Kind::Tmp, Kind::Log];
+
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Blob => "blobs/sha256",
+            Kind::Index => "indexes/sha256",
+            Kind::Chunk => "chunks/sha256",
+            Kind::Tmp => "tmp",
+            Kind::Log => "logs",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Blob => "blobs",
+            Kind::Index => "indexes",
+            Kind::Chunk => "chunks",
+            Kind::Tmp => "tmp",
+            Kind::Log => "logs",
+        }
+    }
+}
+
+/// One file in the cache.
+#[derive(Clone, Debug)]
+pub struct CacheEntry {
+    pub kind: Kind,
+    /// The digest hex (or temporary name).
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    /// Last use (the file's mtime, refreshed when a blob is opened or a chunk read).
+    pub used: std::time::SystemTime,
+}
 
 /// A cache directory.
 #[derive(Clone, Debug)]
@@ -39,7 +89,7 @@ impl Cache {
 
     /// Open (creating if needed) a cache rooted at `root`.
     pub fn open(root: &Path) -> Result<Cache> {
-        for sub in ["blobs/sha256", "indexes/sha256", "tmp"] {
+        for sub in ["blobs/sha256", "indexes/sha256", "chunks/sha256", "tmp"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d)
                 .ctx(|| format!("creating cache directory {}", d.display()))?;
@@ -100,6 +150,77 @@ impl Cache {
         Ok(())
     }
 
+    fn chunk_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("chunks/sha256").join(d.hex())
+    }
+
+    /// The stored chunk with digest `d`, if any; marks it used (for pruning, oldest first).
+    pub fn load_chunk(&self, d: &Digest) -> Option<bytes::Bytes> {
+        let path = self.chunk_path(d);
+        let f = std::fs::File::open(&path).ok()?;
+        let _ = f.set_modified(std::time::SystemTime::now());
+        let mut buf = Vec::new();
+        use std::io::Read;
+        (&f).read_to_end(&mut buf).ok()?;
+        Some(buf.into())
+    }
+
+    /// Store a chunk the caller has verified to have digest `d`.
+    pub fn store_chunk(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
+        let dest = self.chunk_path(d);
+        let tmp_dir = self.root.join("tmp");
+        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
+            .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
+        tmp.write_all(bytes).ctx(|| format!("writing chunk {d}"))?;
+        tmp.persist(&dest)
+            .map_err(|e| e.error)
+            .ctx(|| format!("storing {}", dest.display()))?;
+        Ok(())
+    }
+
+    /// Every stored file of `kind`, oldest use first.
+    pub fn entries(&self, kind: Kind) -> Vec<CacheEntry> {
+        let dir = self.root.join(kind.dir());
+        let mut out: Vec<CacheEntry> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                m.is_file().then(|| CacheEntry {
+                    kind,
+                    name: e.file_name().to_string_lossy().into_owned(),
+                    path: e.path(),
+                    size: m.len(),
+                    used: m.modified().unwrap_or(std::time::UNIX_EPOCH),
+                })
+            })
+            .collect();
+        out.sort_by_key(|e| e.used);
+        out
+    }
+
+    /// Bytes in the chunk store.
+    pub fn chunk_usage(&self) -> u64 {
+        self.entries(Kind::Chunk).iter().map(|e| e.size).sum()
+    }
+
+    /// Remove the least recently used chunks until the store holds at most `target` bytes;
+    /// returns what it then holds.
+    pub fn trim_chunks(&self, target: u64) -> u64 {
+        let entries = self.entries(Kind::Chunk);
+        let mut total: u64 = entries.iter().map(|e| e.size).sum();
+        for e in entries {
+            if total <= target {
+                break;
+            }
+            if std::fs::remove_file(&e.path).is_ok() {
+                total -= e.size;
+            }
+        }
+        total
+    }
+
     /// Make sure blob `desc` is in the cache, downloading and verifying it if not. A cut
     /// download resumes where it stopped (`Range`); nothing unverified is ever stored.
     pub async fn fetch(&self, src: &Source, desc: &Descriptor) -> Result<PathBuf> {
@@ -117,6 +238,20 @@ impl Cache {
         progress: &(dyn Fn(u64) + Sync),
         sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
     ) -> Result<PathBuf> {
+        let path = self.stream_blob(src, desc, progress, sink, true).await?;
+        Ok(path.expect("kept blobs have a path"))
+    }
+
+    /// Download blob `desc` through `sink` and verify it, storing it only when `keep` (a blob
+    /// already cached is read from the cache). Returns the cached path, if there is one.
+    pub async fn stream_blob(
+        &self,
+        src: &Source,
+        desc: &Descriptor,
+        progress: &(dyn Fn(u64) + Sync),
+        sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
+        keep: bool,
+    ) -> Result<Option<PathBuf>> {
         let dest = self.blob_path(&desc.digest);
         if dest.is_file() {
             tracing::debug!("{} already cached", desc.digest);
@@ -124,12 +259,18 @@ impl Cache {
                 // Stored meanwhile by another process: the consumer still needs the bytes.
                 feed_from_file(&dest, s).await?;
             }
-            return Ok(dest);
+            return Ok(Some(dest));
         }
         let what = || format!("blob {} from {}", desc.digest, src.name());
         let tmp_dir = self.root.join("tmp");
-        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
-            .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
+        let mut tmp = if keep {
+            Some(
+                tempfile::NamedTempFile::new_in(&tmp_dir)
+                    .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?,
+            )
+        } else {
+            None
+        };
         let mut hasher = Hasher::new();
         let mut written: u64 = 0;
         let limit = if desc.size_unknown {
@@ -175,7 +316,9 @@ impl Cache {
                 hasher.update(&chunk);
                 // Plain blocking writes: they land in the page cache, and routing every chunk
                 // through tokio's blocking pool costs more than it saves.
-                tmp.write_all(&chunk).ctx(what)?;
+                if let Some(tmp) = &mut tmp {
+                    tmp.write_all(&chunk).ctx(what)?;
+                }
                 progress(written);
                 if let Some(s) = sink {
                     // A closed sink means its reader gave up; keep downloading for the cache.
@@ -217,11 +360,12 @@ impl Cache {
                 actual,
             });
         }
+        let Some(tmp) = tmp else { return Ok(None) };
         tmp.as_file().sync_data().ctx(what)?;
         tmp.persist(&dest)
             .map_err(|e| e.error)
             .ctx(|| format!("storing {}", dest.display()))?;
-        Ok(dest)
+        Ok(Some(dest))
     }
 
     /// Fetch every blob of `descs` with at most `jobs` downloads in flight. A digest listed

@@ -1,38 +1,78 @@
 //! An image as a readable tree, without extracting it: the merged [`Tree`] plus, for every
-//! regular file, a way to read any byte range straight out of its layer blob. `mount` serves
-//! it over FUSE; `ls` and `cat` answer from it directly.
+//! regular file, a way to read any byte range of its layer blob. `mount` serves it over FUSE;
+//! `ls` and `cat` answer from it directly.
 //!
-//! Reads go through seek points: an uncompressed layer is read in place; a gzip or zstd layer
-//! is decompressed from the seek point before the range (a deflate block boundary, or a zstd
-//! frame start), one span at a time, and recent spans are kept in a bounded LRU so that
-//! sequential and repeated reads decompress each span once. A single-frame zstd layer has
-//! one seek point, so its spans cost a decompression from its start.
+//! Reads go through seek points. Where the verified blob is in the cache, a span is
+//! decompressed from it (an uncompressed layer is read in place). Where it is not — the
+//! default after the first mount, since only indexes are kept — the span's compressed bytes
+//! are fetched from the source by range, checked against the span digest recorded when the
+//! index was built from the verified blob, kept in the cache's chunk store, and decompressed:
+//! bytes that do not match are never served. A source that ignores ranges (or a span too big
+//! to fetch whole) makes the layer fall back to downloading its blob once. Decompressed
+//! pieces (at most 4 MiB each) sit in a bounded LRU, so sequential and repeated reads
+//! decompress each once; moving sequentially into a new span fetches the next ones ahead.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 
 use crate::cache::Cache;
+use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{self, LayerIndex};
-use crate::layer::seek;
-use crate::manifest::{Compression, Image};
+use crate::layer::seek::{self, SeekPoints, SpanBytes};
+use crate::manifest::{Compression, Descriptor, Image};
 use crate::source::Source;
 use crate::tree::{self, InodeId, Tree};
 
-/// One layer's blob and index.
+/// Spans fetched ahead when a reader moves sequentially into a new one.
+const READAHEAD_SPANS: usize = 3;
+/// A span bigger than this (a single-frame zstd layer has one span) is not fetched by
+/// range: the layer's blob is downloaded instead.
+const MAX_RANGE: u64 = 64 << 20;
+/// Attempts at one range (a cut connection, or bytes that did not match their digest).
+const RANGE_ATTEMPTS: u32 = 3;
+
+/// What to fetch besides what readers ask for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Prefetch {
+    /// Nothing: every byte fetched was asked for by a read.
+    None,
+    /// Spans ahead of sequential readers.
+    #[default]
+    Auto,
+    /// Everything, in the background after the mount is ready.
+    All,
+}
+
+/// One layer: its descriptor and index, and where its bytes come from.
 pub struct LayerData {
     pub digest: String,
-    pub blob: PathBuf,
-    /// The blob, open for the life of the view: reads of uncompressed layers are `pread`s on
-    /// it (safe to share between threads; seeking readers open their own).
-    file: File,
+    pub descriptor: Descriptor,
     pub compression: Compression,
     pub index: LayerIndex,
+    /// The verified blob from the cache, open for the life of the view (so that pruning the
+    /// cache never breaks a reader) — when there is one. Without it, reads go by range.
+    local: OnceLock<File>,
+    /// The span the last read used, to notice sequential readers.
+    last_span: AtomicUsize,
+    /// The source would not serve a range of this blob: reads need the whole blob.
+    no_ranges: AtomicBool,
+}
+
+impl LayerData {
+    fn seek(&self) -> std::io::Result<&SeekPoints> {
+        self.index
+            .seek
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("layer indexed without seek points"))
+    }
 }
 
 /// Options for [`ImageView::open`].
@@ -44,6 +84,11 @@ pub struct ViewOptions {
     pub jobs: usize,
     /// Decompressed spans kept in memory.
     pub cached_spans: usize,
+    /// Keep whole blobs in the cache when indexing (default: indexes and fetched spans only).
+    pub keep_blobs: bool,
+    pub prefetch: Prefetch,
+    /// The most compressed spans (bytes) the cache's chunk store may hold; older ones go.
+    pub chunk_cache: u64,
 }
 
 impl Default for ViewOptions {
@@ -52,59 +97,281 @@ impl Default for ViewOptions {
             layers: None,
             jobs: 4,
             cached_spans: 6,
+            keep_blobs: false,
+            prefetch: Prefetch::Auto,
+            chunk_cache: 1 << 30,
         }
     }
+}
+
+/// Counters of what reads cost, for logs, tests and the benchmark.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    /// Ranges fetched from the source, and their bytes.
+    pub ranges: AtomicU64,
+    pub range_bytes: AtomicU64,
+    /// Spans found in the chunk store.
+    pub chunk_hits: AtomicU64,
+    /// Whole blobs downloaded because ranges could not be used.
+    pub blob_fallbacks: AtomicU64,
+}
+
+/// What reads share with background fetches: the source, the cache and the single-flight
+/// gates that keep one span from being fetched twice at once.
+struct Fetcher {
+    src: Arc<Source>,
+    cache: Cache,
+    rt: tokio::runtime::Handle,
+    gates: Mutex<HashMap<(usize, usize), Arc<Mutex<()>>>>,
+    /// Bytes in the chunk store (measured at the first store, then counted) and its bound.
+    chunk_bytes: Mutex<Option<u64>>,
+    chunk_max: u64,
+    stats: ReadStats,
 }
 
 type SpanKey = (u32, u64);
 
 pub struct ImageView {
     pub tree: Tree,
-    pub layers: Vec<LayerData>,
-    spans: Mutex<lru::LruCache<SpanKey, Arc<Vec<u8>>>>,
+    pub layers: Vec<Arc<LayerData>>,
+    fetcher: Arc<Fetcher>,
+    prefetch: Prefetch,
+    keep_blobs: bool,
+    spans: Mutex<lru::LruCache<SpanKey, Bytes>>,
     /// One gate per span being decompressed: readahead sends several reads into one cold
     /// span at once, and only the first should decompress it (CPU, and memory).
-    inflight: Mutex<std::collections::HashMap<SpanKey, Arc<Mutex<()>>>>,
+    inflight: Mutex<HashMap<SpanKey, Arc<Mutex<()>>>>,
 }
 
-/// Index a layer blob read from `blob`: entries, and seek points for gzip.
+/// Index a layer blob read from `blob`: entries, and seek points with span digests.
 fn build_index(
     blob: impl std::io::Read + Send + 'static,
     compression: Compression,
 ) -> Result<LayerIndex> {
+    let buffered = std::io::BufReader::with_capacity(256 << 10, blob);
+    // Read what follows the tar's end marker too, so that the checks at the end run and the
+    // last span digest covers the blob to its end.
+    let drain = |r: &mut dyn std::io::Read| {
+        std::io::copy(r, &mut std::io::sink()).map_err(|e| Error::malformed("layer", e))
+    };
     match compression {
         Compression::Gzip => {
             let mut r =
-                seek::IndexingReader::new(std::io::BufReader::with_capacity(256 << 10, blob))
-                    .ctx(|| "starting to decompress".into())?;
+                seek::IndexingReader::new(buffered).ctx(|| "starting to decompress".into())?;
             let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
-            // Drain what follows the tar's end marker so that the checks at the end run and
-            // the last span digest covers the blob to its end.
-            std::io::copy(&mut r, &mut std::io::sink())
-                .map_err(|e| Error::malformed("layer", e))?;
+            drain(&mut r)?;
             idx.seek = Some(r.seek_points());
             Ok(idx)
         }
         Compression::Zstd => {
-            let mut r = crate::layer::zstd_seek::ZstdIndexingReader::new(
-                std::io::BufReader::with_capacity(256 << 10, blob),
-            );
+            let mut r = crate::layer::zstd_seek::ZstdIndexingReader::new(buffered);
             let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
-            std::io::copy(&mut r, &mut std::io::sink())
-                .map_err(|e| Error::malformed("layer", e))?;
+            drain(&mut r)?;
             idx.seek = Some(r.seek_points());
             Ok(idx)
         }
-        Compression::None => index::build(blob, |_, _, _| Ok(())),
+        Compression::None => {
+            let mut r = seek::PlainIndexingReader::new(buffered);
+            let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
+            drain(&mut r)?;
+            idx.seek = Some(r.seek_points());
+            Ok(idx)
+        }
+    }
+}
+
+/// A `Read + Seek` over a shared open file by `pread`, so threads never share a file offset.
+struct PreadFile<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl std::io::Read for PreadFile<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for PreadFile<'_> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let std::io::SeekFrom::Start(at) = to else {
+            return Err(std::io::Error::other(
+                "pread files seek only from the start",
+            ));
+        };
+        self.pos = at;
+        Ok(at)
+    }
+}
+
+/// Decompress `len` bytes from uncompressed offset `start` out of `blob` (the whole blob, or
+/// the span of it holding `start`).
+fn decompress_at(
+    blob: &mut (impl std::io::Read + std::io::Seek),
+    compression: Compression,
+    sp: &SeekPoints,
+    start: u64,
+    len: usize,
+) -> std::io::Result<Vec<u8>> {
+    match compression {
+        Compression::Zstd => crate::layer::zstd_seek::read_at(blob, &sp.checkpoints, start, len),
+        Compression::Gzip => seek::read_at(blob, &sp.checkpoints, start, len),
+        Compression::None => {
+            use std::io::Read;
+            blob.seek(std::io::SeekFrom::Start(start))?;
+            let mut out = Vec::with_capacity(len);
+            blob.take(len as u64).read_to_end(&mut out)?;
+            Ok(out)
+        }
+    }
+}
+
+/// Why a span could not be fetched by range.
+enum SpanError {
+    /// Only the whole blob will do (ranges ignored, or the span is too big).
+    NeedBlob,
+    Failed(std::io::Error),
+}
+
+impl Fetcher {
+    fn gate(&self, key: (usize, usize)) -> Arc<Mutex<()>> {
+        self.gates.lock().unwrap().entry(key).or_default().clone()
+    }
+
+    /// The compressed bytes of span `k` of `layer`: from the chunk store, or fetched by
+    /// range and verified against the span digest.
+    fn span(
+        &self,
+        li: usize,
+        layer: &LayerData,
+        k: usize,
+    ) -> std::result::Result<Bytes, SpanError> {
+        let sp = layer.seek().map_err(SpanError::Failed)?;
+        let digest = sp.span_digests.get(k).ok_or_else(|| {
+            SpanError::Failed(std::io::Error::other("index has no digest for this span"))
+        })?;
+        if let Some(b) = self.cache.load_chunk(digest) {
+            self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b);
+        }
+        if layer.no_ranges.load(Ordering::Relaxed) || layer.descriptor.size_unknown {
+            return Err(SpanError::NeedBlob);
+        }
+        let (a, b) = sp.span_range(k, layer.descriptor.size);
+        if b - a > MAX_RANGE {
+            return Err(SpanError::NeedBlob);
+        }
+        let gate = self.gate((li, k));
+        let _turn = gate.lock().unwrap();
+        if let Some(b) = self.cache.load_chunk(digest) {
+            self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b);
+        }
+        let what = || format!("span {k} (bytes {a}-{b}) of layer {}", layer.digest);
+        let mut last = None;
+        for attempt in 1..=RANGE_ATTEMPTS {
+            let t = std::time::Instant::now();
+            match self
+                .rt
+                .block_on(self.src.read_range(&layer.descriptor, a, b))
+            {
+                Ok(Some(bytes)) => {
+                    self.stats.ranges.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .range_bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    let actual = Digest::of(&bytes);
+                    if actual == *digest {
+                        tracing::debug!("fetched {} in {:.1?}", what(), t.elapsed());
+                        self.keep_chunk(digest, &bytes);
+                        self.gates.lock().unwrap().remove(&(li, k));
+                        return Ok(bytes);
+                    }
+                    tracing::warn!(
+                        "{} from {}: digest mismatch (expected {digest}, got {actual}); \
+                         not serving it (attempt {attempt} of {RANGE_ATTEMPTS})",
+                        what(),
+                        self.src.name()
+                    );
+                    last = Some(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: the source sent bytes that do not match the index",
+                            what()
+                        ),
+                    ));
+                }
+                Ok(None) => {
+                    tracing::info!(
+                        "{} ignores ranges for {}; downloading the whole blob",
+                        self.src.name(),
+                        layer.digest
+                    );
+                    layer.no_ranges.store(true, Ordering::Relaxed);
+                    return Err(SpanError::NeedBlob);
+                }
+                Err(e) => {
+                    tracing::warn!("{}: {e} (attempt {attempt} of {RANGE_ATTEMPTS})", what());
+                    last = Some(std::io::Error::other(format!("{}: {e}", what())));
+                }
+            }
+        }
+        self.gates.lock().unwrap().remove(&(li, k));
+        Err(SpanError::Failed(last.expect("at least one attempt")))
+    }
+
+    /// Store a verified span in the chunk store, keeping the store under its bound. Spans
+    /// of local sources are not stored: the source is as near as the store.
+    fn keep_chunk(&self, digest: &Digest, bytes: &[u8]) {
+        if self.src.is_local() {
+            return;
+        }
+        if let Err(e) = self.cache.store_chunk(digest, bytes) {
+            tracing::warn!("not keeping chunk {digest}: {e}");
+            return;
+        }
+        let mut total = self.chunk_bytes.lock().unwrap();
+        let now = match *total {
+            Some(t) => t + bytes.len() as u64,
+            None => self.cache.chunk_usage(),
+        };
+        *total = Some(if now > self.chunk_max {
+            // Down to 3/4 of the bound, so that trimming is not paid on every store.
+            self.cache.trim_chunks(self.chunk_max / 4 * 3)
+        } else {
+            now
+        });
+    }
+
+    /// Make sure the layer has its verified blob open, downloading it if needed.
+    fn ensure_local<'a>(&self, li: usize, layer: &'a LayerData) -> std::io::Result<&'a File> {
+        if let Some(f) = layer.local.get() {
+            return Ok(f);
+        }
+        let gate = self.gate((li, usize::MAX));
+        let _turn = gate.lock().unwrap();
+        if let Some(f) = layer.local.get() {
+            return Ok(f);
+        }
+        self.stats.blob_fallbacks.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .rt
+            .block_on(self.cache.fetch(&self.src, &layer.descriptor))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let f = File::open(&path)?;
+        Ok(layer.local.get_or_init(|| f))
     }
 }
 
 impl ImageView {
-    /// Fetch every layer blob (verified) and index it — or load its index from the cache —
-    /// then merge. Indexes are built concurrently and cached for the next time.
+    /// Load each layer's index from the cache, or build it by streaming the verified blob
+    /// (kept only with `keep_blobs`), then merge. Indexes are built concurrently and always
+    /// cached. Blobs are not fetched for layers whose index is cached: reads fetch by range.
     pub async fn open(
         cache: &Cache,
-        src: &Source,
+        src: Arc<Source>,
         image: &Image,
         opts: &ViewOptions,
     ) -> Result<ImageView> {
@@ -118,7 +385,8 @@ impl ImageView {
             Some(n) => n,
             None => image.layers.len(),
         };
-        let layers: Vec<LayerData> =
+        let src_ref = &src;
+        let layers: Vec<Arc<LayerData>> =
             futures_util::stream::iter(image.layers[..n].iter().enumerate())
                 .map(|(i, layer)| async move {
                     let digest = &layer.descriptor.digest;
@@ -138,12 +406,14 @@ impl ImageView {
                         context: "an indexing thread failed".into(),
                         cause: std::io::Error::other(e.to_string()),
                     };
-                    let cached = cache
-                        .load_index(digest)
-                        .filter(|idx| compression == Compression::None || idx.seek.is_some());
+                    // Indexes without seek points (built by `pull`) are rebuilt.
+                    let cached = cache.load_index(digest).filter(|idx| idx.seek.is_some());
                     let fresh = cached.is_none();
                     let (blob, index) = match cached {
-                        Some(idx) => (cache.fetch(src, &layer.descriptor).await?, idx),
+                        Some(idx) => {
+                            let blob = cache.blob_path(digest);
+                            (blob.is_file().then_some(blob), idx)
+                        }
                         None if cache.has_blob(digest) => {
                             let blob = cache.blob_path(digest);
                             let f =
@@ -153,7 +423,7 @@ impl ImageView {
                                     .await
                                     .map_err(joined)?
                                     .map_err(name)?;
-                            (blob, idx)
+                            (Some(blob), idx)
                         }
                         None => {
                             // Index while downloading; the index counts only if the blob verifies.
@@ -162,7 +432,13 @@ impl ImageView {
                                 build_index(crate::layer::ChannelReader::new(rx), compression)
                             });
                             let fetched = cache
-                                .fetch_into(src, &layer.descriptor, &|_| {}, Some(&tx))
+                                .stream_blob(
+                                    src_ref,
+                                    &layer.descriptor,
+                                    &|_| {},
+                                    Some(&tx),
+                                    opts.keep_blobs,
+                                )
                                 .await;
                             drop(tx);
                             let idx = indexing.await.map_err(joined)?;
@@ -173,14 +449,22 @@ impl ImageView {
                     if fresh && let Err(e) = cache.store_index(digest, &index) {
                         tracing::warn!("not caching the index of {digest}: {e}");
                     }
-                    let file = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
-                    Ok::<_, Error>(LayerData {
+                    let local = OnceLock::new();
+                    if let Some(blob) = blob {
+                        let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
+                        // Marks it used, for pruning oldest first.
+                        let _ = f.set_modified(std::time::SystemTime::now());
+                        let _ = local.set(f);
+                    }
+                    Ok::<_, Error>(Arc::new(LayerData {
                         digest: digest.to_string(),
-                        blob,
-                        file,
+                        descriptor: layer.descriptor.clone(),
                         compression,
                         index,
-                    })
+                        local,
+                        last_span: AtomicUsize::new(usize::MAX - 1),
+                        no_ranges: AtomicBool::new(false),
+                    }))
                 })
                 .buffered(opts.jobs.max(1))
                 .try_collect()
@@ -193,11 +477,81 @@ impl ImageView {
         Ok(ImageView {
             tree,
             layers,
+            fetcher: Arc::new(Fetcher {
+                src,
+                cache: cache.clone(),
+                rt: tokio::runtime::Handle::current(),
+                gates: Mutex::new(HashMap::new()),
+                chunk_bytes: Mutex::new(None),
+                chunk_max: opts.chunk_cache,
+                stats: ReadStats::default(),
+            }),
+            prefetch: opts.prefetch,
+            keep_blobs: opts.keep_blobs,
             spans: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(opts.cached_spans.max(1)).expect("at least one"),
             )),
-            inflight: Mutex::new(std::collections::HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// What reads have fetched so far.
+    pub fn stats(&self) -> &ReadStats {
+        &self.fetcher.stats
+    }
+
+    /// How many layers are read by range (their blob is not local).
+    pub fn remote_layers(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|l| l.local.get().is_none())
+            .count()
+    }
+
+    /// With [`Prefetch::All`], fetch in the background everything not yet local: whole blobs
+    /// with `keep_blobs`, every span into the chunk store otherwise. Returns at once.
+    pub fn start_prefetch(&self) {
+        if self.prefetch != Prefetch::All {
+            return;
+        }
+        let remote: u64 = self
+            .layers
+            .iter()
+            .filter(|l| l.local.get().is_none())
+            .map(|l| l.descriptor.size)
+            .sum();
+        if !self.keep_blobs && remote > self.fetcher.chunk_max {
+            tracing::warn!(
+                "prefetching {remote} bytes into a chunk store bounded at {} bytes: \
+                 older spans will be dropped (--keep-blobs keeps whole blobs instead)",
+                self.fetcher.chunk_max
+            );
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            if layer.local.get().is_some() {
+                continue;
+            }
+            let (fetcher, layer, keep) = (self.fetcher.clone(), layer.clone(), self.keep_blobs);
+            self.fetcher.rt.spawn_blocking(move || {
+                let t = std::time::Instant::now();
+                let res = if keep {
+                    fetcher.ensure_local(li, &layer).map(|_| ())
+                } else {
+                    let n = layer.seek().map_or(0, |s| s.span_digests.len());
+                    (0..n).try_for_each(|k| match fetcher.span(li, &layer, k) {
+                        Ok(_) => Ok(()),
+                        Err(SpanError::NeedBlob) => fetcher.ensure_local(li, &layer).map(|_| ()),
+                        Err(SpanError::Failed(e)) => Err(e),
+                    })
+                };
+                match res {
+                    Ok(()) => {
+                        tracing::info!("prefetched layer {} in {:.1?}", layer.digest, t.elapsed())
+                    }
+                    Err(e) => tracing::warn!("prefetching layer {}: {e}", layer.digest),
+                }
+            });
+        }
     }
 
     /// Read up to `len` bytes at `offset` of regular file `inode`. Short only at its end.
@@ -217,23 +571,22 @@ impl ImageView {
             context: format!("reading {} from layer {}", entry.path, layer.digest),
             cause: e,
         };
-        match layer.compression {
-            Compression::None => {
-                let mut buf = vec![0u8; len];
-                layer.file.read_exact_at(&mut buf, start).map_err(fail)?;
-                Ok(buf)
-            }
-            Compression::Gzip | Compression::Zstd => {
-                self.read_spans(data.layer, layer, start, len).map_err(fail)
-            }
+        if layer.compression == Compression::None
+            && let Some(f) = layer.local.get()
+        {
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, start).map_err(fail)?;
+            return Ok(buf);
         }
+        self.read_spans(data.layer as usize, layer, start, len)
+            .map_err(fail)
     }
 
     fn span(
         &self,
         key: SpanKey,
         make: impl FnOnce() -> std::io::Result<Vec<u8>>,
-    ) -> std::io::Result<Arc<Vec<u8>>> {
+    ) -> std::io::Result<Bytes> {
         if let Some(s) = self.spans.lock().unwrap().get(&key) {
             return Ok(s.clone());
         }
@@ -250,7 +603,7 @@ impl ImageView {
         if let Some(s) = self.spans.lock().unwrap().get(&key) {
             return Ok(s.clone());
         }
-        let made = make().map(Arc::new);
+        let made = make().map(Bytes::from);
         if let Ok(s) = &made {
             // Cached before the gate goes, so a newcomer finds it rather than a new gate.
             self.spans.lock().unwrap().put(key, s.clone());
@@ -259,55 +612,74 @@ impl ImageView {
         made
     }
 
+    /// Start fetching the spans after `k` when a reader has just moved from span `k - 1`.
+    fn read_ahead(&self, li: usize, layer: &Arc<LayerData>, k: usize) {
+        let prev = layer.last_span.swap(k, Ordering::Relaxed);
+        if self.prefetch == Prefetch::None || prev.wrapping_add(1) != k {
+            return;
+        }
+        let Ok(sp) = layer.seek() else { return };
+        for j in k + 1..(k + 1 + READAHEAD_SPANS).min(sp.span_digests.len()) {
+            let (fetcher, layer) = (self.fetcher.clone(), layer.clone());
+            self.fetcher.rt.spawn_blocking(move || {
+                if let Err(SpanError::Failed(e)) = fetcher.span(li, &layer, j) {
+                    tracing::debug!("read-ahead of span {j} of {}: {e}", layer.digest);
+                }
+            });
+        }
+    }
+
     fn read_spans(
         &self,
-        li: u32,
-        layer: &LayerData,
+        li: usize,
+        layer: &Arc<LayerData>,
         start: u64,
         len: usize,
     ) -> std::io::Result<Vec<u8>> {
-        let cps = layer
-            .index
-            .seek
-            .as_ref()
-            .map(|s| s.checkpoints.as_slice())
-            .ok_or_else(|| std::io::Error::other("layer indexed without seek points"))?;
+        let sp = layer.seek()?;
         let mut out = Vec::with_capacity(len);
         let mut pos = start;
         while out.len() < len {
-            let k = cps
-                .partition_point(|c| c.out_offset <= pos)
-                .checked_sub(1)
-                .ok_or_else(|| {
-                    std::io::Error::other("no seek point before the requested offset")
-                })?;
-            // Cached spans are at most SPAN bytes, aligned from their seek point, however
+            let k = sp.span_at(pos).ok_or_else(|| {
+                std::io::Error::other("no seek point before the requested offset")
+            })?;
+            // Cached pieces are at most SPAN bytes, aligned from their seek point, however
             // far apart seek points are (a single-frame zstd layer has only one).
-            let cp_start = cps[k].out_offset;
-            let span_start = cp_start + (pos - cp_start) / seek::SPAN * seek::SPAN;
-            let span_len = match cps.get(k + 1) {
-                Some(next) => (next.out_offset - span_start).min(seek::SPAN) as usize,
+            let (cp_start, cp_end) = sp.span_output(k);
+            let piece_start = cp_start + (pos - cp_start) / seek::SPAN * seek::SPAN;
+            let piece_len = match cp_end {
+                Some(end) => (end - piece_start).min(seek::SPAN) as usize,
                 None => seek::SPAN as usize,
             };
-            let span = self.span((li, span_start), || {
-                let mut f = File::open(&layer.blob)?;
-                let len = span_len;
-                match layer.compression {
-                    Compression::Zstd => {
-                        crate::layer::zstd_seek::read_at(&mut f, cps, span_start, len)
+            let piece = self.span((li as u32, piece_start), || {
+                if let Some(f) = layer.local.get() {
+                    let mut r = PreadFile { file: f, pos: 0 };
+                    return decompress_at(&mut r, layer.compression, sp, piece_start, piece_len);
+                }
+                self.read_ahead(li, layer, k);
+                match self.fetcher.span(li, layer, k) {
+                    Ok(bytes) => {
+                        let (a, _) = sp.span_range(k, layer.descriptor.size);
+                        let mut r = SpanBytes::new(a, bytes);
+                        decompress_at(&mut r, layer.compression, sp, piece_start, piece_len)
                     }
-                    _ => seek::read_at(&mut f, cps, span_start, len),
+                    Err(SpanError::Failed(e)) => Err(e),
+                    Err(SpanError::NeedBlob) => {
+                        let f = self.fetcher.ensure_local(li, layer)?;
+                        let mut r = PreadFile { file: f, pos: 0 };
+                        decompress_at(&mut r, layer.compression, sp, piece_start, piece_len)
+                    }
                 }
             })?;
-            let at = (pos - span_start) as usize;
-            if at >= span.len() {
+            let at = (pos - piece_start) as usize;
+            if at >= piece.len() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     "layer ends before the file does",
                 ));
             }
-            let take = (len - out.len()).min(span.len() - at);
-            out.extend_from_slice(&span[at..at + take]);
+            let take = (len - out.len()).min(piece.len() - at);
+            out.extend_from_slice(&piece[at..at + take]);
             pos += take as u64;
         }
         Ok(out)

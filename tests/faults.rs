@@ -5,18 +5,6 @@ mod common;
 
 use common::*;
 
-/// Incompressible, deterministic bytes (xorshift), so a gzip layer is as large as its data.
-fn noise(n: usize, mut seed: u64) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect()
-}
-
 fn big_image(repo: &str, seed: u64) -> (FixtureImage, String) {
     let reg = registry();
     let data = noise(400_000, seed);

@@ -4,68 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
 use common::compare::{assert_same_tree, snapshot};
 use common::fixtures::rich_image;
 use common::layers::Tar;
+use common::mounted::Mounted;
 use common::*;
-
-/// A mount that is unmounted (and its daemon waited for) when dropped.
-struct Mounted {
-    dir: PathBuf,
-    pid: i32,
-}
-
-impl Mounted {
-    fn new(cache: &Path, image: &str, dir: &Path, extra: &[&str]) -> Mounted {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut args = vec!["mount", image, dir.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let out = imgfs_ok(cache, &args);
-        Mounted {
-            dir: dir.to_path_buf(),
-            pid: out.trim().parse().expect("mount prints the daemon's pid"),
-        }
-    }
-
-    fn alive(&self) -> bool {
-        Path::new(&format!("/proc/{}", self.pid)).exists()
-            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-                .unwrap_or_default()
-                .contains(") Z ")
-    }
-
-    fn wait_gone(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while (self.alive() || is_mounted(&self.dir)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(
-            !is_mounted(&self.dir),
-            "still mounted: {}",
-            self.dir.display()
-        );
-        assert!(!self.alive(), "daemon {} still running", self.pid);
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if is_mounted(&self.dir) {
-            let _ = std::process::Command::new("umount").arg(&self.dir).status();
-        }
-    }
-}
-
-fn is_mounted(dir: &Path) -> bool {
-    let canon = dir.canonicalize().unwrap_or(dir.to_path_buf());
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap()))
-}
 
 #[test]
 fn the_mounted_tree_equals_the_pulled_tree() {
@@ -126,22 +69,14 @@ fn the_mounted_tree_equals_the_pulled_tree() {
 fn big_image(repo: &str) -> (String, Vec<(String, Vec<u8>)>) {
     let reg = registry();
     let mut files = Vec::new();
-    let mut seed = 5u64;
     for i in 0..40 {
         let len = [10usize, 70_000, 1_500_000, 5_000][i % 4];
-        let data: Vec<u8> = (0..len)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                // Half compressible, half noise.
-                if i % 2 == 0 {
-                    b'a' + (seed % 4) as u8
-                } else {
-                    seed as u8
-                }
-            })
-            .collect();
+        // Half compressible, half noise.
+        let data = if i % 2 == 0 {
+            text(len, 5 + i as u64)
+        } else {
+            noise(len, 5 + i as u64)
+        };
         files.push((format!("d{}/f{i}", i % 5), data));
     }
     let mut t = Tar::new();
@@ -305,14 +240,10 @@ fn mount_refuses_bad_targets_clearly() {
 #[test]
 fn zstd_and_uncompressed_layers_mount_like_they_pull() {
     let reg = registry();
-    let mut seed = 11u64;
-    let big: Vec<u8> = (0..9_000_000)
-        .map(|i| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            if i % 2 == 0 { seed as u8 } else { b'z' }
-        })
+    let big: Vec<u8> = noise(4_500_000, 11)
+        .into_iter()
+        .zip(text(4_500_000, 12))
+        .flat_map(|(a, b)| [a, b])
         .collect();
     let l1 = Tar::new()
         .dir("z", 0o755)

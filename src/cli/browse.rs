@@ -9,7 +9,7 @@ use clap::Args;
 use super::{Global, Opened};
 use crate::index::Kind;
 use crate::tree::{DentryId, ROOT, Tree};
-use crate::view::{ImageView, ViewOptions};
+use crate::view::ImageView;
 
 #[derive(Args)]
 pub struct LsArgs {
@@ -23,9 +23,8 @@ pub struct LsArgs {
     /// List subdirectories too
     #[arg(short = 'R', long)]
     recursive: bool,
-    /// The image as of its first N layers
-    #[arg(long, value_name = "N")]
-    layer: Option<usize>,
+    #[command(flatten)]
+    read: super::ReadArgs,
 }
 
 #[derive(Args)]
@@ -33,24 +32,24 @@ pub struct CatArgs {
     image: String,
     /// File inside the image
     path: String,
-    /// The image as of its first N layers
-    #[arg(long, value_name = "N")]
-    layer: Option<usize>,
+    #[command(flatten)]
+    read: super::ReadArgs,
 }
 
-async fn open_view(g: &Global, image: &str, layer: Option<usize>) -> Result<ImageView> {
+async fn open_view(g: &Global, image: &str, read: &super::ReadArgs) -> Result<ImageView> {
     let Opened {
         cache,
         source,
         image,
     } = g.open(image).await?;
-    let opts = ViewOptions {
-        layers: layer,
-        ..ViewOptions::default()
-    };
-    ImageView::open(&cache, &source, &image, &opts)
-        .await
-        .with_context(|| format!("indexing {}", image.reference))
+    ImageView::open(
+        &cache,
+        std::sync::Arc::new(source),
+        &image,
+        &read.view_options(),
+    )
+    .await
+    .with_context(|| format!("indexing {}", image.reference))
 }
 
 fn resolve(tree: &Tree, path: &str) -> Result<DentryId> {
@@ -131,7 +130,7 @@ fn print_entry(
 }
 
 pub async fn ls(g: &Global, args: LsArgs) -> Result<()> {
-    let view = open_view(g, &args.image, args.layer).await?;
+    let view = open_view(g, &args.image, &args.read).await?;
     let tree = &view.tree;
     let start = resolve(tree, &args.path)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -177,7 +176,7 @@ pub async fn ls(g: &Global, args: LsArgs) -> Result<()> {
 }
 
 pub async fn cat(g: &Global, args: CatArgs) -> Result<()> {
-    let view = open_view(g, &args.image, args.layer).await?;
+    let view = open_view(g, &args.image, &args.read).await?;
     let tree = &view.tree;
     let mut d = resolve(tree, &args.path)?;
     // Follow symlinks as `cat` would, inside the image.
@@ -200,17 +199,30 @@ pub async fn cat(g: &Global, args: CatArgs) -> Result<()> {
     if m.kind != Kind::File {
         bail!("{}: not a regular file", args.path);
     }
-    let mut out = std::io::stdout().lock();
-    let mut off = 0u64;
-    while off < m.size {
-        let chunk = view
-            .read(ino, off, 1 << 20)
-            .with_context(|| format!("reading {}", args.path))?;
-        if chunk.is_empty() {
-            bail!("{}: layer data ends early", args.path);
+    let size = m.size;
+    let view = std::sync::Arc::new(view);
+    // Reads may fetch by range, which waits on the runtime: not from one of its own threads.
+    tokio::task::spawn_blocking(move || {
+        let mut out = std::io::stdout().lock();
+        let mut off = 0u64;
+        while off < size {
+            let chunk = view
+                .read(ino, off, 1 << 20)
+                .with_context(|| format!("reading {}", args.path))?;
+            if chunk.is_empty() {
+                bail!("{}: layer data ends early", args.path);
+            }
+            out.write_all(&chunk)?;
+            off += chunk.len() as u64;
         }
-        out.write_all(&chunk)?;
-        off += chunk.len() as u64;
-    }
-    Ok(out.flush()?)
+        let s = view.stats();
+        tracing::info!(
+            "fetched {} ranges ({} bytes), {} spans from the chunk store",
+            s.ranges.load(std::sync::atomic::Ordering::Relaxed),
+            s.range_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            s.chunk_hits.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        Ok(out.flush()?)
+    })
+    .await?
 }

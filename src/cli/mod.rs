@@ -2,6 +2,7 @@
 //! boundary where library errors get their context and become one line on stderr.
 
 mod browse;
+mod cache;
 mod inspect;
 mod mount;
 mod pull;
@@ -17,6 +18,7 @@ use crate::manifest::{Image, Platform};
 use crate::reference::ImageRef;
 use crate::registry::ClientOptions;
 use crate::source::{Source, SourceOptions};
+use crate::view::{Prefetch, ViewOptions};
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +52,36 @@ struct Global {
     verbose: u8,
 }
 
+/// How `mount`, `ls` and `cat` get file bytes.
+#[derive(Args, Clone)]
+struct ReadArgs {
+    /// Keep whole layer blobs in the cache (default: indexes, and the spans reads fetch)
+    #[arg(long)]
+    keep_blobs: bool,
+    /// What to fetch besides what is read: nothing, spans ahead of sequential reads, or
+    /// everything in the background
+    #[arg(long, value_enum, default_value_t = Prefetch::Auto)]
+    prefetch: Prefetch,
+    /// Most disk space for fetched spans in the cache (oldest go first)
+    #[arg(long, value_name = "SIZE", default_value = "1GiB")]
+    chunk_cache: bytesize::ByteSize,
+    /// The image as of its first N layers
+    #[arg(long, value_name = "N")]
+    layer: Option<usize>,
+}
+
+impl ReadArgs {
+    fn view_options(&self) -> ViewOptions {
+        ViewOptions {
+            layers: self.layer,
+            keep_blobs: self.keep_blobs,
+            prefetch: self.prefetch,
+            chunk_cache: self.chunk_cache.as_u64(),
+            ..ViewOptions::default()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Show an image's digest, platform, config and layers
@@ -66,6 +98,8 @@ enum Command {
     Ls(browse::LsArgs),
     /// Print a file of the image, without mounting it
     Cat(browse::CatArgs),
+    /// Show or trim the cache (blobs, layer indexes, fetched spans)
+    Cache(cache::CacheArgs),
 }
 
 #[derive(Args)]
@@ -125,6 +159,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Umount(args) => mount::umount(args),
         Command::Ls(args) => browse::ls(&g, args).await,
         Command::Cat(args) => browse::cat(&g, args).await,
+        Command::Cache(args) => cache::run(&g, args),
     }
 }
 

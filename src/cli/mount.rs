@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -15,7 +16,7 @@ use clap::Args;
 
 use super::{Global, Opened};
 use crate::fuse::ImageFs;
-use crate::view::{ImageView, ViewOptions};
+use crate::view::ImageView;
 
 #[derive(Args)]
 pub struct MountArgs {
@@ -28,9 +29,8 @@ pub struct MountArgs {
     /// Mount options: allow_other, allow_root
     #[arg(short = 'o', value_name = "OPTION", value_delimiter = ',')]
     options: Vec<String>,
-    /// The image as of its first N layers
-    #[arg(long, value_name = "N")]
-    layer: Option<usize>,
+    #[command(flatten)]
+    read: super::ReadArgs,
 }
 
 #[derive(Args)]
@@ -109,14 +109,12 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
         image,
     } = g.open(&args.image).await?;
     tracing::info!("resolved {} in {:.1?}", image.reference, t0.elapsed());
-    let opts = ViewOptions {
-        layers: args.layer,
-        ..ViewOptions::default()
-    };
-    let view = ImageView::open(&cache, &source, &image, &opts)
+    let view = ImageView::open(&cache, Arc::new(source), &image, &args.read.view_options())
         .await
         .with_context(|| format!("indexing {}", image.reference))?;
     tracing::info!("indexes loaded and merged at {:.1?}", t0.elapsed());
+    // Background work on other threads; it never holds up the mount.
+    view.start_prefetch();
     let fs = ImageFs::new(view, tokio::runtime::Handle::current());
     let mut config = fuser::Config::default();
     config.mount_options = vec![

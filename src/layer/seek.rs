@@ -415,6 +415,141 @@ impl<R: BufRead> Read for IndexingReader<R> {
     }
 }
 
+/// An uncompressed layer passed through unchanged, recording a seek point every [`SPAN`]
+/// bytes and the sha256 of each span, so that range reads of plain layers are verified the
+/// same way as those of compressed ones.
+pub struct PlainIndexingReader<R: BufRead> {
+    src: SpanHasher<R>,
+    pos: u64,
+    span: u64,
+    checkpoints: Vec<Checkpoint>,
+}
+
+impl<R: BufRead> PlainIndexingReader<R> {
+    pub fn new(src: R) -> PlainIndexingReader<R> {
+        Self::with_span(src, SPAN)
+    }
+
+    pub fn with_span(src: R, span: u64) -> PlainIndexingReader<R> {
+        PlainIndexingReader {
+            src: SpanHasher {
+                inner: src,
+                hasher: None,
+                last: None,
+                spans: Vec::new(),
+            },
+            pos: 0,
+            span: span.max(1),
+            checkpoints: Vec::new(),
+        }
+    }
+
+    /// The seek points and span digests; call after reading to the end.
+    pub fn seek_points(mut self) -> SeekPoints {
+        self.src.finish();
+        SeekPoints {
+            checkpoints: self.checkpoints,
+            span_digests: self.src.spans,
+        }
+    }
+}
+
+impl<R: BufRead> Read for PlainIndexingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.src.fill_buf()?.len();
+        if avail == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        // A span starts only where there is data for it: no empty last span.
+        if self.pos % self.span == 0
+            && self
+                .checkpoints
+                .last()
+                .is_none_or(|c| c.out_offset < self.pos)
+        {
+            self.src.cut(false);
+            self.checkpoints.push(Checkpoint {
+                in_offset: self.pos,
+                bits: 0,
+                out_offset: self.pos,
+                window: Vec::new(),
+            });
+        }
+        let to_boundary = self.span - self.pos % self.span;
+        let n = avail.min(buf.len()).min(to_boundary as usize);
+        let got = self.src.read(&mut buf[..n])?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl SeekPoints {
+    /// The compressed bytes `[start, end)` that span `k` reads: what `span_digests[k]`
+    /// covers. `blob_size` ends the last span.
+    pub fn span_range(&self, k: usize, blob_size: u64) -> (u64, u64) {
+        let cp = &self.checkpoints[k];
+        let start = cp.in_offset - u64::from(cp.bits > 0);
+        let end = self
+            .checkpoints
+            .get(k + 1)
+            .map_or(blob_size, |next| next.in_offset);
+        (start, end)
+    }
+
+    /// The uncompressed bytes span `k` yields: `[out_offset, next out_offset)`, or to the
+    /// end of the stream for the last span.
+    pub fn span_output(&self, k: usize) -> (u64, Option<u64>) {
+        (
+            self.checkpoints[k].out_offset,
+            self.checkpoints.get(k + 1).map(|c| c.out_offset),
+        )
+    }
+
+    /// The index of the span holding uncompressed offset `pos`.
+    pub fn span_at(&self, pos: u64) -> Option<usize> {
+        self.checkpoints
+            .partition_point(|c| c.out_offset <= pos)
+            .checked_sub(1)
+    }
+}
+
+/// Some compressed bytes of a blob held in memory — one span fetched by range — readable
+/// with the blob's own offsets, so [`read_at`] works on them as on the whole blob. Reading
+/// past them is end of file.
+pub struct SpanBytes {
+    base: u64,
+    cur: std::io::Cursor<bytes::Bytes>,
+}
+
+impl SpanBytes {
+    /// `bytes` are the blob's bytes from offset `base` on.
+    pub fn new(base: u64, bytes: bytes::Bytes) -> SpanBytes {
+        SpanBytes {
+            base,
+            cur: std::io::Cursor::new(bytes),
+        }
+    }
+}
+
+impl Read for SpanBytes {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.cur.read(buf)
+    }
+}
+
+impl Seek for SpanBytes {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let SeekFrom::Start(at) = to else {
+            return Err(std::io::Error::other("span bytes seek only from the start"));
+        };
+        let rel = at
+            .checked_sub(self.base)
+            .ok_or_else(|| err("seek before the fetched span"))?;
+        self.cur.set_position(rel);
+        Ok(at)
+    }
+}
+
 /// The last seek point at or before uncompressed offset `start`.
 pub(super) fn checkpoint_before(
     checkpoints: &[Checkpoint],

@@ -297,16 +297,20 @@ impl Client {
         repository: &str,
         digest: &Digest,
         offset: u64,
+        end: Option<u64>,
     ) -> Result<BlobStream> {
         let url = format!("{}/v2/{repository}/blobs/{digest}", self.base_url(registry));
         let http = self.http_for(&url)?;
         let resp = self
             .send(registry, &Self::scope_pull(repository), &|| {
                 let r = http.get(&url);
-                if offset > 0 {
-                    r.header(header::RANGE, format!("bytes={offset}-"))
-                } else {
-                    r
+                match end {
+                    Some(end) => r.header(
+                        header::RANGE,
+                        format!("bytes={offset}-{}", end.saturating_sub(1)),
+                    ),
+                    None if offset > 0 => r.header(header::RANGE, format!("bytes={offset}-")),
+                    None => r,
                 }
             })
             .await?;
@@ -335,11 +339,13 @@ impl Client {
         } else {
             0
         };
+        let ranged = resp.status() == StatusCode::PARTIAL_CONTENT;
         let stream = resp
             .bytes_stream()
             .map_err(|e| std::io::Error::other(format!("blob body cut: {}", error_chain(&e))));
         Ok(BlobStream {
             start,
+            ranged,
             stream: Box::pin(stream),
         })
     }

@@ -27,6 +27,9 @@ pub use layout::LayoutSource;
 /// `start` is 0 and the consumer starts over).
 pub struct BlobStream {
     pub start: u64,
+    /// The source honoured the range asked for (always true for local files; for a registry,
+    /// it answered 206).
+    pub ranged: bool,
     pub stream: Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>,
 }
 
@@ -168,8 +171,60 @@ impl Source {
         )
     }
 
+    /// Bytes `[start, end)` of blob `desc`, unverified (the caller checks them against what
+    /// it knows), or `None` when the source ignores ranges and would send the whole blob.
+    pub async fn read_range(
+        &self,
+        desc: &Descriptor,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<Bytes>> {
+        use futures_util::StreamExt;
+        let mut blob = self.open_range(desc, start, Some(end)).await?;
+        if !blob.ranged || blob.start != start {
+            return Ok(None);
+        }
+        let want = (end - start) as usize;
+        let mut out = bytes::BytesMut::with_capacity(want);
+        while out.len() < want {
+            match blob.stream.next().await {
+                Some(Ok(chunk)) => {
+                    let take = chunk.len().min(want - out.len());
+                    out.extend_from_slice(&chunk[..take]);
+                }
+                Some(Err(e)) => {
+                    return Err(Error::Io {
+                        context: format!("reading bytes {start}-{end} of {}", desc.digest),
+                        cause: e,
+                    });
+                }
+                None => break,
+            }
+        }
+        if out.len() < want {
+            return Err(Error::Io {
+                context: format!("reading bytes {start}-{end} of {}", desc.digest),
+                cause: io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{} sent only {} bytes", self.name(), out.len()),
+                ),
+            });
+        }
+        Ok(Some(out.freeze()))
+    }
+
     /// Stream blob `desc` from byte `offset` on.
     pub async fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<BlobStream> {
+        self.open_range(desc, offset, None).await
+    }
+
+    /// Stream blob `desc` from byte `offset` to `end` (or its end).
+    async fn open_range(
+        &self,
+        desc: &Descriptor,
+        offset: u64,
+        end: Option<u64>,
+    ) -> Result<BlobStream> {
         match self {
             Source::Registry { client, reference } => {
                 if !desc.urls.is_empty() {
@@ -184,9 +239,11 @@ impl Source {
                         &reference.repository,
                         &desc.digest,
                         offset,
+                        end,
                     )
                     .await
             }
+            // Local files stop where asked by the reader taking only what it wants.
             Source::Layout(l) => l.open_blob(&desc.digest, offset).await,
             Source::Archive(a) => a.open_blob(&desc.digest, offset).await,
         }
@@ -201,6 +258,7 @@ async fn file_range_stream(path: &std::path::Path, start: u64, len: u64) -> io::
     let stream = tokio_util::io::ReaderStream::with_capacity(f.take(len), 256 << 10);
     Ok(BlobStream {
         start: 0,
+        ranged: true,
         stream: Box::pin(stream),
     })
 }

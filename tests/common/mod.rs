@@ -5,6 +5,7 @@
 pub mod compare;
 pub mod fixtures;
 pub mod layers;
+pub mod mounted;
 pub mod proxy;
 pub mod schema1;
 pub mod token;
@@ -425,4 +426,23 @@ pub fn push_index(
             .await
             .unwrap()
     })
+}
+
+fn xorshift(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// Incompressible, deterministic bytes, so a gzip layer is as large as its data.
+pub fn noise(n: usize, mut seed: u64) -> Vec<u8> {
+    (0..n).map(|_| xorshift(&mut seed) as u8).collect()
+}
+
+/// Compressible, deterministic bytes (four letters at random: gzip gets about 4:1).
+pub fn text(n: usize, mut seed: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| b'a' + (xorshift(&mut seed) % 4) as u8)
+        .collect()
 }

@@ -1,5 +1,6 @@
 //! A loopback HTTP proxy between imgfs and the real registry that can misbehave on purpose:
-//! cut blob downloads mid-body, ignore `Range`, and count what it served. One request per
+//! cut blob downloads mid-body, ignore `Range`, flip a byte of ranged blob responses, and
+//! count what it served. One request per
 //! connection (it forces `Connection: close`), which keeps it small and its cuts exact.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,6 +20,10 @@ struct State {
     fail_status: AtomicU64,
     /// Answer blob GETs with a 307 to this base URL + the request path.
     redirect_blobs: Mutex<Option<String>>,
+    /// How many of the coming ranged blob GETs get one byte of their body flipped.
+    corrupt_ranges_left: AtomicUsize,
+    /// Body bytes of blob GETs passed to the client.
+    blob_bytes: AtomicU64,
     /// Request lines seen, with their Range header if any.
     log: Mutex<Vec<String>>,
 }
@@ -69,6 +74,21 @@ impl Proxy {
 
     pub fn ignore_range(&self, on: bool) {
         self.state.ignore_range.store(on, Ordering::SeqCst);
+    }
+
+    /// Flip one byte in the body of each of the next `n` blob GETs that carry a Range.
+    pub fn corrupt_next_ranges(&self, n: usize) {
+        self.state.corrupt_ranges_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Body bytes of blob downloads served so far.
+    pub fn blob_bytes(&self) -> u64 {
+        self.state.blob_bytes.load(Ordering::SeqCst)
+    }
+
+    pub fn reset_counts(&self) {
+        self.state.blob_bytes.store(0, Ordering::SeqCst);
+        self.state.log.lock().unwrap().clear();
     }
 
     pub fn log(&self) -> Vec<String> {
@@ -173,11 +193,22 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
     let cut = is_blob_get && length > st.cut_after.load(Ordering::SeqCst) && take(&st.cuts_left);
     let mut client_w = client;
     client_w.write_all(format!("{}\r\n\r\n", resp_head.join("\r\n")).as_bytes())?;
-    if cut {
+    let corrupt = is_blob_get && range.is_some() && length > 0 && take(&st.corrupt_ranges_left);
+    let sent = if cut {
         let limit = st.cut_after.load(Ordering::SeqCst);
-        std::io::copy(&mut (&mut from_up).take(limit), &mut client_w)?;
+        std::io::copy(&mut (&mut from_up).take(limit), &mut client_w)?
+    } else if corrupt {
+        let mut body = Vec::new();
+        (&mut from_up).take(length).read_to_end(&mut body)?;
+        let mid = body.len() / 2;
+        body[mid] ^= 0x55;
+        client_w.write_all(&body)?;
+        body.len() as u64
     } else {
-        std::io::copy(&mut from_up, &mut client_w)?;
+        std::io::copy(&mut from_up, &mut client_w)?
+    };
+    if is_blob_get {
+        st.blob_bytes.fetch_add(sent, Ordering::SeqCst);
     }
     let _ = client_w.shutdown(Shutdown::Both);
     let _ = upstream.shutdown(Shutdown::Both);

@@ -157,3 +157,62 @@ fn damaged_streams_are_errors_not_wrong_bytes() {
         .read_to_end(&mut Vec::new());
     assert!(res.unwrap_err().to_string().contains("length"));
 }
+
+/// Each span decompresses from its own compressed bytes alone (what a range read fetches),
+/// and those bytes are exactly what its digest covers.
+fn check_spans_alone(blob: &[u8], data: &[u8], sp: &SeekPoints) {
+    for k in 0..sp.checkpoints.len() {
+        let (a, b) = sp.span_range(k, blob.len() as u64);
+        assert_eq!(
+            sp.span_digests[k],
+            crate::digest::Digest::of(&blob[a as usize..b as usize])
+        );
+        let (from, to) = sp.span_output(k);
+        let to = to.unwrap_or(data.len() as u64);
+        let mut span = SpanBytes::new(
+            a,
+            bytes::Bytes::copy_from_slice(&blob[a as usize..b as usize]),
+        );
+        let got = read_at(&mut span, &sp.checkpoints, from, (to - from) as usize).unwrap();
+        assert_eq!(got, &data[from as usize..to as usize], "span {k}");
+    }
+}
+
+#[test]
+fn every_span_decompresses_from_its_own_bytes() {
+    let parts = [text(2_500_000), noise(1_200_000), text(900_000)];
+    let mut blob = Vec::new();
+    let mut data = Vec::new();
+    for p in &parts {
+        blob.extend(gz(p));
+        data.extend_from_slice(p);
+    }
+    let (out, sp) = index_full(&blob, 700 << 10);
+    assert_eq!(out, data);
+    assert!(sp.checkpoints.iter().any(|c| c.bits != 0));
+    check_spans_alone(&blob, &data, &sp);
+}
+
+#[test]
+fn plain_layers_get_spans_too() {
+    let data = noise(2_500_001);
+    let mut r =
+        PlainIndexingReader::with_span(std::io::BufReader::with_capacity(7000, &data[..]), 1 << 20);
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).unwrap();
+    assert_eq!(out, data);
+    let sp = r.seek_points();
+    let starts: Vec<u64> = sp.checkpoints.iter().map(|c| c.out_offset).collect();
+    assert_eq!(starts, [0, 1 << 20, 2 << 20]);
+    for k in 0..3 {
+        let (a, b) = sp.span_range(k, data.len() as u64);
+        assert_eq!(
+            sp.span_digests[k],
+            crate::digest::Digest::of(&data[a as usize..b as usize])
+        );
+    }
+    // Exactly a multiple of the span: no empty span at the end.
+    let mut r = PlainIndexingReader::with_span(&data[..2 << 20], 1 << 20);
+    std::io::copy(&mut r, &mut std::io::sink()).unwrap();
+    assert_eq!(r.seek_points().span_digests.len(), 2);
+}

@@ -1,0 +1,164 @@
+//! `imgfs cache du|ls|prune`: see what the cache holds and trim it. Pruning is safe next to
+//! running mounts: they keep their blobs open, hold their indexes in memory and refetch a
+//! span whose chunk is gone; downloads in progress (recent files in `tmp/`) are left alone.
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::Result;
+use bytesize::ByteSize;
+use clap::{Args, Subcommand};
+
+use super::Global;
+use crate::cache::{CacheEntry, Kind};
+
+#[derive(Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    command: CacheCommand,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Show the space blobs, indexes, chunks and temporary files take
+    Du,
+    /// List what the cache holds, least recently used first
+    Ls,
+    /// Remove blobs and chunks, least recently used first (all of them unless --max-size);
+    /// indexes stay unless --all
+    Prune(PruneArgs),
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// Remove only until the cache takes at most this much (e.g. 2GiB)
+    #[arg(long, value_name = "SIZE")]
+    max_size: Option<ByteSize>,
+    /// Remove indexes too
+    #[arg(long)]
+    all: bool,
+    /// Say what would go, remove nothing
+    #[arg(long, short = 'n')]
+    dry_run: bool,
+}
+
+/// Temporary files untouched this long belong to no download in progress.
+const STALE_TMP: Duration = Duration::from_secs(3600);
+/// Mount logs untouched this long are old news.
+const STALE_LOG: Duration = Duration::from_secs(7 * 24 * 3600);
+
+pub fn run(g: &Global, args: CacheArgs) -> Result<()> {
+    let cache = g.cache()?;
+    match args.command {
+        CacheCommand::Du => {
+            let mut total = 0;
+            for kind in Kind::ALL {
+                let entries = cache.entries(kind);
+                let size: u64 = entries.iter().map(|e| e.size).sum();
+                total += size;
+                println!(
+                    "{:<8} {:>7} {:>11}",
+                    kind.name(),
+                    entries.len(),
+                    ByteSize(size).to_string()
+                );
+            }
+            println!(
+                "{:<8} {:>7} {:>11}",
+                "total",
+                "",
+                ByteSize(total).to_string()
+            );
+            println!("in {}", cache.root().display());
+        }
+        CacheCommand::Ls => {
+            for kind in Kind::ALL {
+                for e in cache.entries(kind) {
+                    let age = SystemTime::now().duration_since(e.used).unwrap_or_default();
+                    println!(
+                        "{:<8} {:>11} {:>9}  {}",
+                        kind.name(),
+                        ByteSize(e.size).to_string(),
+                        format!("{} ago", age_string(age)),
+                        e.name
+                    );
+                }
+            }
+        }
+        CacheCommand::Prune(p) => prune(&cache, &p),
+    }
+    Ok(())
+}
+
+fn age_string(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172_800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn prune(cache: &crate::cache::Cache, p: &PruneArgs) {
+    let now = SystemTime::now();
+    let idle = |e: &CacheEntry| now.duration_since(e.used).unwrap_or_default();
+    let mut doomed: Vec<CacheEntry> = Vec::new();
+    doomed.extend(
+        cache
+            .entries(Kind::Tmp)
+            .into_iter()
+            .filter(|e| idle(e) > STALE_TMP),
+    );
+    doomed.extend(
+        cache
+            .entries(Kind::Log)
+            .into_iter()
+            .filter(|e| idle(e) > STALE_LOG),
+    );
+    // Blobs and chunks compete for the space, least recently used first.
+    let mut data: Vec<CacheEntry> = cache.entries(Kind::Blob);
+    data.extend(cache.entries(Kind::Chunk));
+    data.sort_by_key(|e| e.used);
+    let indexes = cache.entries(Kind::Index);
+    match p.max_size {
+        None => {
+            doomed.extend(data);
+            if p.all {
+                doomed.extend(indexes);
+            }
+        }
+        Some(max) => {
+            let kept_size = |v: &[CacheEntry]| v.iter().map(|e| e.size).sum::<u64>();
+            let mut total = kept_size(&data) + kept_size(&indexes);
+            let mut pool = data;
+            if p.all {
+                pool.extend(indexes);
+                pool.sort_by_key(|e| e.used);
+            }
+            for e in pool {
+                if total <= max.as_u64() {
+                    break;
+                }
+                total -= e.size;
+                doomed.push(e);
+            }
+        }
+    }
+    let mut freed = 0;
+    let mut count = 0;
+    for e in &doomed {
+        if p.dry_run {
+            println!("would remove {} {}", e.kind.name(), e.name);
+        } else if let Err(err) = std::fs::remove_file(&e.path) {
+            eprintln!("imgfs: keeping {}: {err}", e.path.display());
+            continue;
+        }
+        freed += e.size;
+        count += 1;
+    }
+    println!(
+        "{} {count} files, {}",
+        if p.dry_run { "would free" } else { "freed" },
+        ByteSize(freed)
+    );
+}
