@@ -116,13 +116,32 @@ pub struct ReadStats {
     pub blob_fallbacks: AtomicU64,
 }
 
+/// Single-flight gates: the first thread to want `K` holds its gate while it does the work;
+/// others wait at the gate and then find the result where the first one left it.
+struct Gates<K>(Mutex<HashMap<K, Arc<Mutex<()>>>>);
+
+impl<K: std::hash::Hash + Eq> Gates<K> {
+    fn new() -> Self {
+        Gates(Mutex::new(HashMap::new()))
+    }
+
+    fn gate(&self, key: K) -> Arc<Mutex<()>> {
+        self.0.lock().unwrap().entry(key).or_default().clone()
+    }
+
+    /// The work for `key` is done (or failed): the next comer starts afresh.
+    fn done(&self, key: &K) {
+        self.0.lock().unwrap().remove(key);
+    }
+}
+
 /// What reads share with background fetches: the source, the cache and the single-flight
 /// gates that keep one span from being fetched twice at once.
 struct Fetcher {
     src: Arc<Source>,
     cache: Cache,
     rt: tokio::runtime::Handle,
-    gates: Mutex<HashMap<(usize, usize), Arc<Mutex<()>>>>,
+    gates: Gates<(usize, usize)>,
     /// Bytes in the chunk store (measured at the first store, then counted) and its bound.
     chunk_bytes: Mutex<Option<u64>>,
     chunk_max: u64,
@@ -140,7 +159,7 @@ pub struct ImageView {
     spans: Mutex<lru::LruCache<SpanKey, Bytes>>,
     /// One gate per span being decompressed: readahead sends several reads into one cold
     /// span at once, and only the first should decompress it (CPU, and memory).
-    inflight: Mutex<HashMap<SpanKey, Arc<Mutex<()>>>>,
+    inflight: Gates<SpanKey>,
 }
 
 /// Index a layer blob read from `blob`: entries, and seek points with span digests.
@@ -236,10 +255,6 @@ enum SpanError {
 }
 
 impl Fetcher {
-    fn gate(&self, key: (usize, usize)) -> Arc<Mutex<()>> {
-        self.gates.lock().unwrap().entry(key).or_default().clone()
-    }
-
     /// The compressed bytes of span `k` of `layer`: from the chunk store, or fetched by
     /// range and verified against the span digest.
     fn span(
@@ -263,7 +278,7 @@ impl Fetcher {
         if b - a > MAX_RANGE {
             return Err(SpanError::NeedBlob);
         }
-        let gate = self.gate((li, k));
+        let gate = self.gates.gate((li, k));
         let _turn = gate.lock().unwrap();
         if let Some(b) = self.cache.load_chunk(digest) {
             self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
@@ -286,7 +301,7 @@ impl Fetcher {
                     if actual == *digest {
                         tracing::debug!("fetched {} in {:.1?}", what(), t.elapsed());
                         self.keep_chunk(digest, &bytes);
-                        self.gates.lock().unwrap().remove(&(li, k));
+                        self.gates.done(&(li, k));
                         return Ok(bytes);
                     }
                     tracing::warn!(
@@ -318,7 +333,7 @@ impl Fetcher {
                 }
             }
         }
-        self.gates.lock().unwrap().remove(&(li, k));
+        self.gates.done(&(li, k));
         Err(SpanError::Failed(last.expect("at least one attempt")))
     }
 
@@ -350,7 +365,7 @@ impl Fetcher {
         if let Some(f) = layer.local.get() {
             return Ok(f);
         }
-        let gate = self.gate((li, usize::MAX));
+        let gate = self.gates.gate((li, usize::MAX));
         let _turn = gate.lock().unwrap();
         if let Some(f) = layer.local.get() {
             return Ok(f);
@@ -481,7 +496,7 @@ impl ImageView {
                 src,
                 cache: cache.clone(),
                 rt: tokio::runtime::Handle::current(),
-                gates: Mutex::new(HashMap::new()),
+                gates: Gates::new(),
                 chunk_bytes: Mutex::new(None),
                 chunk_max: opts.chunk_cache,
                 stats: ReadStats::default(),
@@ -491,7 +506,7 @@ impl ImageView {
             spans: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(opts.cached_spans.max(1)).expect("at least one"),
             )),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Gates::new(),
         })
     }
 
@@ -592,13 +607,7 @@ impl ImageView {
         }
         // Decompress outside the cache lock, so that readers of other spans go on; readers
         // of this span wait at its gate and then find it cached.
-        let gate = self
-            .inflight
-            .lock()
-            .unwrap()
-            .entry(key)
-            .or_default()
-            .clone();
+        let gate = self.inflight.gate(key);
         let _turn = gate.lock().unwrap();
         if let Some(s) = self.spans.lock().unwrap().get(&key) {
             return Ok(s.clone());
@@ -608,7 +617,7 @@ impl ImageView {
             // Cached before the gate goes, so a newcomer finds it rather than a new gate.
             self.spans.lock().unwrap().put(key, s.clone());
         }
-        self.inflight.lock().unwrap().remove(&key);
+        self.inflight.done(&key);
         made
     }
 

@@ -461,7 +461,7 @@ impl<R: BufRead> Read for PlainIndexingReader<R> {
             return Ok(0);
         }
         // A span starts only where there is data for it: no empty last span.
-        if self.pos % self.span == 0
+        if self.pos.is_multiple_of(self.span)
             && self
                 .checkpoints
                 .last()

@@ -1,0 +1,274 @@
+//! Lazy reads: with indexes cached and no blobs, `cat` and a mount fetch only the spans they
+//! need, by range, through a loopback proxy in front of the real registry that counts the
+//! bytes it serves and can corrupt a range or ignore `Range`. Wrong bytes are never served;
+//! the cache can be pruned under a running mount.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::compare::assert_same_tree;
+use common::layers::Tar;
+use common::mounted::Mounted;
+use common::proxy::Proxy;
+use common::*;
+
+const MIB: usize = 1 << 20;
+
+struct Lazy {
+    proxy: Proxy,
+    image: String,
+    direct: String,
+    files: Vec<(&'static str, Vec<u8>)>,
+    gzip_layer_size: u64,
+}
+
+/// Three layers: gzip (several 4 MiB spans: noise, a small file, text), zstd, plain tar
+/// (two spans). Reached through a fresh proxy.
+fn lazy_image(repo: &str) -> Lazy {
+    let reg = registry();
+    let files: Vec<(&'static str, Vec<u8>)> = vec![
+        ("big/noise.bin", noise(6 * MIB, 1)),
+        (
+            "mid/small.txt",
+            b"small file between two big ones\n".to_vec(),
+        ),
+        ("big/text.bin", text(6 * MIB, 2)),
+        ("z/zfile", text(300_000, 3)),
+        ("p/plain.bin", noise(5 * MIB, 4)),
+        ("p/first.txt", b"first in the plain layer".to_vec()),
+    ];
+    let l1 = Tar::new()
+        .dir("big", 0o755)
+        .file(files[0].0, 0o644, &files[0].1)
+        .dir("mid", 0o755)
+        .file(files[1].0, 0o644, &files[1].1)
+        .file(files[2].0, 0o644, &files[2].1)
+        .bytes();
+    let l2 = Tar::new()
+        .dir("z", 0o755)
+        .file(files[3].0, 0o644, &files[3].1)
+        .bytes();
+    let l3 = Tar::new()
+        .dir("p", 0o755)
+        .file(files[5].0, 0o644, &files[5].1)
+        .file(files[4].0, 0o644, &files[4].1)
+        .bytes();
+    let img = FixtureImage::new(
+        "amd64",
+        vec![
+            FixtureLayer::from_tar(l1),
+            FixtureLayer::zstd_from_tar(l2),
+            FixtureLayer::plain_tar(l3),
+        ],
+    );
+    let gzip_layer_size = img.layers[0].blob.len() as u64;
+    img.push(&reg.host, repo, "v1");
+    let proxy = Proxy::start(&reg.host);
+    Lazy {
+        image: format!("{}/{repo}:v1", proxy.host),
+        direct: format!("{}/{repo}:v1", reg.host),
+        proxy,
+        files,
+        gzip_layer_size,
+    }
+}
+
+fn count(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+fn cat(cache: &Path, image: &str, path: &str) -> std::process::Output {
+    imgfs(cache, &["cat", image, path])
+}
+
+fn ranged_gets(proxy: &Proxy) -> usize {
+    proxy
+        .log()
+        .iter()
+        .filter(|l| l.contains("/blobs/") && l.to_ascii_lowercase().contains("range:"))
+        .count()
+}
+
+#[test]
+fn a_small_file_costs_one_span_and_a_second_read_nothing() {
+    let l = lazy_image("lazy/one-span");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    // Indexing streams each blob once and keeps only the index.
+    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    // The config is a blob too.
+    assert_eq!(count(&cache.join("blobs/sha256")), 1, "no layer blob kept");
+    assert_eq!(count(&cache.join("indexes/sha256")), 3);
+
+    l.proxy.reset_counts();
+    let out = cat(&cache, &l.image, "mid/small.txt");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, l.files[1].1);
+    let served = l.proxy.blob_bytes();
+    assert_eq!(ranged_gets(&l.proxy), 1, "{:?}", l.proxy.log());
+    assert!(
+        served <= (4 * MIB + 128 * 1024) as u64 && served < l.gzip_layer_size / 2,
+        "{served} bytes served of a {} byte layer",
+        l.gzip_layer_size
+    );
+
+    l.proxy.reset_counts();
+    let again = cat(&cache, &l.image, "mid/small.txt");
+    assert_eq!(again.stdout, l.files[1].1);
+    assert_eq!(
+        l.proxy.blob_bytes(),
+        0,
+        "the span came from the chunk store"
+    );
+
+    // Whole files across spans, in every layer format.
+    for (path, data) in &l.files {
+        let out = cat(&cache, &l.image, path);
+        assert!(
+            out.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout == *data, "{path}: wrong bytes");
+    }
+    assert_eq!(count(&cache.join("blobs/sha256")), 1, "still no layer blob");
+    let du = imgfs_ok(&cache, &["cache", "du"]);
+    assert!(du.contains("chunks"), "{du}");
+
+    // --keep-blobs keeps them.
+    let kept = work.path().join("kept");
+    imgfs_ok(&kept, &["ls", "--keep-blobs", &l.image, "/"]);
+    assert_eq!(count(&kept.join("blobs/sha256")), 4);
+}
+
+#[test]
+fn wrong_bytes_from_the_registry_are_never_served() {
+    let l = lazy_image("lazy/corrupt");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+
+    l.proxy.corrupt_next_ranges(1000);
+    let out = cat(&cache, &l.image, "big/text.bin");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("do not match"), "{err}");
+    assert!(l.files[2].1.starts_with(&out.stdout), "only right bytes");
+
+    // A mount: the corrupted read is EIO, the rest of the mount works, and reads recover
+    // once the bytes are right again.
+    let m = Mounted::new(&cache, &l.image, &work.path().join("mnt"), &[]);
+    let err = std::fs::read(m.dir.join("mid/small.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(std::fs::read_dir(m.dir.join("big")).unwrap().count(), 2);
+    assert_eq!(
+        std::fs::metadata(m.dir.join("p/plain.bin")).unwrap().len(),
+        5 * MIB as u64
+    );
+    l.proxy.corrupt_next_ranges(0);
+    assert_eq!(
+        std::fs::read(m.dir.join("mid/small.txt")).unwrap(),
+        l.files[1].1
+    );
+    assert!(std::fs::read(m.dir.join("big/text.bin")).unwrap() == l.files[2].1);
+    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
+    m.wait_gone();
+}
+
+#[test]
+fn a_registry_that_ignores_range_gets_the_whole_blob_once() {
+    let l = lazy_image("lazy/no-range");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    l.proxy.ignore_range(true);
+    let out = cat(&cache, &l.image, "big/text.bin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == l.files[2].1);
+    assert_eq!(
+        count(&cache.join("blobs/sha256")),
+        2,
+        "config and the gzip layer"
+    );
+    l.proxy.reset_counts();
+    assert_eq!(cat(&cache, &l.image, "big/noise.bin").stdout, l.files[0].1);
+    assert_eq!(l.proxy.blob_bytes(), 0);
+}
+
+fn drop_page_cache() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+#[test]
+fn a_lazy_mount_equals_the_pull_and_survives_pruning() {
+    let l = lazy_image("lazy/mount");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let pulled = work.path().join("pulled");
+    imgfs_ok(
+        &work.path().join("pull-cache"),
+        &["pull", "-q", &l.direct, pulled.to_str().unwrap()],
+    );
+    let m = Mounted::new(&cache, &l.image, &work.path().join("mnt"), &[]);
+    assert_eq!(count(&cache.join("blobs/sha256")), 1, "the config only");
+    assert_same_tree(&m.dir, &pulled, "lazy mount vs pull");
+
+    let pruned = imgfs_ok(&cache, &["cache", "prune", "--all"]);
+    assert!(pruned.starts_with("freed"), "{pruned}");
+    assert_eq!(count(&cache.join("indexes/sha256")), 0);
+    assert_eq!(count(&cache.join("chunks/sha256")), 0);
+    drop_page_cache();
+    l.proxy.reset_counts();
+    assert_same_tree(&m.dir, &pulled, "after prune");
+    assert!(
+        l.proxy.blob_bytes() > 0,
+        "read again by range after the prune"
+    );
+    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
+    m.wait_gone();
+}
+
+#[test]
+fn prefetch_all_fetches_every_span_in_the_background() {
+    let l = lazy_image("lazy/prefetch");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    let m = Mounted::new(
+        &cache,
+        &l.image,
+        &work.path().join("mnt"),
+        &["--prefetch", "all"],
+    );
+    // gzip 12 MiB: 3-4 spans; zstd: 1; plain 5 MiB: 2.
+    let chunks = cache.join("chunks/sha256");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = (0, Instant::now());
+    while Instant::now() < deadline {
+        let n = count(&chunks);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if n >= 6 && last.1.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(count(&chunks) >= 6, "{} chunks", count(&chunks));
+    l.proxy.reset_counts();
+    for (path, data) in &l.files {
+        assert!(std::fs::read(m.dir.join(path)).unwrap() == *data, "{path}");
+    }
+    assert_eq!(l.proxy.blob_bytes(), 0, "{:?}", l.proxy.log());
+    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
+    m.wait_gone();
+}
