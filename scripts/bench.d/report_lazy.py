@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Summarise the lazy-read benchmark: a plain-text table on stdout, JSON to a file.
+
+    report_lazy.py RAW.tsv STATS.json OUT.json [key=value ...]
+
+RAW.tsv, one line per measurement, tab-separated:
+    metric  run  status  wall_s  bytes  requests  ranged  check  note
+metric: index (imgfs ls building every index through the relay), cat_cold / cat_warm (imgfs
+cat of one small file, empty chunk store / again), read_range (dd of the big file through a
+mount reading by range), download (curl of the big file's layer blob). "-" where nothing was
+measured. key=value pairs go to the JSON's "context".
+"""
+
+import datetime
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import machine  # noqa: E402
+
+GOALS = {"cat_s": 0.050, "read_vs_download": 0.70}
+
+
+def num(v, conv=float):
+    return None if v in ("", "-", None) else conv(v)
+
+
+def main():
+    raw_path, stats_path, out_path = sys.argv[1:4]
+    ctx = dict(kv.split("=", 1) for kv in sys.argv[4:])
+    with open(stats_path) as f:
+        image = json.load(f)
+    rows = {}
+    with open(raw_path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            m, run, st, wall, nbytes, req, ranged, check, note = (line.rstrip("\n").split("\t") + [""] * 9)[:9]
+            rows.setdefault(m, []).append({
+                "run": int(run), "status": st, "wall_s": num(wall), "bytes": num(nbytes, int),
+                "requests": num(req, int), "ranged": num(ranged, int),
+                "check": check if check not in ("", "-") else None, "note": note or None,
+            })
+
+    def med(metric, key, f=lambda r: True):
+        vals = [r[key] for r in rows.get(metric, []) if r["status"] == "ok" and r[key] is not None and f(r)]
+        return statistics.median(vals) if vals else None
+
+    def mbps(metric):
+        vals = [r["bytes"] / r["wall_s"] / 1e6 for r in rows.get(metric, [])
+                if r["status"] == "ok" and r["bytes"] and r["wall_s"]]
+        return statistics.median(vals) if vals else None
+
+    read, down = mbps("read_range"), mbps("download")
+    summary = {
+        "index_s": med("index", "wall_s"),
+        "index_registry_bytes": med("index", "bytes"),
+        "cat_cold_s": med("cat_cold", "wall_s"),
+        "cat_cold_registry_bytes": med("cat_cold", "bytes"),
+        "cat_cold_ranged_requests": med("cat_cold", "ranged"),
+        "cat_warm_s": med("cat_warm", "wall_s"),
+        "cat_warm_registry_bytes": med("cat_warm", "bytes"),
+        "read_range_mb_s": read,
+        "download_mb_s": down,
+        "read_vs_download": read / down if read and down else None,
+    }
+    goals = {
+        "cat under 50 ms": None if summary["cat_cold_s"] is None else summary["cat_cold_s"] < GOALS["cat_s"],
+        "cat fetches one span (one ranged request)": None if summary["cat_cold_ranged_requests"] is None
+        else summary["cat_cold_ranged_requests"] == 1,
+        "read by range >= 70% of a download": None if summary["read_vs_download"] is None
+        else summary["read_vs_download"] >= GOALS["read_vs_download"],
+    }
+    mismatches = [r for rs in rows.values() for r in rs if r["check"] and "MISMATCH" in r["check"]]
+
+    print(f"\nlazy reads ({ctx.get('small_file')} of layer 0, {ctx.get('big_file')} of layer 1), "
+          f"{len(rows.get('cat_cold', []))} runs, medians")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    print(f"  index all layers (imgfs ls)      {fmt(summary['index_s'], '.3f')} s, "
+          f"{fmt(summary['index_registry_bytes'], ',.0f')} bytes from the registry "
+          f"(layers {image['compressed_bytes']:,})")
+    print(f"  cat, empty chunk store           {fmt(summary['cat_cold_s'], '.3f')} s, "
+          f"{fmt(summary['cat_cold_registry_bytes'], ',.0f')} bytes, "
+          f"{fmt(summary['cat_cold_ranged_requests'], '.0f')} ranged request(s)")
+    print(f"  cat, again (chunk store)         {fmt(summary['cat_warm_s'], '.3f')} s, "
+          f"{fmt(summary['cat_warm_registry_bytes'], ',.0f')} bytes")
+    print(f"  big file by range (mount, dd)    {fmt(read, '.0f')} MB/s")
+    print(f"  its layer blob by curl           {fmt(down, '.0f')} MB/s")
+    print(f"  ratio                            {fmt(summary['read_vs_download'], '.2f')}")
+    for g, ok in goals.items():
+        print(f"  goal: {g}: {'met' if ok else 'NOT met' if ok is not None else 'n/a'}")
+    if mismatches:
+        print(f"  WRONG BYTES in {len(mismatches)} measurement(s)")
+
+    out = {
+        "benchmark": "lazy",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(ctx.pop("nproc", None)),
+        "context": ctx,
+        "summary": summary,
+        "goals": goals,
+        "runs": rows,
+    }
+    with open(out_path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"  written to {out_path}")
+
+
+main()
