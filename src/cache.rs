@@ -154,6 +154,10 @@ impl Cache {
         self.root.join("chunks/sha256").join(d.hex())
     }
 
+    pub fn has_chunk(&self, d: &Digest) -> bool {
+        self.chunk_path(d).is_file()
+    }
+
     /// The stored chunk with digest `d`, if any; marks it used (for pruning, oldest first).
     pub fn load_chunk(&self, d: &Digest) -> Option<bytes::Bytes> {
         let path = self.chunk_path(d);

@@ -26,13 +26,16 @@ use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{self, LayerIndex};
+use crate::layer::estargz::{self, Chunk};
 use crate::layer::seek::{self, SeekPoints, SpanBytes};
 use crate::manifest::{Compression, Descriptor, Image};
 use crate::source::Source;
 use crate::tree::{self, InodeId, Tree};
 
-/// Spans fetched ahead when a reader moves sequentially into a new one.
-const READAHEAD_SPANS: usize = 3;
+/// How far ahead of a sequential reader spans are fetched: when fewer than half of these are
+/// stored or on their way, the missing ones go in one range request (fewer, bigger requests:
+/// each costs the registry a few milliseconds however small).
+const READAHEAD_SPANS: usize = 4;
 /// A span bigger than this (a single-frame zstd layer has one span) is not fetched by
 /// range: the layer's blob is downloaded instead.
 const MAX_RANGE: u64 = 64 << 20;
@@ -64,6 +67,14 @@ pub struct LayerData {
     last_span: AtomicUsize,
     /// The source would not serve a range of this blob: reads need the whole blob.
     no_ranges: AtomicBool,
+    /// For an eStargz layer read through its TOC: each file's chunks.
+    stargz: Option<Stargz>,
+}
+
+/// The chunk table of an eStargz layer (its entries are in `LayerData::index`).
+struct Stargz {
+    chunks: Vec<Vec<Chunk>>,
+    prefetch: Vec<usize>,
 }
 
 impl LayerData {
@@ -132,6 +143,11 @@ impl<K: std::hash::Hash + Eq> Gates<K> {
     /// The work for `key` is done (or failed): the next comer starts afresh.
     fn done(&self, key: &K) {
         self.0.lock().unwrap().remove(key);
+    }
+
+    /// Is someone at work on `key`?
+    fn busy(&self, key: &K) -> bool {
+        self.0.lock().unwrap().contains_key(key)
     }
 }
 
@@ -255,6 +271,22 @@ enum SpanError {
 }
 
 impl Fetcher {
+    /// Bytes `[a, b)` of a blob from the source. The request runs as a task on the runtime's
+    /// workers, where socket readiness is cheap; waiting on it from this (blocking) thread
+    /// costs one wake-up instead of one per body chunk — measured 3x faster.
+    fn read_range(&self, desc: &Descriptor, a: u64, b: u64) -> Result<Option<Bytes>> {
+        let (src, desc) = (self.src.clone(), desc.clone());
+        let task = self
+            .rt
+            .spawn(async move { src.read_range(&desc, a, b).await });
+        self.rt.block_on(task).unwrap_or_else(|e| {
+            Err(Error::Io {
+                context: "a range request task failed".into(),
+                cause: std::io::Error::other(e.to_string()),
+            })
+        })
+    }
+
     /// The compressed bytes of span `k` of `layer`: from the chunk store, or fetched by
     /// range and verified against the span digest.
     fn span(
@@ -337,6 +369,101 @@ impl Fetcher {
         Err(SpanError::Failed(last.expect("at least one attempt")))
     }
 
+    /// The bytes of an eStargz chunk: from the chunk store (stored uncompressed, under the
+    /// chunk's digest), or fetched by range, decompressed and verified.
+    fn stargz_chunk(&self, layer: &LayerData, chunk: &Chunk) -> std::io::Result<Vec<u8>> {
+        if let Some(b) = self.cache.load_chunk(&chunk.digest) {
+            self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(b.to_vec());
+        }
+        let what = || {
+            format!(
+                "eStargz chunk at {} of layer {}",
+                chunk.offset, layer.digest
+            )
+        };
+        let mut last = None;
+        for attempt in 1..=RANGE_ATTEMPTS {
+            let res = match self.read_range(&layer.descriptor, chunk.offset, chunk.end) {
+                Ok(Some(bytes)) => {
+                    self.stats.ranges.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .range_bytes
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    estargz::decode_chunk(chunk, &bytes)
+                }
+                Ok(None) => Err(Error::Unsupported {
+                    what: "source for eStargz chunks".into(),
+                    value: format!("{} (it ignores Range)", self.src.name()),
+                }),
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(data) => {
+                    self.keep_chunk(&chunk.digest, &data);
+                    return Ok(data);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: {e}; not serving it (attempt {attempt} of {RANGE_ATTEMPTS})",
+                        what()
+                    );
+                    last = Some(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{}: {e}", what()),
+                    ));
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    /// Fetch spans `ks` (consecutive, none of them stored) in one range request, verify each
+    /// against its digest and store the good ones. Best effort: a span that fails here is
+    /// fetched again, alone, by the read that needs it.
+    fn fetch_batch(&self, li: usize, layer: &LayerData, ks: std::ops::Range<usize>) {
+        let Ok(sp) = layer.seek() else { return };
+        // Claim every span first, so that readers wait for this fetch instead of repeating it.
+        let gates: Vec<_> = ks.clone().map(|k| self.gates.gate((li, k))).collect();
+        let _turns: Vec<_> = gates.iter().map(|g| g.lock().unwrap()).collect();
+        let (a, _) = sp.span_range(ks.start, layer.descriptor.size);
+        let (_, b) = sp.span_range(ks.end - 1, layer.descriptor.size);
+        let t = std::time::Instant::now();
+        let fetched = self.read_range(&layer.descriptor, a, b);
+        let t_fetch = t.elapsed();
+        match fetched {
+            Ok(Some(bytes)) => {
+                self.stats.ranges.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .range_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                for k in ks.clone() {
+                    let (sa, sb) = sp.span_range(k, layer.descriptor.size);
+                    let span = bytes.slice((sa - a) as usize..(sb - a) as usize);
+                    if Digest::of(&span) == sp.span_digests[k] {
+                        self.keep_chunk(&sp.span_digests[k], &span);
+                    } else {
+                        tracing::warn!(
+                            "read-ahead: span {k} of layer {} does not match its digest; dropped",
+                            layer.digest
+                        );
+                    }
+                }
+                tracing::debug!(
+                    "read ahead spans {ks:?} ({} bytes) of layer {} in {:.1?} (fetch {t_fetch:.1?})",
+                    b - a,
+                    layer.digest,
+                    t.elapsed()
+                );
+            }
+            Ok(None) => layer.no_ranges.store(true, Ordering::Relaxed),
+            Err(e) => tracing::debug!("read-ahead of spans {ks:?} of {}: {e}", layer.digest),
+        }
+        for k in ks {
+            self.gates.done(&(li, k));
+        }
+    }
+
     /// Store a verified span in the chunk store, keeping the store under its bound. Spans
     /// of local sources are not stored: the source is as near as the store.
     fn keep_chunk(&self, digest: &Digest, bytes: &[u8]) {
@@ -380,6 +507,58 @@ impl Fetcher {
     }
 }
 
+/// Read an eStargz layer's TOC: the footer (one small range request), then the TOC from the
+/// chunk store or by range, verified against the layer's annotation.
+async fn open_stargz(
+    cache: &Cache,
+    src: &Source,
+    desc: &Descriptor,
+    toc_digest: &Digest,
+) -> Result<estargz::StargzLayer> {
+    let size = desc.size;
+    if desc.size_unknown || size < estargz::FOOTER_SIZE {
+        return Err(Error::malformed("eStargz layer", "too small for a footer"));
+    }
+    let no_range = || Error::Unsupported {
+        what: "source for eStargz".into(),
+        value: format!("{} (it ignores Range)", src.name()),
+    };
+    let footer = src
+        .read_range(desc, size - estargz::FOOTER_SIZE, size)
+        .await?
+        .ok_or_else(no_range)?;
+    let toc_offset = estargz::parse_footer(&footer)?;
+    if toc_offset >= size - estargz::FOOTER_SIZE {
+        return Err(Error::malformed(
+            "eStargz layer",
+            "footer points past the TOC",
+        ));
+    }
+    let json = match cache.load_chunk(toc_digest) {
+        Some(json) => json.to_vec(),
+        None => {
+            let member = src
+                .read_range(desc, toc_offset, size - estargz::FOOTER_SIZE)
+                .await?
+                .ok_or_else(no_range)?;
+            let json = estargz::toc_json(&member)?;
+            let actual = Digest::of(&json);
+            if actual != *toc_digest {
+                return Err(Error::DigestMismatch {
+                    what: format!("eStargz TOC of layer {}", desc.digest),
+                    expected: toc_digest.clone(),
+                    actual,
+                });
+            }
+            if let Err(e) = cache.store_chunk(toc_digest, &json) {
+                tracing::warn!("not keeping the TOC of {}: {e}", desc.digest);
+            }
+            json
+        }
+    };
+    estargz::parse_toc(&json, toc_offset)
+}
+
 impl ImageView {
     /// Load each layer's index from the cache, or build it by streaming the verified blob
     /// (kept only with `keep_blobs`), then merge. Indexes are built concurrently and always
@@ -421,8 +600,42 @@ impl ImageView {
                         context: "an indexing thread failed".into(),
                         cause: std::io::Error::other(e.to_string()),
                     };
+                    if compression == Compression::Gzip
+                        && let Some(toc) = estargz::toc_digest(&layer.descriptor.annotations)
+                    {
+                        match open_stargz(cache, src_ref, &layer.descriptor, &toc?).await {
+                            Ok(sg) => {
+                                return Ok(Arc::new(LayerData {
+                                    digest: digest.to_string(),
+                                    descriptor: layer.descriptor.clone(),
+                                    compression,
+                                    index: sg.index,
+                                    local: OnceLock::new(),
+                                    last_span: AtomicUsize::new(usize::MAX - 1),
+                                    no_ranges: AtomicBool::new(false),
+                                    stargz: Some(Stargz {
+                                        chunks: sg.chunks,
+                                        prefetch: sg.prefetch,
+                                    }),
+                                }));
+                            }
+                            // Wrong bytes for what the manifest vouches for: refused.
+                            Err(e @ Error::DigestMismatch { .. }) => return Err(name(e)),
+                            Err(e) => tracing::warn!(
+                                "layer {} ({digest}): not read as eStargz ({e}); indexing it whole",
+                                i + 1
+                            ),
+                        }
+                    }
+                    // Decoded on the blocking pool, so that layers decode in parallel.
                     // Indexes without seek points (built by `pull`) are rebuilt.
-                    let cached = cache.load_index(digest).filter(|idx| idx.seek.is_some());
+                    let cached = {
+                        let (cache, digest) = (cache.clone(), digest.clone());
+                        tokio::task::spawn_blocking(move || cache.load_index(&digest))
+                            .await
+                            .map_err(joined)?
+                            .filter(|idx| idx.seek.is_some())
+                    };
                     let fresh = cached.is_none();
                     let (blob, index) = match cached {
                         Some(idx) => {
@@ -479,6 +692,7 @@ impl ImageView {
                         local,
                         last_span: AtomicUsize::new(usize::MAX - 1),
                         no_ranges: AtomicBool::new(false),
+                        stargz: None,
                     }))
                 })
                 .buffered(opts.jobs.max(1))
@@ -499,6 +713,7 @@ impl ImageView {
                 gates: Gates::new(),
                 chunk_bytes: Mutex::new(None),
                 chunk_max: opts.chunk_cache,
+
                 stats: ReadStats::default(),
             }),
             prefetch: opts.prefetch,
@@ -523,19 +738,21 @@ impl ImageView {
             .count()
     }
 
-    /// With [`Prefetch::All`], fetch in the background everything not yet local: whole blobs
-    /// with `keep_blobs`, every span into the chunk store otherwise. Returns at once.
+    /// Start background fetches, returning at once: with [`Prefetch::Auto`], the files an
+    /// eStargz layer marks for prefetching; with [`Prefetch::All`], everything not yet local
+    /// (whole blobs with `keep_blobs`, every span or chunk into the chunk store otherwise).
     pub fn start_prefetch(&self) {
-        if self.prefetch != Prefetch::All {
+        if self.prefetch == Prefetch::None || self.fetcher.src.is_local() {
             return;
         }
+        let all = self.prefetch == Prefetch::All;
         let remote: u64 = self
             .layers
             .iter()
             .filter(|l| l.local.get().is_none())
             .map(|l| l.descriptor.size)
             .sum();
-        if !self.keep_blobs && remote > self.fetcher.chunk_max {
+        if all && !self.keep_blobs && remote > self.fetcher.chunk_max {
             tracing::warn!(
                 "prefetching {remote} bytes into a chunk store bounded at {} bytes: \
                  older spans will be dropped (--keep-blobs keeps whole blobs instead)",
@@ -543,13 +760,23 @@ impl ImageView {
             );
         }
         for (li, layer) in self.layers.iter().enumerate() {
-            if layer.local.get().is_some() {
+            if layer.local.get().is_some() || !(all || layer.stargz.is_some()) {
                 continue;
             }
             let (fetcher, layer, keep) = (self.fetcher.clone(), layer.clone(), self.keep_blobs);
             self.fetcher.rt.spawn_blocking(move || {
                 let t = std::time::Instant::now();
-                let res = if keep {
+                let res = if let Some(sg) = &layer.stargz {
+                    let files: Vec<usize> = if all {
+                        (0..sg.chunks.len()).collect()
+                    } else {
+                        sg.prefetch.clone()
+                    };
+                    files
+                        .iter()
+                        .flat_map(|&e| &sg.chunks[e])
+                        .try_for_each(|c| fetcher.stargz_chunk(&layer, c).map(|_| ()))
+                } else if keep {
                     fetcher.ensure_local(li, &layer).map(|_| ())
                 } else {
                     let n = layer.seek().map_or(0, |s| s.span_digests.len());
@@ -581,6 +808,21 @@ impl ImageView {
             return Ok(Vec::new());
         }
         let len = len.min((entry.size - offset) as usize);
+        if let Some(sg) = &layer.stargz {
+            return self
+                .read_stargz(
+                    data.layer as usize,
+                    layer,
+                    sg,
+                    data.entry as usize,
+                    offset,
+                    len,
+                )
+                .map_err(|e| Error::Io {
+                    context: format!("reading {} from layer {}", entry.path, layer.digest),
+                    cause: e,
+                });
+        }
         let start = entry.offset + offset;
         let fail = |e: std::io::Error| Error::Io {
             context: format!("reading {} from layer {}", entry.path, layer.digest),
@@ -621,21 +863,66 @@ impl ImageView {
         made
     }
 
-    /// Start fetching the spans after `k` when a reader has just moved from span `k - 1`.
+    /// When a reader has just moved from span `k - 1` into `k`, make sure the spans after
+    /// `k` are stored or coming: fetch the missing ones in one request.
     fn read_ahead(&self, li: usize, layer: &Arc<LayerData>, k: usize) {
         let prev = layer.last_span.swap(k, Ordering::Relaxed);
-        if self.prefetch == Prefetch::None || prev.wrapping_add(1) != k {
+        let f = &self.fetcher;
+        if self.prefetch == Prefetch::None
+            || prev.wrapping_add(1) != k
+            || f.src.is_local()
+            || layer.no_ranges.load(Ordering::Relaxed)
+        {
             return;
         }
         let Ok(sp) = layer.seek() else { return };
-        for j in k + 1..(k + 1 + READAHEAD_SPANS).min(sp.span_digests.len()) {
-            let (fetcher, layer) = (self.fetcher.clone(), layer.clone());
-            self.fetcher.rt.spawn_blocking(move || {
-                if let Err(SpanError::Failed(e)) = fetcher.span(li, &layer, j) {
-                    tracing::debug!("read-ahead of span {j} of {}: {e}", layer.digest);
-                }
-            });
+        let n = sp.span_digests.len();
+        let ready = |j: usize| f.gates.busy(&(li, j)) || f.cache.has_chunk(&sp.span_digests[j]);
+        let Some(first) = (k + 1..(k + 1 + READAHEAD_SPANS / 2).min(n)).find(|&j| !ready(j)) else {
+            return;
+        };
+        let last = (first..(k + 1 + READAHEAD_SPANS).min(n))
+            .take_while(|&j| !ready(j))
+            .last()
+            .unwrap_or(first);
+        let (fetcher, layer) = (f.clone(), layer.clone());
+        f.rt.spawn_blocking(move || fetcher.fetch_batch(li, &layer, first..last + 1));
+    }
+
+    /// Read `len` bytes at `offset` of eStargz file `entry`, chunk by chunk.
+    fn read_stargz(
+        &self,
+        li: usize,
+        layer: &LayerData,
+        sg: &Stargz,
+        entry: usize,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        let chunks = &sg.chunks[entry];
+        let mut out = Vec::with_capacity(len);
+        let mut pos = offset;
+        while out.len() < len {
+            let c = chunks
+                .partition_point(|c| c.file_offset <= pos)
+                .checked_sub(1)
+                .map(|i| &chunks[i])
+                .ok_or_else(|| std::io::Error::other("no chunk holds this offset"))?;
+            let piece = self.span((li as u32, c.offset), || {
+                self.fetcher.stargz_chunk(layer, c)
+            })?;
+            let at = (pos - c.file_offset) as usize;
+            if at >= piece.len() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file's chunks end before the file does",
+                ));
+            }
+            let take = (len - out.len()).min(piece.len() - at);
+            out.extend_from_slice(&piece[at..at + take]);
+            pos += take as u64;
         }
+        Ok(out)
     }
 
     fn read_spans(

@@ -263,6 +263,7 @@ fn zstd_and_uncompressed_layers_mount_like_they_pull() {
             diff_id: imgfs::digest::Digest::of(&l1),
             blob: zst,
             media_type: imgfs::manifest::media::OCI_LAYER_ZSTD,
+            annotations: Default::default(),
         },
         FixtureLayer::plain_tar(l2),
     ];

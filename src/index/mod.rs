@@ -86,6 +86,34 @@ pub fn normalize(raw: &str) -> Result<String> {
     Ok(parts.join("/"))
 }
 
+/// Normalise an entry's path and decode whiteouts: `.wh..wh..opq` marks its directory opaque,
+/// `.wh.NAME` deletes NAME. Returns the path the entry acts on and what it is.
+pub fn classify(raw_path: &str, kind: Kind) -> Result<(String, Kind)> {
+    let path = normalize(raw_path)?;
+    let (dir, name) = match path.rsplit_once('/') {
+        Some((d, n)) => (d, n),
+        None => ("", path.as_str()),
+    };
+    if name == ".wh..wh..opq" {
+        return Ok((dir.to_string(), Kind::Opaque));
+    }
+    if let Some(target) = name.strip_prefix(".wh.") {
+        if target.is_empty() || target == "." || target == ".." {
+            return Err(Error::malformed(
+                "layer tar",
+                format!("entry {raw_path:?}: whiteout names nothing"),
+            ));
+        }
+        let path = if dir.is_empty() {
+            target.to_string()
+        } else {
+            format!("{dir}/{target}")
+        };
+        return Ok((path, Kind::Whiteout));
+    }
+    Ok((path, kind))
+}
+
 /// Stream `tar` once and index it. `on_file` is called for each regular file with its entry,
 /// its position in the index, and a reader of exactly its data (unread data is skipped).
 pub fn build(
@@ -134,27 +162,7 @@ fn decode<R: Read>(item: &mut tar::Entry<'_, R>, raw_path: &str) -> Result<Optio
             )));
         }
     };
-    let mut path = normalize(raw_path)?;
-    let mut kind = kind;
-    // Whiteouts: `.wh..wh..opq` marks its directory opaque; `.wh.NAME` deletes NAME.
-    let (dir, name) = match path.rsplit_once('/') {
-        Some((d, n)) => (d.to_string(), n.to_string()),
-        None => (String::new(), path.clone()),
-    };
-    if name == ".wh..wh..opq" {
-        kind = Kind::Opaque;
-        path = dir;
-    } else if let Some(target) = name.strip_prefix(".wh.") {
-        if target.is_empty() || target == "." || target == ".." {
-            return Err(bad("whiteout names nothing".into()));
-        }
-        kind = Kind::Whiteout;
-        path = if dir.is_empty() {
-            target.to_string()
-        } else {
-            format!("{dir}/{target}")
-        };
-    }
+    let (path, kind) = classify(raw_path, kind)?;
     // An all-NUL numeric field (some writers leave uid/gid unset) reads as 0, as GNU tar has it.
     let raw = header.as_old();
     let blank = |f: &[u8]| f.iter().all(|b| *b == 0 || *b == b' ');

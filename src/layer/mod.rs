@@ -1,6 +1,7 @@
 //! Layer blobs as tar streams: undo gzip or zstd (or nothing) on a verified blob from the cache.
 //! Random access into compressed layers (seek points) arrives with the mount work.
 
+pub mod estargz;
 pub mod seek;
 pub mod zstd_seek;
 

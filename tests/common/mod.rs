@@ -231,6 +231,8 @@ pub struct FixtureLayer {
     pub blob: Vec<u8>,
     pub media_type: &'static str,
     pub diff_id: Digest,
+    /// Descriptor annotations (eStargz's TOC digest).
+    pub annotations: serde_json::Map<String, serde_json::Value>,
 }
 
 impl FixtureLayer {
@@ -238,6 +240,7 @@ impl FixtureLayer {
         let tar = tar_of(files);
         FixtureLayer {
             diff_id: Digest::of(&tar),
+            annotations: Default::default(),
             blob: gzip(&tar),
             media_type: media::OCI_LAYER_GZIP,
         }
@@ -246,6 +249,7 @@ impl FixtureLayer {
     pub fn from_tar(tar: Vec<u8>) -> FixtureLayer {
         FixtureLayer {
             diff_id: Digest::of(&tar),
+            annotations: Default::default(),
             blob: gzip(&tar),
             media_type: media::OCI_LAYER_GZIP,
         }
@@ -254,6 +258,7 @@ impl FixtureLayer {
     pub fn zstd_from_tar(tar: Vec<u8>) -> FixtureLayer {
         FixtureLayer {
             diff_id: Digest::of(&tar),
+            annotations: Default::default(),
             blob: zstd::encode_all(&tar[..], 3).unwrap(),
             media_type: media::OCI_LAYER_ZSTD,
         }
@@ -262,6 +267,7 @@ impl FixtureLayer {
     pub fn plain_tar(tar: Vec<u8>) -> FixtureLayer {
         FixtureLayer {
             diff_id: Digest::of(&tar),
+            annotations: Default::default(),
             blob: tar,
             media_type: media::OCI_LAYER_TAR,
         }
@@ -271,6 +277,7 @@ impl FixtureLayer {
         let tar = tar_of(files);
         FixtureLayer {
             diff_id: Digest::of(&tar),
+            annotations: Default::default(),
             blob: tar,
             media_type: media::OCI_LAYER_TAR,
         }
@@ -326,9 +333,15 @@ impl FixtureImage {
             "schemaVersion": 2,
             "mediaType": manifest_mt,
             "config": {"mediaType": config_mt, "digest": Digest::of(&config).to_string(), "size": config.len()},
-            "layers": layers.iter().map(|l| json!({
-                "mediaType": layer_mt(l), "digest": l.digest().to_string(), "size": l.blob.len()
-            })).collect::<Vec<_>>(),
+            "layers": layers.iter().map(|l| {
+                let mut d = json!({
+                    "mediaType": layer_mt(l), "digest": l.digest().to_string(), "size": l.blob.len()
+                });
+                if !l.annotations.is_empty() {
+                    d["annotations"] = serde_json::Value::Object(l.annotations.clone());
+                }
+                d
+            }).collect::<Vec<_>>(),
         }))
         .unwrap();
         FixtureImage {
