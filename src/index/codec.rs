@@ -17,16 +17,19 @@ const MAGIC: &[u8; 8] = b"IMGFSIDX";
 pub const VERSION: u32 = 4;
 
 #[derive(Serialize, Deserialize)]
-struct Payload {
-    entries: Vec<Enc>,
+struct Payload<'a> {
+    // Borrowed from the decompressed payload: decoding allocates each path once.
+    #[serde(borrow)]
+    entries: Vec<Enc<'a>>,
     seek: Option<crate::layer::seek::SeekPoints>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct Enc {
+struct Enc<'a> {
     /// Bytes shared with the previous entry's path.
     shared: u32,
-    suffix: String,
+    #[serde(borrow)]
+    suffix: std::borrow::Cow<'a, str>,
     kind: u8,
     mode: u32,
     uid: u32,
@@ -89,7 +92,7 @@ pub fn encode(index: &LayerIndex) -> Vec<u8> {
                 .unwrap_or(0);
             let enc = Enc {
                 shared: shared as u32,
-                suffix: e.path[shared..].to_string(),
+                suffix: std::borrow::Cow::Borrowed(&e.path[shared..]),
                 kind: kind_code(e.kind),
                 mode: e.mode,
                 uid: e.uid,
@@ -146,22 +149,24 @@ pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
     let payload =
         zstd::bulk::decompress(payload, size as usize).map_err(|e| bad(&e.to_string()))?;
     let p: Payload = postcard::from_bytes(&payload).map_err(|e| bad(&e.to_string()))?;
-    let mut entries = Vec::with_capacity(p.entries.len());
-    let mut prev_path = String::new();
+    let mut entries: Vec<Entry> = Vec::with_capacity(p.entries.len());
     let mut prev_offset = 0i64;
     for enc in p.entries {
+        let prev_path = entries.last().map_or("", |e| e.path.as_str());
         let shared = enc.shared as usize;
         if shared > prev_path.len() || !prev_path.is_char_boundary(shared) {
             return Err(bad("path prefix out of range"));
         }
-        let path = format!("{}{}", &prev_path[..shared], enc.suffix);
+        let mut path = String::with_capacity(shared + enc.suffix.len());
+        path.push_str(&prev_path[..shared]);
+        path.push_str(&enc.suffix);
         let offset = prev_offset + enc.offset_delta;
         if offset < 0 {
             return Err(bad("negative data offset"));
         }
         let (dev_major, dev_minor) = enc.dev.unwrap_or((0, 0));
         entries.push(Entry {
-            path: path.clone(),
+            path,
             kind: code_kind(enc.kind).ok_or_else(|| bad("unknown entry kind"))?,
             mode: enc.mode,
             uid: enc.uid,
@@ -174,7 +179,6 @@ pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
             xattrs: enc.xattrs,
             offset: offset as u64,
         });
-        prev_path = path;
         prev_offset = offset;
     }
     Ok(LayerIndex {

@@ -346,6 +346,11 @@ pub fn merge(layers: &[&LayerIndex], names: &[String]) -> Result<Tree> {
                 _ => {}
             }
         }
+        // Parents resolved in this layer, by path: most entries share a parent with many
+        // others. Forgotten whenever an entry replaces something that is not a plain file —
+        // the only way a resolved path can come to mean another directory.
+        let mut parents: std::collections::HashMap<&str, DentryId> =
+            std::collections::HashMap::new();
         for (ei, e) in layer.entries.iter().enumerate() {
             if matches!(e.kind, Kind::Whiteout | Kind::Opaque) {
                 continue;
@@ -357,10 +362,22 @@ pub fn merge(layers: &[&LayerIndex], names: &[String]) -> Result<Tree> {
                 continue;
             }
             let (parent, name) = split(&e.path);
-            let dir = t
-                .resolve_or_create_dir(parent)
-                .map_err(|r| fail(e, format!("its parent cannot be made a directory: {r}")))?;
+            let dir = match parents.get(parent) {
+                Some(&d) => d,
+                None => {
+                    let d = t.resolve_or_create_dir(parent).map_err(|r| {
+                        fail(e, format!("its parent cannot be made a directory: {r}"))
+                    })?;
+                    parents.insert(parent, d);
+                    d
+                }
+            };
             let existing = t.child(dir, name);
+            if existing.is_some_and(|d| t.kind(d) != Kind::File) && e.kind != Kind::Dir
+                || existing.is_some_and(|d| t.kind(d) != Kind::Dir) && e.kind == Kind::Dir
+            {
+                parents.clear();
+            }
             match e.kind {
                 Kind::Dir => match existing {
                     Some(d) if t.kind(d) == Kind::Dir => {
