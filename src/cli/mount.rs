@@ -103,7 +103,7 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     // SAFETY: mallopt only tunes the allocator; called before the FUSE threads start.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
     let t0 = std::time::Instant::now();
     let Opened {

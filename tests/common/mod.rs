@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod compare;
+pub mod estargz;
 pub mod fixtures;
 pub mod layers;
 pub mod mounted;
