@@ -293,3 +293,132 @@ fn chunk_offset_of(toc: &[u8], name: &str) -> u64 {
         .and_then(|e| e["offset"].as_u64())
         .unwrap()
 }
+
+/// A containerd daemon of the test's own (temporary root, state and socket), for
+/// `ctr-remote`, stargz-snapshotter's converter: an eStargz producer that is not ours.
+struct Containerd {
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Containerd {
+    fn start() -> Containerd {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/sock\"\n",
+                d.display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .stdout(std::fs::File::create(d.join("log")).unwrap())
+            .stderr(std::fs::File::create(d.join("err")).unwrap())
+            .spawn()
+            .expect("containerd (Debian containerd) is installed by scripts/test");
+        let c = Containerd { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(Instant::now() < deadline, "containerd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("ctr-remote")
+            .arg("-a")
+            .arg(self.dir.path().join("sock"))
+            .args(args)
+            .output()
+            .expect("ctr-remote (Debian stargz-snapshotter) is installed by scripts/test")
+    }
+
+    fn ctr_ok(&self, args: &[&str]) {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr-remote {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn layers_converted_by_stargz_snapshotter_mount_like_the_original() {
+    let reg = registry();
+    let (base, top) = layer_entries();
+    let tar_of_entries = |entries: &[Entry]| {
+        // The plain twin of what our builder makes is a valid source image.
+        twin_tar(&estargz::build(entries, CHUNK, &[]).blob)
+    };
+    FixtureImage::new(
+        "amd64",
+        vec![
+            FixtureLayer::from_tar(tar_of_entries(&base)),
+            FixtureLayer::from_tar(tar_of_entries(&top)),
+        ],
+    )
+    .push(&reg.host, "stargz/ctr", "gzip");
+    let src = format!("{}/stargz/ctr:gzip", reg.host);
+    let dst = format!("{}/stargz/ctr:esgz", reg.host);
+    let ctd = Containerd::start();
+    ctd.ctr_ok(&["images", "pull", "--plain-http", &src]);
+    ctd.ctr_ok(&["images", "optimize", "--no-optimize", "--oci", &src, &dst]);
+    ctd.ctr_ok(&["images", "push", "--plain-http", &dst, &dst]);
+
+    let work = tempfile::tempdir().unwrap();
+    let v = inspect_json(&work.path().join("c0"), &dst, &[]);
+    let annotated = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["annotations"][TOC_ANNOTATION].is_string())
+        .count();
+    assert_eq!(annotated, 2, "{v:#}");
+
+    let proxy = Proxy::start(&reg.host);
+    let via_proxy = format!("{}/stargz/ctr:esgz", proxy.host);
+    let pulled = work.path().join("pulled");
+    imgfs_ok(
+        &work.path().join("c1"),
+        &["pull", "-q", &src, pulled.to_str().unwrap()],
+    );
+    let cache = work.path().join("c2");
+    let m = Mounted::new(
+        &cache,
+        &via_proxy,
+        &work.path().join("mnt"),
+        &["--prefetch", "none"],
+    );
+    assert_eq!(
+        count(&cache.join("indexes/sha256")),
+        0,
+        "read through the TOCs"
+    );
+    let whole_gets = proxy
+        .log()
+        .iter()
+        .filter(|l| l.contains("/blobs/") && !l.to_ascii_lowercase().contains("range:"))
+        .count();
+    assert_eq!(whole_gets, 1, "only the config: {:?}", proxy.log());
+    assert_same_tree(
+        &m.dir,
+        &pulled,
+        "mount of ctr-remote's eStargz vs pull of the original",
+    );
+    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
+    m.wait_gone();
+}
