@@ -34,8 +34,9 @@ use crate::tree::{self, InodeId, Tree};
 
 /// How far ahead of a sequential reader spans are fetched: when fewer than half of these are
 /// stored or on their way, the missing ones go in one range request (fewer, bigger requests:
-/// each costs the registry a few milliseconds however small).
-const READAHEAD_SPANS: usize = 4;
+/// each costs the registry a few milliseconds however small). Measured on a 200 MiB read:
+/// 2 spans 357 MB/s, 4 spans ~340 MB/s and more memory, 1 span per request ~300 MB/s.
+const READAHEAD_SPANS: usize = 2;
 /// A span bigger than this (a single-frame zstd layer has one span) is not fetched by
 /// range: the layer's blob is downloaded instead.
 const MAX_RANGE: u64 = 64 << 20;
