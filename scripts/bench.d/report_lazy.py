@@ -65,13 +65,21 @@ def main():
         "read_range_mb_s": read,
         "download_mb_s": down,
         "read_vs_download": read / down if read and down else None,
+        "estargz_mount_s": med("esgz_mount", "wall_s"),
+        "estargz_mount_registry_bytes": med("esgz_mount", "bytes"),
+        "estargz_find_s": med("esgz_find", "wall_s"),
     }
+    esgz_bytes = summary["estargz_mount_registry_bytes"]
     goals = {
         "cat under 50 ms": None if summary["cat_cold_s"] is None else summary["cat_cold_s"] < GOALS["cat_s"],
         "cat fetches one span (one ranged request)": None if summary["cat_cold_ranged_requests"] is None
         else summary["cat_cold_ranged_requests"] == 1,
         "read by range >= 70% of a download": None if summary["read_vs_download"] is None
         else summary["read_vs_download"] >= GOALS["read_vs_download"],
+        "eStargz mount under 300 ms": None if summary["estargz_mount_s"] is None
+        else summary["estargz_mount_s"] < 0.300,
+        "eStargz mount fetches under 1% of the image": None if esgz_bytes is None
+        else esgz_bytes < 0.01 * image["compressed_bytes"],
     }
     mismatches = [r for rs in rows.values() for r in rs if r["check"] and "MISMATCH" in r["check"]]
 
@@ -89,6 +97,11 @@ def main():
     print(f"  big file by range (mount, dd)    {fmt(read, '.0f')} MB/s")
     print(f"  its layer blob by curl           {fmt(down, '.0f')} MB/s")
     print(f"  ratio                            {fmt(summary['read_vs_download'], '.2f')}")
+    print(f"  eStargz mount, empty cache       {fmt(summary['estargz_mount_s'], '.3f')} s, "
+          f"{fmt(esgz_bytes, ',.0f')} bytes from the registry "
+          f"({fmt(None if esgz_bytes is None else 100 * esgz_bytes / image['compressed_bytes'], '.3f')}% "
+          f"of the gzip layers)")
+    print(f"  find on it                       {fmt(summary['estargz_find_s'], '.3f')} s")
     for g, ok in goals.items():
         print(f"  goal: {g}: {'met' if ok else 'NOT met' if ok is not None else 'n/a'}")
     if mismatches:
