@@ -152,6 +152,15 @@ impl<K: std::hash::Hash + Eq> Gates<K> {
     }
 }
 
+/// Removes its key from the gates when dropped.
+struct Done<'a, K: std::hash::Hash + Eq>(&'a Gates<K>, K);
+
+impl<K: std::hash::Hash + Eq> Drop for Done<'_, K> {
+    fn drop(&mut self) {
+        self.0.done(&self.1);
+    }
+}
+
 /// What reads share with background fetches: the source, the cache and the single-flight
 /// gates that keep one span from being fetched twice at once.
 struct Fetcher {
@@ -313,6 +322,8 @@ impl Fetcher {
         }
         let gate = self.gates.gate((li, k));
         let _turn = gate.lock().unwrap();
+        // Dropped before `_turn`: however this ends, the gate goes with the turn.
+        let _done = Done(&self.gates, (li, k));
         if let Some(b) = self.cache.load_chunk(digest) {
             self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
@@ -321,10 +332,7 @@ impl Fetcher {
         let mut last = None;
         for attempt in 1..=RANGE_ATTEMPTS {
             let t = std::time::Instant::now();
-            match self
-                .rt
-                .block_on(self.src.read_range(&layer.descriptor, a, b))
-            {
+            match self.read_range(&layer.descriptor, a, b) {
                 Ok(Some(bytes)) => {
                     self.stats.ranges.fetch_add(1, Ordering::Relaxed);
                     self.stats
@@ -334,7 +342,6 @@ impl Fetcher {
                     if actual == *digest {
                         tracing::debug!("fetched {} in {:.1?}", what(), t.elapsed());
                         self.keep_chunk(digest, &bytes);
-                        self.gates.done(&(li, k));
                         return Ok(bytes);
                     }
                     tracing::warn!(
@@ -366,7 +373,6 @@ impl Fetcher {
                 }
             }
         }
-        self.gates.done(&(li, k));
         Err(SpanError::Failed(last.expect("at least one attempt")))
     }
 
@@ -852,6 +858,7 @@ impl ImageView {
         // of this span wait at its gate and then find it cached.
         let gate = self.inflight.gate(key);
         let _turn = gate.lock().unwrap();
+        let _done = Done(&self.inflight, key);
         if let Some(s) = self.spans.lock().unwrap().get(&key) {
             return Ok(s.clone());
         }
@@ -860,7 +867,6 @@ impl ImageView {
             // Cached before the gate goes, so a newcomer finds it rather than a new gate.
             self.spans.lock().unwrap().put(key, s.clone());
         }
-        self.inflight.done(&key);
         made
     }
 
