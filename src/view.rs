@@ -101,6 +101,9 @@ pub struct ViewOptions {
     pub prefetch: Prefetch,
     /// The most compressed spans (bytes) the cache's chunk store may hold; older ones go.
     pub chunk_cache: u64,
+    /// Only this path (normalised) will be looked at: merge just the entries that decide it,
+    /// when that is possible (`cat` of one file in a big image).
+    pub only_path: Option<String>,
 }
 
 impl Default for ViewOptions {
@@ -112,6 +115,7 @@ impl Default for ViewOptions {
             keep_blobs: false,
             prefetch: Prefetch::Auto,
             chunk_cache: 1 << 30,
+            only_path: None,
         }
     }
 }
@@ -708,7 +712,14 @@ impl ImageView {
         let names: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
         let refs: Vec<&LayerIndex> = layers.iter().map(|l| &l.index).collect();
         let t = std::time::Instant::now();
-        let tree = tree::merge(&refs, &names)?;
+        let scoped = opts
+            .only_path
+            .as_deref()
+            .and_then(|p| tree::merge_for_path(&refs, &names, p));
+        let tree = match scoped {
+            Some(t) => t?,
+            None => tree::merge(&refs, &names)?,
+        };
         tracing::debug!("tree merged in {:.1?}", t.elapsed());
         Ok(ImageView {
             tree,

@@ -9,7 +9,7 @@ use clap::Args;
 use super::{Global, Opened};
 use crate::index::Kind;
 use crate::tree::{DentryId, ROOT, Tree};
-use crate::view::ImageView;
+use crate::view::{ImageView, ViewOptions};
 
 #[derive(Args)]
 pub struct LsArgs {
@@ -176,7 +176,18 @@ pub async fn ls(g: &Global, args: LsArgs) -> Result<()> {
 }
 
 pub async fn cat(g: &Global, args: CatArgs) -> Result<()> {
-    let view = open_view(g, &args.image, &args.read).await?;
+    let Opened {
+        cache,
+        source,
+        image,
+    } = g.open(&args.image).await?;
+    let opts = ViewOptions {
+        only_path: Some(crate::index::normalize(&args.path)?),
+        ..args.read.view_options()
+    };
+    let view = ImageView::open(&cache, std::sync::Arc::new(source), &image, &opts)
+        .await
+        .with_context(|| format!("indexing {}", image.reference))?;
     let tree = &view.tree;
     let mut d = resolve(tree, &args.path)?;
     // Follow symlinks as `cat` would, inside the image.

@@ -307,6 +307,39 @@ fn split(path: &str) -> (&str, &str) {
 
 /// Apply `layers` bottom first. `names[i]` names layer `i` in errors (its digest).
 pub fn merge(layers: &[&LayerIndex], names: &[String]) -> Result<Tree> {
+    merge_where(layers, names, |_| true)
+}
+
+/// The tree as far as `path` is concerned: only the entries that decide what `path` is (it,
+/// its ancestors, whiteouts and opaque markers on them), so that one file can be looked up
+/// without merging a whole image. `None` when a symlink or hard link is among them — those
+/// need other entries to resolve — and the whole merge is needed.
+pub fn merge_for_path(
+    layers: &[&LayerIndex],
+    names: &[String],
+    path: &str,
+) -> Option<Result<Tree>> {
+    let on_path = |e: &Entry| {
+        e.path.is_empty()
+            || path == e.path
+            || path
+                .strip_prefix(e.path.as_str())
+                .is_some_and(|r| r.starts_with('/'))
+    };
+    let linked = layers
+        .iter()
+        .flat_map(|l| &l.entries)
+        .any(|e| on_path(e) && matches!(e.kind, Kind::Symlink | Kind::Hardlink));
+    (!linked).then(|| merge_where(layers, names, on_path))
+}
+
+/// [`merge`] of the entries `keep` accepts (entry positions, and so data references, stay
+/// those of the full layers).
+fn merge_where(
+    layers: &[&LayerIndex],
+    names: &[String],
+    keep: impl Fn(&Entry) -> bool,
+) -> Result<Tree> {
     let mut t = Tree::new();
     for (li, layer) in layers.iter().enumerate() {
         let fail = |e: &Entry, reason: String| {
@@ -320,7 +353,7 @@ pub fn merge(layers: &[&LayerIndex], names: &[String]) -> Result<Tree> {
             )
         };
         // Whiteouts first: they hide lower layers only, wherever they sit in this layer's tar.
-        for e in &layer.entries {
+        for e in layer.entries.iter().filter(|e| keep(e)) {
             match e.kind {
                 Kind::Whiteout => {
                     let (parent, name) = split(&e.path);
@@ -352,7 +385,7 @@ pub fn merge(layers: &[&LayerIndex], names: &[String]) -> Result<Tree> {
         let mut parents: std::collections::HashMap<&str, DentryId> =
             std::collections::HashMap::new();
         for (ei, e) in layer.entries.iter().enumerate() {
-            if matches!(e.kind, Kind::Whiteout | Kind::Opaque) {
+            if matches!(e.kind, Kind::Whiteout | Kind::Opaque) || !keep(e) {
                 continue;
             }
             if e.path.is_empty() {

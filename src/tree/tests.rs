@@ -207,3 +207,45 @@ fn deep_paths_resolve_in_linear_time_and_missing_parents_appear_inside_symlink_t
     ]);
     assert!(t.lookup("x/y/b/c").is_some(), "{:?}", paths(&t));
 }
+
+#[test]
+fn a_path_merged_alone_resolves_as_in_the_whole_tree() {
+    let layers = [
+        layer(vec![
+            e("a", Kind::Dir),
+            e("a/b", Kind::Dir),
+            e("a/b/f", Kind::File),
+            e("a/b/g", Kind::File),
+            e("gone", Kind::Dir),
+            e("gone/f", Kind::File),
+            e("opq", Kind::Dir),
+            e("opq/f", Kind::File),
+            e("d2f", Kind::Dir),
+            e("d2f/f", Kind::File),
+            e("other/x", Kind::File),
+        ]),
+        layer(vec![
+            e("a/b/g", Kind::File),
+            e("gone", Kind::Whiteout),
+            e("opq", Kind::Opaque),
+            e("d2f", Kind::File),
+        ]),
+    ];
+    let refs: Vec<&LayerIndex> = layers.iter().collect();
+    let full = merge(&refs, &[]).unwrap();
+    for p in [
+        "a/b/f", "a/b/g", "gone/f", "opq/f", "d2f/f", "d2f", "other/x", "a", "nope",
+    ] {
+        let alone = merge_for_path(&refs, &[], p).expect("no links").unwrap();
+        let want = full.lookup(p).map(|d| full.inode_of(d).data);
+        let got = alone.lookup(p).map(|d| alone.inode_of(d).data);
+        assert_eq!(got, want, "{p}");
+    }
+    // A symlink on the way needs the whole tree.
+    let with_link = [layer(vec![
+        link("l", Kind::Symlink, "a"),
+        e("a/f", Kind::File),
+    ])];
+    let refs: Vec<&LayerIndex> = with_link.iter().collect();
+    assert!(merge_for_path(&refs, &[], "l/f").is_none());
+}
