@@ -816,6 +816,16 @@ impl ImageView {
 
     /// Read up to `len` bytes at `offset` of regular file `inode`. Short only at its end.
     pub fn read(&self, inode: InodeId, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_inner(inode, offset, len, false)
+    }
+
+    /// [`ImageView::read`] for a range that will not be read again (a small file `cat`
+    /// prints whole): decompresses no further than its end, and caches nothing.
+    pub fn read_once(&self, inode: InodeId, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.read_inner(inode, offset, len, true)
+    }
+
+    fn read_inner(&self, inode: InodeId, offset: u64, len: usize, exact: bool) -> Result<Vec<u8>> {
         let ino = &self.tree.inodes[inode as usize];
         let Some(data) = ino.data else {
             return Err(Error::malformed("read", "not a regular file"));
@@ -853,7 +863,7 @@ impl ImageView {
             f.read_exact_at(&mut buf, start).map_err(fail)?;
             return Ok(buf);
         }
-        self.read_spans(data.layer as usize, layer, start, len)
+        self.read_spans(data.layer as usize, layer, start, len, exact)
             .map_err(fail)
     }
 
@@ -949,6 +959,7 @@ impl ImageView {
         layer: &Arc<LayerData>,
         start: u64,
         len: usize,
+        exact: bool,
     ) -> std::io::Result<Vec<u8>> {
         let sp = layer.seek()?;
         let mut out = Vec::with_capacity(len);
@@ -965,26 +976,39 @@ impl ImageView {
                 Some(end) => (end - piece_start).min(seek::SPAN) as usize,
                 None => seek::SPAN as usize,
             };
-            let piece = self.span((li as u32, piece_start), || {
+            // A read that will not come again (`read_once`) decompresses only up to its end
+            // and keeps nothing; others decompress and keep the whole piece.
+            let (from, want) = if exact {
+                let want = (start + len as u64 - piece_start).min(piece_len as u64) as usize;
+                (piece_start, want)
+            } else {
+                (piece_start, piece_len)
+            };
+            let make = || {
                 if let Some(f) = layer.local.get() {
                     let mut r = PreadFile { file: f, pos: 0 };
-                    return decompress_at(&mut r, layer.compression, sp, piece_start, piece_len);
+                    return decompress_at(&mut r, layer.compression, sp, from, want);
                 }
                 self.read_ahead(li, layer, k);
                 match self.fetcher.span(li, layer, k) {
                     Ok(bytes) => {
                         let (a, _) = sp.span_range(k, layer.descriptor.size);
                         let mut r = SpanBytes::new(a, bytes);
-                        decompress_at(&mut r, layer.compression, sp, piece_start, piece_len)
+                        decompress_at(&mut r, layer.compression, sp, from, want)
                     }
                     Err(SpanError::Failed(e)) => Err(e),
                     Err(SpanError::NeedBlob) => {
                         let f = self.fetcher.ensure_local(li, layer)?;
                         let mut r = PreadFile { file: f, pos: 0 };
-                        decompress_at(&mut r, layer.compression, sp, piece_start, piece_len)
+                        decompress_at(&mut r, layer.compression, sp, from, want)
                     }
                 }
-            })?;
+            };
+            let piece = if exact {
+                Bytes::from(make()?)
+            } else {
+                self.span((li as u32, piece_start), make)?
+            };
             let at = (pos - piece_start) as usize;
             if at >= piece.len() {
                 return Err(std::io::Error::new(

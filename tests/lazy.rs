@@ -272,3 +272,22 @@ fn prefetch_all_fetches_every_span_in_the_background() {
     imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
     m.wait_gone();
 }
+
+#[test]
+fn the_chunk_store_stays_within_its_bound() {
+    let l = lazy_image("lazy/bounded");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    // The first file alone (6 MiB of noise) is more than the bound.
+    let bound = 5 * MIB as u64;
+    for (path, data) in &l.files {
+        let out = imgfs(&cache, &["cat", "--chunk-cache", "5MiB", &l.image, path]);
+        assert!(out.stdout == *data, "{path}");
+        let stored: u64 = std::fs::read_dir(cache.join("chunks/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(stored <= bound, "{stored} bytes of chunks after {path}");
+    }
+}

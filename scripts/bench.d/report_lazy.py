@@ -61,6 +61,7 @@ def main():
         "cat_cold_registry_bytes": med("cat_cold", "bytes"),
         "cat_cold_ranged_requests": med("cat_cold", "ranged"),
         "cat_warm_s": med("cat_warm", "wall_s"),
+        "cat_direct_s": med("cat_direct", "wall_s"),
         "cat_warm_registry_bytes": med("cat_warm", "bytes"),
         "read_range_mb_s": read,
         "download_mb_s": down,
@@ -73,7 +74,8 @@ def main():
     }
     esgz_bytes = summary["estargz_mount_registry_bytes"]
     goals = {
-        "cat under 50 ms": None if summary["cat_cold_s"] is None else summary["cat_cold_s"] < GOALS["cat_s"],
+        "cat under 50 ms (no relay, empty chunk store)": None if summary["cat_direct_s"] is None
+        else summary["cat_direct_s"] < GOALS["cat_s"],
         "cat fetches one span (one ranged request)": None if summary["cat_cold_ranged_requests"] is None
         else summary["cat_cold_ranged_requests"] == 1,
         "read by range >= 70% of a download (curl, network only)": None if summary["read_vs_download"] is None
@@ -91,9 +93,10 @@ def main():
     print(f"  index all layers (imgfs ls)      {fmt(summary['index_s'], '.3f')} s, "
           f"{fmt(summary['index_registry_bytes'], ',.0f')} bytes from the registry "
           f"(layers {image['compressed_bytes']:,})")
-    print(f"  cat, empty chunk store           {fmt(summary['cat_cold_s'], '.3f')} s, "
+    print(f"  cat via relay, empty chunk store {fmt(summary['cat_cold_s'], '.3f')} s, "
           f"{fmt(summary['cat_cold_registry_bytes'], ',.0f')} bytes, "
           f"{fmt(summary['cat_cold_ranged_requests'], '.0f')} ranged request(s)")
+    print(f"  cat, no relay, empty chunk store {fmt(summary['cat_direct_s'], '.3f')} s")
     print(f"  cat, again (chunk store)         {fmt(summary['cat_warm_s'], '.3f')} s, "
           f"{fmt(summary['cat_warm_registry_bytes'], ',.0f')} bytes")
     print(f"  big file by range (mount, dd)    {fmt(read, '.0f')} MB/s")

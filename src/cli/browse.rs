@@ -217,9 +217,13 @@ pub async fn cat(g: &Global, args: CatArgs) -> Result<()> {
         let mut out = std::io::stdout().lock();
         let mut off = 0u64;
         while off < size {
-            let chunk = view
-                .read(ino, off, 1 << 20)
-                .with_context(|| format!("reading {}", args.path))?;
+            // A file read in one go is read exactly; bigger ones a span piece at a time.
+            let chunk = if size <= 1 << 20 {
+                view.read_once(ino, off, 1 << 20)
+            } else {
+                view.read(ino, off, 1 << 20)
+            }
+            .with_context(|| format!("reading {}", args.path))?;
             if chunk.is_empty() {
                 bail!("{}: layer data ends early", args.path);
             }
