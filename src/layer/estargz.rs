@@ -29,6 +29,9 @@ const HIDDEN: [&str; 3] = [TOC_NAME, ".prefetch.landmark", ".no.prefetch.landmar
 const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
 /// A TOC bigger than this is not one we will parse (a few hundred bytes per file).
 const MAX_TOC: u64 = 256 << 20;
+/// The biggest chunk read whole into memory. eStargz writers cut at 4 MiB by default; a TOC
+/// announcing more is refused (the layer is then indexed the ordinary way).
+const MAX_CHUNK: u64 = 64 << 20;
 
 fn bad(reason: impl std::fmt::Display) -> Error {
     Error::malformed("eStargz layer", reason)
@@ -337,13 +340,19 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<StargzLayer> {
         chunks.sort_by_key(|c| c.file_offset);
         let mut at = 0;
         for c in chunks.iter() {
+            if c.size > MAX_CHUNK {
+                return Err(bad(format!(
+                    "{:?}: a chunk of {} bytes (imgfs reads chunks up to {MAX_CHUNK})",
+                    out.index.entries[i].path, c.size
+                )));
+            }
             if c.file_offset != at || c.end <= c.offset {
                 return Err(bad(format!(
                     "{:?}: chunks do not cover the file",
                     out.index.entries[i].path
                 )));
             }
-            at += c.size;
+            at = at.saturating_add(c.size);
         }
         if !chunks.is_empty() && at != out.index.entries[i].size {
             return Err(bad(format!(
@@ -400,5 +409,79 @@ mod tests {
         assert_eq!(parse_footer(&f).unwrap(), 0x12ab);
         f[33] = b'X';
         assert!(parse_footer(&f).is_err());
+    }
+
+    fn toc(entries: &str) -> Vec<u8> {
+        format!(r#"{{"version":1,"entries":[{entries}]}}"#).into_bytes()
+    }
+
+    const D: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn a_toc_becomes_entries_and_chunks() {
+        let t = toc(&format!(
+            r#"{{"name":"./","type":"dir","mode":493}},
+               {{"name":"a/","type":"dir","mode":16877}},
+               {{"name":"a/f","type":"reg","size":10,"offset":100,"chunkSize":6,"chunkDigest":"{D}","digest":"{D}"}},
+               {{"name":"a/f","type":"chunk","offset":200,"chunkOffset":6,"chunkDigest":"{D}"}},
+               {{"name":"a/.wh.g","type":"reg","digest":"{D}"}},
+               {{"name":".prefetch.landmark","type":"reg","size":1,"offset":300,"digest":"{D}","chunkDigest":"{D}"}},
+               {{"name":"l","type":"symlink","linkName":"a/f"}}"#
+        ));
+        let sg = parse_toc(&t, 400).unwrap();
+        let paths: Vec<(&str, Kind)> = sg
+            .index
+            .entries
+            .iter()
+            .map(|e| (e.path.as_str(), e.kind))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                ("", Kind::Dir),
+                ("a", Kind::Dir),
+                ("a/f", Kind::File),
+                ("a/g", Kind::Whiteout),
+                ("l", Kind::Symlink)
+            ]
+        );
+        assert_eq!(sg.index.entries[1].mode, 0o755, "type bits masked");
+        let c = &sg.chunks[2];
+        assert_eq!((c[0].offset, c[0].end, c[0].size), (100, 200, 6));
+        assert_eq!(
+            (c[1].offset, c[1].end, c[1].file_offset, c[1].size),
+            (200, 300, 6, 4)
+        );
+        assert_eq!(
+            sg.prefetch,
+            [2],
+            "files (not whiteouts) before the landmark"
+        );
+    }
+
+    #[test]
+    fn hostile_tocs_are_refused() {
+        let cases = [
+            // a chunk bigger than imgfs reads whole
+            format!(
+                r#"{{"name":"f","type":"reg","size":1099511627776,"offset":10,"chunkDigest":"{D}"}}"#
+            ),
+            // chunks leave a gap
+            format!(
+                r#"{{"name":"f","type":"reg","size":10,"offset":10,"chunkSize":4,"chunkDigest":"{D}"}},
+                   {{"name":"f","type":"chunk","offset":20,"chunkOffset":6,"chunkDigest":"{D}"}}"#
+            ),
+            // data past the TOC
+            format!(r#"{{"name":"f","type":"reg","size":10,"offset":5000,"chunkDigest":"{D}"}}"#),
+            // a chunk of a file that is not there
+            format!(r#"{{"name":"f","type":"chunk","offset":10,"chunkDigest":"{D}"}}"#),
+            // a name that climbs out
+            r#"{"name":"../../etc/passwd","type":"dir"}"#.to_string(),
+            // no digest to check the bytes against
+            r#"{"name":"f","type":"reg","size":10,"offset":10}"#.to_string(),
+        ];
+        for c in cases {
+            assert!(parse_toc(&toc(&c), 400).is_err(), "{c}");
+        }
     }
 }
