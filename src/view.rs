@@ -321,6 +321,12 @@ impl Fetcher {
             return Err(SpanError::NeedBlob);
         }
         let (a, b) = sp.span_range(k, layer.descriptor.size);
+        if b <= a {
+            return Err(SpanError::Failed(std::io::Error::other(format!(
+                "span {k} of layer {} lies outside its blob ({a}-{b})",
+                layer.digest
+            ))));
+        }
         if b - a > MAX_RANGE {
             return Err(SpanError::NeedBlob);
         }
@@ -434,11 +440,14 @@ impl Fetcher {
     /// fetched again, alone, by the read that needs it.
     fn fetch_batch(&self, li: usize, layer: &LayerData, ks: std::ops::Range<usize>) {
         let Ok(sp) = layer.seek() else { return };
+        let (a, _) = sp.span_range(ks.start, layer.descriptor.size);
+        let (_, b) = sp.span_range(ks.end - 1, layer.descriptor.size);
+        if b <= a || b - a > MAX_RANGE {
+            return;
+        }
         // Claim every span first, so that readers wait for this fetch instead of repeating it.
         let gates: Vec<_> = ks.clone().map(|k| self.gates.gate((li, k))).collect();
         let _turns: Vec<_> = gates.iter().map(|g| g.lock().unwrap()).collect();
-        let (a, _) = sp.span_range(ks.start, layer.descriptor.size);
-        let (_, b) = sp.span_range(ks.end - 1, layer.descriptor.size);
         let t = std::time::Instant::now();
         let fetched = self.read_range(&layer.descriptor, a, b);
         let t_fetch = t.elapsed();
@@ -450,7 +459,11 @@ impl Fetcher {
                     .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 for k in ks.clone() {
                     let (sa, sb) = sp.span_range(k, layer.descriptor.size);
-                    let span = bytes.slice((sa - a) as usize..(sb - a) as usize);
+                    let (x, y) = (sa.saturating_sub(a) as usize, sb.saturating_sub(a) as usize);
+                    if sa < a || x > y || y > bytes.len() {
+                        continue; // a malformed index; the reader's own fetch will say so
+                    }
+                    let span = bytes.slice(x..y);
                     if Digest::of(&span) == sp.span_digests[k] {
                         self.keep_chunk(&sp.span_digests[k], &span);
                     } else {

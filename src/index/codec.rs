@@ -149,6 +149,20 @@ pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
     let payload =
         zstd::bulk::decompress(payload, size as usize).map_err(|e| bad(&e.to_string()))?;
     let p: Payload = postcard::from_bytes(&payload).map_err(|e| bad(&e.to_string()))?;
+    if let Some(sp) = &p.seek {
+        // Readers index one by the other, and walk checkpoints by offset.
+        let ordered = sp
+            .checkpoints
+            .windows(2)
+            .all(|w| w[0].out_offset < w[1].out_offset && w[0].in_offset < w[1].in_offset);
+        let sane = sp
+            .checkpoints
+            .iter()
+            .all(|c| c.bits < 8 && (c.bits == 0 || c.in_offset > 0));
+        if sp.checkpoints.len() != sp.span_digests.len() || !ordered || !sane {
+            return Err(bad("inconsistent seek points"));
+        }
+    }
     let mut entries: Vec<Entry> = Vec::with_capacity(p.entries.len());
     let mut prev_offset = 0i64;
     for enc in p.entries {

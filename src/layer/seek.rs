@@ -488,7 +488,8 @@ impl SeekPoints {
     /// covers. `blob_size` ends the last span.
     pub fn span_range(&self, k: usize, blob_size: u64) -> (u64, u64) {
         let cp = &self.checkpoints[k];
-        let start = cp.in_offset - u64::from(cp.bits > 0);
+        // Saturating: a checkpoint at 0 with bits is malformed; its span then fails its digest.
+        let start = cp.in_offset.saturating_sub(u64::from(cp.bits > 0));
         let end = self
             .checkpoints
             .get(k + 1)
