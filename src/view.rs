@@ -331,7 +331,9 @@ impl Fetcher {
             return Err(SpanError::NeedBlob);
         }
         let gate = self.gates.gate((li, k));
-        let _turn = gate.lock().unwrap();
+        let _turn = gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Dropped before `_turn`: however this ends, the gate goes with the turn.
         let _done = Done(&self.gates, (li, k));
         if let Some(b) = self.cache.load_chunk(digest) {
@@ -447,7 +449,10 @@ impl Fetcher {
         }
         // Claim every span first, so that readers wait for this fetch instead of repeating it.
         let gates: Vec<_> = ks.clone().map(|k| self.gates.gate((li, k))).collect();
-        let _turns: Vec<_> = gates.iter().map(|g| g.lock().unwrap()).collect();
+        let _turns: Vec<_> = gates
+            .iter()
+            .map(|g| g.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            .collect();
         let t = std::time::Instant::now();
         let fetched = self.read_range(&layer.descriptor, a, b);
         let t_fetch = t.elapsed();
@@ -517,7 +522,9 @@ impl Fetcher {
             return Ok(f);
         }
         let gate = self.gates.gate((li, usize::MAX));
-        let _turn = gate.lock().unwrap();
+        let _turn = gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(f) = layer.local.get() {
             return Ok(f);
         }
@@ -556,6 +563,13 @@ async fn open_stargz(
         return Err(Error::malformed(
             "eStargz layer",
             "footer points past the TOC",
+        ));
+    }
+    let toc_len = size - estargz::FOOTER_SIZE - toc_offset;
+    if toc_len > estargz::MAX_TOC_MEMBER {
+        return Err(Error::malformed(
+            "eStargz layer",
+            format!("its footer puts {toc_len} bytes of TOC before it"),
         ));
     }
     let json = match cache.load_chunk(toc_digest) {
@@ -627,7 +641,11 @@ impl ImageView {
                     if compression == Compression::Gzip
                         && let Some(toc) = estargz::toc_digest(&layer.descriptor.annotations)
                     {
-                        match open_stargz(cache, src_ref, &layer.descriptor, &toc?).await {
+                        let opened = match toc {
+                            Ok(toc) => open_stargz(cache, src_ref, &layer.descriptor, &toc).await,
+                            Err(e) => Err(e),
+                        };
+                        match opened {
                             Ok(sg) => {
                                 return Ok(Arc::new(LayerData {
                                     digest: digest.to_string(),
@@ -891,7 +909,9 @@ impl ImageView {
         // Decompress outside the cache lock, so that readers of other spans go on; readers
         // of this span wait at its gate and then find it cached.
         let gate = self.inflight.gate(key);
-        let _turn = gate.lock().unwrap();
+        let _turn = gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _done = Done(&self.inflight, key);
         if let Some(s) = self.spans.lock().unwrap().get(&key) {
             return Ok(s.clone());

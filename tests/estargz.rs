@@ -339,8 +339,22 @@ impl Containerd {
             .expect("ctr-remote (Debian stargz-snapshotter) is installed by scripts/test")
     }
 
+    /// Run a ctr-remote command that must succeed. Retried: once in a dozen runs here a
+    /// command failed right after the daemon came up (the error is printed); these commands
+    /// are idempotent.
     fn ctr_ok(&self, args: &[&str]) {
-        let out = self.ctr(args);
+        let mut out = self.ctr(args);
+        for _ in 0..2 {
+            if out.status.success() {
+                break;
+            }
+            eprintln!(
+                "ctr-remote {args:?} failed, retrying: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            out = self.ctr(args);
+        }
         assert!(
             out.status.success(),
             "ctr-remote {args:?}: {}",

@@ -61,6 +61,10 @@ pub fn parse_footer(footer: &[u8]) -> Result<u64> {
     u64::from_str_radix(hex, 16).map_err(|_| bad(format!("footer offset {hex:?} is not hex")))
 }
 
+/// The most compressed TOC bytes fetched (the footer that says where the TOC starts is not
+/// verified until the TOC is).
+pub const MAX_TOC_MEMBER: u64 = 128 << 20;
+
 /// The TOC JSON out of the TOC member (the bytes from its offset to the footer).
 pub fn toc_json(member: &[u8]) -> Result<Vec<u8>> {
     let gz = super::GzipMembers::new(std::io::BufReader::new(member));
@@ -126,6 +130,9 @@ struct TocEntry {
     chunk_size: u64,
     #[serde(default)]
     chunk_digest: Option<String>,
+    /// Several payloads in one gzip member (`--estargz-min-chunk-size`): not read lazily.
+    #[serde(default)]
+    inner_offset: u64,
 }
 
 /// One chunk of a file: fetch compressed bytes `[offset, end)`, gunzip, and the first `size`
@@ -180,7 +187,7 @@ fn parse_time(s: &str) -> Option<i64> {
     }
     let zone = match rest {
         "Z" | "z" => 0,
-        z if z.len() == 6 && (z.starts_with('+') || z.starts_with('-')) => {
+        z if z.len() == 6 && z.is_ascii() && (z.starts_with('+') || z.starts_with('-')) => {
             let off = z[1..3].parse::<i64>().ok()? * 3600 + z[4..6].parse::<i64>().ok()? * 60;
             if z.starts_with('-') { -off } else { off }
         }
@@ -221,9 +228,20 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<StargzLayer> {
         .filter(|e| (e.kind == "reg" && e.size > 0) || e.kind == "chunk")
         .map(|e| e.offset)
         .collect();
+    if toc.entries.iter().any(|e| e.inner_offset != 0) {
+        return Err(Error::Unsupported {
+            what: "eStargz layout".into(),
+            value: "payloads sharing a gzip member (innerOffset)".into(),
+        });
+    }
+    let data_count = starts.len();
     starts.push(toc_offset);
     starts.sort_unstable();
     starts.dedup();
+    // Each chunk is its own member: two at one offset would be read one as the other.
+    if starts.len() != data_count + 1 {
+        return Err(bad("two chunks share an offset (or one sits at the TOC)"));
+    }
     let end_of = |offset: u64| -> Result<u64> {
         let i = starts.partition_point(|&s| s <= offset);
         starts
@@ -346,7 +364,7 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<StargzLayer> {
                     out.index.entries[i].path, c.size
                 )));
             }
-            if c.file_offset != at || c.end <= c.offset {
+            if c.file_offset != at || c.end <= c.offset || c.end - c.offset > MAX_CHUNK {
                 return Err(bad(format!(
                     "{:?}: chunks do not cover the file",
                     out.index.entries[i].path
@@ -388,6 +406,7 @@ mod tests {
 
     #[test]
     fn go_times_parse() {
+        assert_eq!(parse_time("2024-01-01T00:00:00+1é00"), None);
         assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_time("2024-01-01T00:00:00Z"), Some(1_704_067_200));
         assert_eq!(

@@ -326,11 +326,32 @@ pub fn merge_for_path(
                 .strip_prefix(e.path.as_str())
                 .is_some_and(|r| r.starts_with('/'))
     };
-    let linked = layers
-        .iter()
-        .flat_map(|l| &l.entries)
-        .any(|e| on_path(e) && matches!(e.kind, Kind::Symlink | Kind::Hardlink));
-    (!linked).then(|| merge_where(layers, names, on_path))
+    let all = || layers.iter().flat_map(|l| &l.entries);
+    if all().any(|e| on_path(e) && matches!(e.kind, Kind::Symlink | Kind::Hardlink)) {
+        return None;
+    }
+    // An entry written through a symlink (`lib/x` with `lib -> usr/lib`) lands elsewhere than
+    // its name says, maybe on this path: then only the whole merge knows.
+    let symlinks: std::collections::HashSet<&str> = all()
+        .filter(|e| e.kind == Kind::Symlink)
+        .map(|e| e.path.as_str())
+        .collect();
+    if !symlinks.is_empty() {
+        let through = |p: &str| {
+            let mut rest = p;
+            while let Some((parent, _)) = rest.rsplit_once('/') {
+                if symlinks.contains(parent) {
+                    return true;
+                }
+                rest = parent;
+            }
+            false
+        };
+        if all().any(|e| through(&e.path)) {
+            return None;
+        }
+    }
+    Some(merge_where(layers, names, on_path))
 }
 
 /// [`merge`] of the entries `keep` accepts (entry positions, and so data references, stay

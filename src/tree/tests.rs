@@ -248,4 +248,16 @@ fn a_path_merged_alone_resolves_as_in_the_whole_tree() {
     ])];
     let refs: Vec<&LayerIndex> = with_link.iter().collect();
     assert!(merge_for_path(&refs, &[], "l/f").is_none());
+    // So does an entry written through a symlink elsewhere (usrmerge bases).
+    let through = [
+        layer(vec![
+            e("usr", Kind::Dir),
+            e("usr/lib", Kind::Dir),
+            e("usr/lib/f", Kind::File),
+            link("lib", Kind::Symlink, "usr/lib"),
+        ]),
+        layer(vec![e("lib/f", Kind::File)]),
+    ];
+    let refs: Vec<&LayerIndex> = through.iter().collect();
+    assert!(merge_for_path(&refs, &[], "usr/lib/f").is_none());
 }
