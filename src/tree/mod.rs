@@ -332,20 +332,23 @@ pub fn merge_for_path(
     }
     // An entry written through a symlink (`lib/x` with `lib -> usr/lib`) lands elsewhere than
     // its name says, maybe on this path: then only the whole merge knows.
-    let symlinks: std::collections::HashSet<&str> = all()
-        .filter(|e| e.kind == Kind::Symlink)
-        .map(|e| e.path.as_str())
-        .collect();
+    // Symlinks by their first path component: one lookup per entry instead of one per
+    // ancestor (this check is most of a scoped merge's cost).
+    let first = |p: &str| p.split('/').next().unwrap_or("").len();
+    let mut symlinks: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();
+    for e in all().filter(|e| e.kind == Kind::Symlink) {
+        symlinks
+            .entry(&e.path[..first(&e.path)])
+            .or_default()
+            .push(&e.path);
+    }
     if !symlinks.is_empty() {
         let through = |p: &str| {
-            let mut rest = p;
-            while let Some((parent, _)) = rest.rsplit_once('/') {
-                if symlinks.contains(parent) {
-                    return true;
-                }
-                rest = parent;
-            }
-            false
+            symlinks.get(&p[..first(p)]).is_some_and(|links| {
+                links
+                    .iter()
+                    .any(|l| p.len() > l.len() && p.starts_with(l) && p.as_bytes()[l.len()] == b'/')
+            })
         };
         if all().any(|e| through(&e.path)) {
             return None;
