@@ -159,6 +159,8 @@ impl Cache {
     }
 
     /// The stored chunk with digest `d`, if any; marks it used (for pruning, oldest first).
+    /// Checked again on every load (unlike blobs, chunks are not fsynced: after a crash a
+    /// file could be there with wrong bytes); a damaged one is removed, to be refetched.
     pub fn load_chunk(&self, d: &Digest) -> Option<bytes::Bytes> {
         let path = self.chunk_path(d);
         let f = std::fs::File::open(&path).ok()?;
@@ -166,6 +168,11 @@ impl Cache {
         let mut buf = Vec::new();
         use std::io::Read;
         (&f).read_to_end(&mut buf).ok()?;
+        if Digest::of(&buf) != *d {
+            tracing::warn!("discarding damaged chunk {}", path.display());
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
         Some(buf.into())
     }
 

@@ -291,3 +291,23 @@ fn the_chunk_store_stays_within_its_bound() {
         assert!(stored <= bound, "{stored} bytes of chunks after {path}");
     }
 }
+
+#[test]
+fn a_damaged_chunk_in_the_store_is_refetched_not_served() {
+    let l = lazy_image("lazy/damaged-chunk");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    assert_eq!(cat(&cache, &l.image, "mid/small.txt").stdout, l.files[1].1);
+    // What a crash between write and rename could leave: the right name, wrong bytes.
+    for e in std::fs::read_dir(cache.join("chunks/sha256")).unwrap() {
+        let p = e.unwrap().path();
+        let mut b = std::fs::read(&p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 1;
+        std::fs::write(&p, b).unwrap();
+    }
+    l.proxy.reset_counts();
+    assert_eq!(cat(&cache, &l.image, "mid/small.txt").stdout, l.files[1].1);
+    assert!(l.proxy.blob_bytes() > 0, "fetched again");
+}
