@@ -194,9 +194,23 @@ impl<R: BufRead> SpanHasher<R> {
         self.hasher = Some(h);
     }
 
-    pub(super) fn finish(&mut self) {
+    pub(super) fn new(inner: R) -> SpanHasher<R> {
+        SpanHasher {
+            inner,
+            hasher: None,
+            last: None,
+            spans: Vec::new(),
+        }
+    }
+
+    /// End the last span; with the checkpoints the spans start at, what indexing recorded.
+    pub(super) fn into_seek_points(mut self, checkpoints: Vec<Checkpoint>) -> SeekPoints {
         if let Some(h) = self.hasher.take() {
             self.spans.push(h.finish());
+        }
+        SeekPoints {
+            checkpoints,
+            span_digests: self.spans,
         }
     }
 }
@@ -269,12 +283,7 @@ impl<R: BufRead> IndexingReader<R> {
 
     pub fn with_span(src: R, span: u64) -> std::io::Result<IndexingReader<R>> {
         Ok(IndexingReader {
-            src: SpanHasher {
-                inner: src,
-                hasher: None,
-                last: None,
-                spans: Vec::new(),
-            },
+            src: SpanHasher::new(src),
             inflater: Inflater::raw()?,
             in_pos: 0,
             out_pos: 0,
@@ -318,12 +327,8 @@ impl<R: BufRead> IndexingReader<R> {
     }
 
     /// The checkpoints and span digests; call after reading to the end.
-    pub fn seek_points(mut self) -> SeekPoints {
-        self.src.finish();
-        SeekPoints {
-            checkpoints: self.checkpoints,
-            span_digests: self.src.spans,
-        }
+    pub fn seek_points(self) -> SeekPoints {
+        self.src.into_seek_points(self.checkpoints)
     }
 
     fn due(&self) -> bool {
@@ -432,12 +437,7 @@ impl<R: BufRead> PlainIndexingReader<R> {
 
     pub fn with_span(src: R, span: u64) -> PlainIndexingReader<R> {
         PlainIndexingReader {
-            src: SpanHasher {
-                inner: src,
-                hasher: None,
-                last: None,
-                spans: Vec::new(),
-            },
+            src: SpanHasher::new(src),
             pos: 0,
             span: span.max(1),
             checkpoints: Vec::new(),
@@ -445,12 +445,8 @@ impl<R: BufRead> PlainIndexingReader<R> {
     }
 
     /// The seek points and span digests; call after reading to the end.
-    pub fn seek_points(mut self) -> SeekPoints {
-        self.src.finish();
-        SeekPoints {
-            checkpoints: self.checkpoints,
-            span_digests: self.src.spans,
-        }
+    pub fn seek_points(self) -> SeekPoints {
+        self.src.into_seek_points(self.checkpoints)
     }
 }
 

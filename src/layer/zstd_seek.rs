@@ -28,12 +28,7 @@ pub struct ZstdIndexingReader<R: BufRead> {
 impl<R: BufRead> ZstdIndexingReader<R> {
     pub fn new(src: R) -> ZstdIndexingReader<R> {
         ZstdIndexingReader {
-            src: SpanHasher {
-                inner: src,
-                hasher: None,
-                last: None,
-                spans: Vec::new(),
-            },
+            src: SpanHasher::new(src),
             dctx: DCtx::create(),
             in_pos: 0,
             out_pos: 0,
@@ -42,12 +37,8 @@ impl<R: BufRead> ZstdIndexingReader<R> {
         }
     }
 
-    pub fn seek_points(mut self) -> SeekPoints {
-        self.src.finish();
-        SeekPoints {
-            checkpoints: self.checkpoints,
-            span_digests: self.src.spans,
-        }
+    pub fn seek_points(self) -> SeekPoints {
+        self.src.into_seek_points(self.checkpoints)
     }
 }
 
