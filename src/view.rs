@@ -79,6 +79,19 @@ struct Stargz {
 }
 
 impl LayerData {
+    fn new(layer: &crate::manifest::Layer, index: LayerIndex, stargz: Option<Stargz>) -> Arc<Self> {
+        Arc::new(LayerData {
+            digest: layer.descriptor.digest.to_string(),
+            descriptor: layer.descriptor.clone(),
+            compression: layer.compression,
+            index,
+            local: OnceLock::new(),
+            last_span: AtomicUsize::new(usize::MAX - 1),
+            no_ranges: AtomicBool::new(false),
+            stargz,
+        })
+    }
+
     fn seek(&self) -> std::io::Result<&SeekPoints> {
         self.index
             .seek
@@ -198,35 +211,33 @@ fn build_index(
     compression: Compression,
 ) -> Result<LayerIndex> {
     let buffered = std::io::BufReader::with_capacity(256 << 10, blob);
+    match compression {
+        Compression::Gzip => indexed(
+            seek::IndexingReader::new(buffered).ctx(|| "starting to decompress".into())?,
+            seek::IndexingReader::seek_points,
+        ),
+        Compression::Zstd => indexed(
+            crate::layer::zstd_seek::ZstdIndexingReader::new(buffered),
+            crate::layer::zstd_seek::ZstdIndexingReader::seek_points,
+        ),
+        Compression::None => indexed(
+            seek::PlainIndexingReader::new(buffered),
+            seek::PlainIndexingReader::seek_points,
+        ),
+    }
+}
+
+/// Index the tar an indexing reader produces, then take its seek points.
+fn indexed<R: std::io::Read>(
+    mut r: R,
+    seek_points: impl FnOnce(R) -> SeekPoints,
+) -> Result<LayerIndex> {
+    let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
     // Read what follows the tar's end marker too, so that the checks at the end run and the
     // last span digest covers the blob to its end.
-    let drain = |r: &mut dyn std::io::Read| {
-        std::io::copy(r, &mut std::io::sink()).map_err(|e| Error::malformed("layer", e))
-    };
-    match compression {
-        Compression::Gzip => {
-            let mut r =
-                seek::IndexingReader::new(buffered).ctx(|| "starting to decompress".into())?;
-            let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
-            drain(&mut r)?;
-            idx.seek = Some(r.seek_points());
-            Ok(idx)
-        }
-        Compression::Zstd => {
-            let mut r = crate::layer::zstd_seek::ZstdIndexingReader::new(buffered);
-            let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
-            drain(&mut r)?;
-            idx.seek = Some(r.seek_points());
-            Ok(idx)
-        }
-        Compression::None => {
-            let mut r = seek::PlainIndexingReader::new(buffered);
-            let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
-            drain(&mut r)?;
-            idx.seek = Some(r.seek_points());
-            Ok(idx)
-        }
-    }
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| Error::malformed("layer", e))?;
+    idx.seek = Some(seek_points(r));
+    Ok(idx)
 }
 
 /// A `Read + Seek` over a shared open file by `pread`, so threads never share a file offset.
@@ -647,19 +658,11 @@ impl ImageView {
                         };
                         match opened {
                             Ok(sg) => {
-                                return Ok(Arc::new(LayerData {
-                                    digest: digest.to_string(),
-                                    descriptor: layer.descriptor.clone(),
-                                    compression,
-                                    index: sg.index,
-                                    local: OnceLock::new(),
-                                    last_span: AtomicUsize::new(usize::MAX - 1),
-                                    no_ranges: AtomicBool::new(false),
-                                    stargz: Some(Stargz {
-                                        chunks: sg.chunks,
-                                        prefetch: sg.prefetch,
-                                    }),
-                                }));
+                                let files = Stargz {
+                                    chunks: sg.chunks,
+                                    prefetch: sg.prefetch,
+                                };
+                                return Ok(LayerData::new(layer, sg.index, Some(files)));
                             }
                             // Wrong bytes for what the manifest vouches for: refused.
                             Err(e @ Error::DigestMismatch { .. }) => return Err(name(e)),
@@ -719,23 +722,14 @@ impl ImageView {
                     if fresh && let Err(e) = cache.store_index(digest, &index) {
                         tracing::warn!("not caching the index of {digest}: {e}");
                     }
-                    let local = OnceLock::new();
+                    let data = LayerData::new(layer, index, None);
                     if let Some(blob) = blob {
                         let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
                         // Marks it used, for pruning oldest first.
                         let _ = f.set_modified(std::time::SystemTime::now());
-                        let _ = local.set(f);
+                        let _ = data.local.set(f);
                     }
-                    Ok::<_, Error>(Arc::new(LayerData {
-                        digest: digest.to_string(),
-                        descriptor: layer.descriptor.clone(),
-                        compression,
-                        index,
-                        local,
-                        last_span: AtomicUsize::new(usize::MAX - 1),
-                        no_ranges: AtomicBool::new(false),
-                        stargz: None,
-                    }))
+                    Ok::<_, Error>(data)
                 })
                 .buffered(opts.jobs.max(1))
                 .try_collect()
