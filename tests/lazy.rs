@@ -75,10 +75,6 @@ fn lazy_image(repo: &str) -> Lazy {
     }
 }
 
-fn count(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, |d| d.count())
-}
-
 fn cat(cache: &Path, image: &str, path: &str) -> std::process::Output {
     imgfs(cache, &["cat", image, path])
 }
@@ -99,8 +95,12 @@ fn a_small_file_costs_one_span_and_a_second_read_nothing() {
     // Indexing streams each blob once and keeps only the index.
     imgfs_ok(&cache, &["ls", &l.image, "/"]);
     // The config is a blob too.
-    assert_eq!(count(&cache.join("blobs/sha256")), 1, "no layer blob kept");
-    assert_eq!(count(&cache.join("indexes/sha256")), 3);
+    assert_eq!(
+        count_files(&cache.join("blobs/sha256")),
+        1,
+        "no layer blob kept"
+    );
+    assert_eq!(count_files(&cache.join("indexes/sha256")), 3);
 
     l.proxy.reset_counts();
     let out = cat(&cache, &l.image, "mid/small.txt");
@@ -137,14 +137,18 @@ fn a_small_file_costs_one_span_and_a_second_read_nothing() {
         );
         assert!(out.stdout == *data, "{path}: wrong bytes");
     }
-    assert_eq!(count(&cache.join("blobs/sha256")), 1, "still no layer blob");
+    assert_eq!(
+        count_files(&cache.join("blobs/sha256")),
+        1,
+        "still no layer blob"
+    );
     let du = imgfs_ok(&cache, &["cache", "du"]);
     assert!(du.contains("chunks"), "{du}");
 
     // --keep-blobs keeps them.
     let kept = work.path().join("kept");
     imgfs_ok(&kept, &["ls", "--keep-blobs", &l.image, "/"]);
-    assert_eq!(count(&kept.join("blobs/sha256")), 4);
+    assert_eq!(count_files(&kept.join("blobs/sha256")), 4);
 }
 
 #[test]
@@ -177,8 +181,7 @@ fn wrong_bytes_from_the_registry_are_never_served() {
         l.files[1].1
     );
     assert!(std::fs::read(m.dir.join("big/text.bin")).unwrap() == l.files[2].1);
-    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
-    m.wait_gone();
+    m.unmount(&cache);
 }
 
 #[test]
@@ -196,7 +199,7 @@ fn a_registry_that_ignores_range_gets_the_whole_blob_once() {
     );
     assert!(out.stdout == l.files[2].1);
     assert_eq!(
-        count(&cache.join("blobs/sha256")),
+        count_files(&cache.join("blobs/sha256")),
         2,
         "config and the gzip layer"
     );
@@ -220,13 +223,17 @@ fn a_lazy_mount_equals_the_pull_and_survives_pruning() {
         &["pull", "-q", &l.direct, pulled.to_str().unwrap()],
     );
     let m = Mounted::new(&cache, &l.image, &work.path().join("mnt"), &[]);
-    assert_eq!(count(&cache.join("blobs/sha256")), 1, "the config only");
+    assert_eq!(
+        count_files(&cache.join("blobs/sha256")),
+        1,
+        "the config only"
+    );
     assert_same_tree(&m.dir, &pulled, "lazy mount vs pull");
 
     let pruned = imgfs_ok(&cache, &["cache", "prune", "--all"]);
     assert!(pruned.starts_with("freed"), "{pruned}");
-    assert_eq!(count(&cache.join("indexes/sha256")), 0);
-    assert_eq!(count(&cache.join("chunks/sha256")), 0);
+    assert_eq!(count_files(&cache.join("indexes/sha256")), 0);
+    assert_eq!(count_files(&cache.join("chunks/sha256")), 0);
     drop_page_cache();
     l.proxy.reset_counts();
     assert_same_tree(&m.dir, &pulled, "after prune");
@@ -234,8 +241,7 @@ fn a_lazy_mount_equals_the_pull_and_survives_pruning() {
         l.proxy.blob_bytes() > 0,
         "read again by range after the prune"
     );
-    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
-    m.wait_gone();
+    m.unmount(&cache);
 }
 
 #[test]
@@ -255,7 +261,7 @@ fn prefetch_all_fetches_every_span_in_the_background() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = (0, Instant::now());
     while Instant::now() < deadline {
-        let n = count(&chunks);
+        let n = count_files(&chunks);
         if n != last.0 {
             last = (n, Instant::now());
         } else if n >= 6 && last.1.elapsed() > Duration::from_millis(500) {
@@ -263,14 +269,13 @@ fn prefetch_all_fetches_every_span_in_the_background() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(count(&chunks) >= 6, "{} chunks", count(&chunks));
+    assert!(count_files(&chunks) >= 6, "{} chunks", count_files(&chunks));
     l.proxy.reset_counts();
     for (path, data) in &l.files {
         assert!(std::fs::read(m.dir.join(path)).unwrap() == *data, "{path}");
     }
     assert_eq!(l.proxy.blob_bytes(), 0, "{:?}", l.proxy.log());
-    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
-    m.wait_gone();
+    m.unmount(&cache);
 }
 
 #[test]

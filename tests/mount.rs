@@ -35,8 +35,7 @@ fn the_mounted_tree_equals_the_pulled_tree() {
         "read-only"
     );
 
-    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
-    m.wait_gone();
+    m.unmount(&cache);
 
     // A pull after the mount leaves the mount's indexes (with seek points) as they are.
     let read_indexes = || {
@@ -233,8 +232,7 @@ fn mount_refuses_bad_targets_clearly() {
         err.contains("daemon failed") && err.contains("not found"),
         "{err}"
     );
-    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
-    m.wait_gone();
+    m.unmount(&cache);
 }
 
 #[test]
@@ -276,8 +274,7 @@ fn zstd_and_uncompressed_layers_mount_like_they_pull() {
     let m = Mounted::new(&cache, &image, &work.path().join("mnt"), &[]);
     assert_same_tree(&m.dir, &pulled, "zstd mount vs pull");
     assert_eq!(std::fs::read(m.dir.join("z/big")).unwrap(), big);
-    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
-    m.wait_gone();
+    m.unmount(&cache);
 }
 
 #[test]
@@ -312,6 +309,5 @@ fn a_directory_larger_than_one_readdir_buffer_lists_completely() {
         listed, names,
         "every entry once, none lost across readdir calls"
     );
-    imgfs_ok(&cache, &["umount", m.dir.to_str().unwrap()]);
-    m.wait_gone();
+    m.unmount(&cache);
 }

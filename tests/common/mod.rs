@@ -460,3 +460,8 @@ pub fn text(n: usize, mut seed: u64) -> Vec<u8> {
         .map(|_| b'a' + (xorshift(&mut seed) % 4) as u8)
         .collect()
 }
+
+/// How many entries directory `dir` holds (0 if it does not exist).
+pub fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}

@@ -30,6 +30,12 @@ impl Mounted {
                 .contains(") Z ")
     }
 
+    /// `imgfs umount`, then wait for the mount and its daemon to be gone.
+    pub fn unmount(&self, cache: &Path) {
+        imgfs_ok(cache, &["umount", self.dir.to_str().unwrap()]);
+        self.wait_gone();
+    }
+
     pub fn wait_gone(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while (self.alive() || is_mounted(&self.dir)) && Instant::now() < deadline {
