@@ -126,7 +126,7 @@ impl Cache {
     pub fn load_index(&self, layer: &Digest) -> Option<LayerIndex> {
         let path = self.index_path(layer);
         let bytes = std::fs::read(&path).ok()?;
-        match crate::index::codec::decode(&bytes) {
+        match crate::index::codec::decode(layer, &bytes) {
             Ok(idx) => Some(idx),
             Err(e) => {
                 tracing::warn!("discarding cached index of {layer}: {e}");
@@ -136,13 +136,25 @@ impl Cache {
         }
     }
 
+    /// The encoded index of `layer` as stored, if it is sound (for publishing it as is).
+    pub fn load_index_bytes(&self, layer: &Digest) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(self.index_path(layer)).ok()?;
+        crate::index::codec::decode(layer, &bytes).ok()?;
+        Some(bytes)
+    }
+
     /// Store the index of `layer` (atomically; a concurrent writer of the same index is fine).
     pub fn store_index(&self, layer: &Digest, index: &LayerIndex) -> Result<()> {
+        self.store_index_bytes(layer, &crate::index::codec::encode(layer, index))
+    }
+
+    /// Store an encoded index of `layer` that the caller has decoded and checked.
+    pub fn store_index_bytes(&self, layer: &Digest, bytes: &[u8]) -> Result<()> {
         let dest = self.index_path(layer);
         let tmp_dir = self.root.join("tmp");
         let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
             .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
-        tmp.write_all(&crate::index::codec::encode(index))
+        tmp.write_all(bytes)
             .ctx(|| format!("writing the index of {layer}"))?;
         tmp.persist(&dest)
             .map_err(|e| e.error)

@@ -1,6 +1,7 @@
 //! imgfs: use a container image without a container engine — inspect it, fetch it, and (in
 //! later modules) mount it lazily or flatten it to disk. See ARCHITECTURE.md for the codemap.
 
+pub mod artifact;
 pub mod cache;
 pub mod cli;
 pub mod digest;

@@ -114,6 +114,9 @@ pub struct ViewOptions {
     pub prefetch: Prefetch,
     /// The most compressed spans (bytes) the cache's chunk store may hold; older ones go.
     pub chunk_cache: u64,
+    /// Look in the registry for a published index of each layer with none in the cache
+    /// (`crate::artifact`) before indexing it here.
+    pub remote_index: bool,
     /// Only this path (normalised) will be looked at: merge just the entries that decide it,
     /// when that is possible (`cat` of one file in a big image).
     pub only_path: Option<String>,
@@ -128,6 +131,7 @@ impl Default for ViewOptions {
             keep_blobs: false,
             prefetch: Prefetch::Auto,
             chunk_cache: 1 << 30,
+            remote_index: true,
             only_path: None,
         }
     }
@@ -628,6 +632,12 @@ impl ImageView {
             Some(n) => n,
             None => image.layers.len(),
         };
+        if opts.remote_index {
+            let wanted = crate::artifact::layers_wanting_index(cache, &image.layers[..n]);
+            if !wanted.is_empty() {
+                crate::artifact::fetch_indexes(cache, &src, image, &wanted).await;
+            }
+        }
         let src_ref = &src;
         let layers: Vec<Arc<LayerData>> =
             futures_util::stream::iter(image.layers[..n].iter().enumerate())

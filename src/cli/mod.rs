@@ -3,6 +3,8 @@
 
 mod browse;
 mod cache;
+mod config;
+mod index;
 mod inspect;
 mod mount;
 mod pull;
@@ -47,6 +49,10 @@ struct Global {
     /// Reach this registry (HOST[:PORT]) over plain HTTP; loopback always is
     #[arg(long = "insecure-registry", global = true, value_name = "HOST")]
     insecure: Vec<String>,
+    /// Try this mirror (HOST[:PORT], same repository names) first for blobs, indexes and
+    /// manifests by digest; falls back to the image's registry. Also in the config file
+    #[arg(long = "mirror", global = true, value_name = "HOST")]
+    mirrors: Vec<String>,
     /// More log output (-v info, -vv debug); IMGFS_LOG=… sets filters directly
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -68,6 +74,10 @@ struct ReadArgs {
     /// The image as of its first N layers
     #[arg(long, value_name = "N")]
     layer: Option<usize>,
+    /// Do not look in the registry for published layer indexes (`imgfs index push`);
+    /// index layers here
+    #[arg(long)]
+    no_remote_index: bool,
 }
 
 impl ReadArgs {
@@ -77,6 +87,7 @@ impl ReadArgs {
             keep_blobs: self.keep_blobs,
             prefetch: self.prefetch,
             chunk_cache: self.chunk_cache.as_u64(),
+            remote_index: !self.no_remote_index,
             ..ViewOptions::default()
         }
     }
@@ -100,6 +111,8 @@ enum Command {
     Cat(browse::CatArgs),
     /// Show or trim the cache (blobs, layer indexes, fetched spans)
     Cache(cache::CacheArgs),
+    /// Build layer indexes, or publish them to the registry for other machines
+    Index(index::IndexArgs),
 }
 
 #[derive(Args)]
@@ -160,6 +173,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Ls(args) => browse::ls(&g, args).await,
         Command::Cat(args) => browse::cat(&g, args).await,
         Command::Cache(args) => cache::run(&g, args),
+        Command::Index(args) => index::run(&g, args).await,
     }
 }
 
@@ -183,9 +197,20 @@ impl Global {
     async fn open(&self, image: &str) -> Result<Opened> {
         let cache = self.cache()?;
         let reference = ImageRef::parse(image)?;
+        let mut mirrors = config::load()?.mirrors;
+        if let ImageRef::Registry(r) = &reference
+            && !self.mirrors.is_empty()
+        {
+            // Command-line mirrors come first, then the config file's.
+            let configured = mirrors.remove(&r.registry).unwrap_or_default();
+            let mut list = self.mirrors.clone();
+            list.extend(configured.into_iter().filter(|m| !self.mirrors.contains(m)));
+            mirrors.insert(r.registry.clone(), list);
+        }
         let opts = SourceOptions {
             registry: ClientOptions {
                 insecure: self.insecure.clone(),
+                mirrors,
                 ..Default::default()
             },
         };

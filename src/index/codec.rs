@@ -2,19 +2,27 @@
 //! integers are varints via postcard), versioned and checksummed, so a damaged or outdated
 //! file is detected and rebuilt rather than trusted.
 //!
-//! Layout: `IMGFSIDX` · format version (u32 LE) · sha256 of the payload (32 bytes) · payload,
-//! the payload zstd-compressed (the 32 KiB seek-point windows are most of it and compress
-//! well, as do the prefix-shared paths).
+//! Layout: `IMGFSIDX` · format version (u32 LE) · the layer's digest (32 raw sha256 bytes) ·
+//! sha256 of the payload (32 bytes) · payload, the payload zstd-compressed (the 32 KiB
+//! seek-point windows are most of it and compress well, as do the prefix-shared paths).
+//!
+//! The index names the layer it describes, so that one fetched from elsewhere (a registry
+//! artifact, see `crate::artifact`) or found under the wrong name is refused, not applied
+//! to another layer's bytes. This is also the format published as an index artifact
+//! (docs/index-artifact.md): change it only with a version bump and a note there.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::{Entry, Kind, LayerIndex};
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"IMGFSIDX";
 /// Bump when the payload changes shape; older files are then rebuilt.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
+/// Magic, version, layer digest, payload checksum.
+const HEADER: usize = 8 + 4 + 32 + 32;
 
 #[derive(Serialize, Deserialize)]
 struct Payload<'a> {
@@ -72,8 +80,8 @@ fn code_kind(c: u8) -> Option<Kind> {
     })
 }
 
-/// Serialise an index.
-pub fn encode(index: &LayerIndex) -> Vec<u8> {
+/// Serialise the index of `layer`.
+pub fn encode(layer: &Digest, index: &LayerIndex) -> Vec<u8> {
     let mut prev_path = "";
     let mut prev_offset = 0i64;
     let entries = index
@@ -116,18 +124,28 @@ pub fn encode(index: &LayerIndex) -> Vec<u8> {
     })
     .expect("encoding to memory cannot fail");
     let payload = zstd::bulk::compress(&payload, 3).expect("compressing in memory cannot fail");
-    let mut out = Vec::with_capacity(payload.len() + 44);
+    let mut out = Vec::with_capacity(payload.len() + HEADER);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&hex::decode(layer.hex()).expect("a digest is hex"));
     out.extend_from_slice(&Sha256::digest(&payload));
     out.extend_from_slice(&payload);
     out
 }
 
-/// Deserialise an index, refusing anything damaged, truncated or of another version.
-pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
-    let bad = |reason: &str| Error::malformed("layer index file", reason);
-    if bytes.len() < 44 || &bytes[..8] != MAGIC {
+/// The layer an encoded index says it describes (`None` if `bytes` is not a current index).
+pub fn layer_of(bytes: &[u8]) -> Option<Digest> {
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC || bytes[8..12] != VERSION.to_le_bytes() {
+        return None;
+    }
+    Digest::parse(&format!("sha256:{}", hex::encode(&bytes[12..44]))).ok()
+}
+
+/// Deserialise the index of `layer`, refusing anything damaged, truncated, of another
+/// version, or describing another layer.
+pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
+    let bad = |reason: &str| Error::malformed("layer index", reason);
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return Err(bad("not an imgfs index (bad magic or too short)"));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
@@ -136,8 +154,12 @@ pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
             "format version {version}, this imgfs reads {VERSION}"
         )));
     }
-    let payload = &bytes[44..];
-    if Sha256::digest(payload).as_slice() != &bytes[12..44] {
+    let described = layer_of(bytes).ok_or_else(|| bad("no layer digest"))?;
+    if &described != layer {
+        return Err(bad(&format!("it describes layer {described}, not {layer}")));
+    }
+    let payload = &bytes[HEADER..];
+    if Sha256::digest(payload).as_slice() != &bytes[44..HEADER] {
         return Err(bad("checksum mismatch"));
     }
     // The frame declares its size (we always write it); cap it against a hostile file.
@@ -158,7 +180,7 @@ pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
         let sane = sp
             .checkpoints
             .iter()
-            .all(|c| c.bits < 8 && (c.bits == 0 || c.in_offset > 0));
+            .all(|c| c.bits < 8 && (c.bits == 0 || c.in_offset > 0) && c.window.len() <= 32 << 10);
         if sp.checkpoints.len() != sp.span_digests.len() || !ordered || !sane {
             return Err(bad("inconsistent seek points"));
         }
@@ -205,6 +227,10 @@ pub fn decode(bytes: &[u8]) -> Result<LayerIndex> {
 mod tests {
     use super::*;
 
+    fn layer() -> crate::digest::Digest {
+        crate::digest::Digest::of(b"the layer")
+    }
+
     fn sample() -> LayerIndex {
         let e = |path: &str, kind: Kind, offset: u64| Entry {
             path: path.into(),
@@ -243,14 +269,14 @@ mod tests {
     #[test]
     fn round_trips_exactly() {
         let idx = sample();
-        let back = decode(&encode(&idx)).unwrap();
+        let back = decode(&layer(), &encode(&layer(), &idx)).unwrap();
         assert_eq!(back.entries, idx.entries);
         assert_eq!(back.seek, idx.seek);
     }
 
     #[test]
     fn damage_of_any_kind_is_detected() {
-        let good = encode(&sample());
+        let good = encode(&layer(), &sample());
         let mut flipped = good.clone();
         let last = flipped.len() - 3;
         flipped[last] ^= 1;
@@ -267,8 +293,17 @@ mod tests {
                 "version 99",
             ),
         ] {
-            let e = decode(&bytes).unwrap_err().to_string();
+            let e = decode(&layer(), &bytes).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn an_index_of_another_layer_is_refused() {
+        let other = crate::digest::Digest::of(b"another layer");
+        let bytes = encode(&other, &sample());
+        assert_eq!(layer_of(&bytes), Some(other.clone()));
+        let e = decode(&layer(), &bytes).unwrap_err().to_string();
+        assert!(e.contains(&format!("describes layer {other}")), "{e}");
     }
 }

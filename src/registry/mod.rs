@@ -1,5 +1,5 @@
 //! A client for the distribution API (the registry protocol): manifests, blobs (whole, or from
-//! an offset), and pushes.
+//! an offset), referrers, and pushes; mirrors tried first for what is content-addressed.
 //!
 //! Written on reqwest rather than taken from oci-client because imgfs needs control the crate
 //! does not give: raw manifest bytes of every type including schema 1, verification of what
@@ -33,6 +33,11 @@ pub struct ClientOptions {
     pub insecure: Vec<String>,
     /// Credentials to use for these hosts instead of looking in the user's configuration.
     pub credentials: std::collections::HashMap<String, auth::Credential>,
+    /// Mirrors (`host[:port]`, same repository names) per registry, tried in order before it
+    /// for blobs and manifests asked for by digest: what they send is checked against the
+    /// digest, so a mirror can make a fetch fail but never change what is served. Tags are
+    /// always resolved at the registry itself.
+    pub mirrors: std::collections::HashMap<String, Vec<String>>,
 }
 
 /// A registry client shared by all requests of one command.
@@ -44,6 +49,8 @@ pub struct Client {
     tls: std::sync::OnceLock<reqwest::Client>,
     opts: ClientOptions,
     auth: auth::Auth,
+    /// Mirrors that could not be reached: not tried again by this client.
+    dead_mirrors: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A manifest as the registry sent it.
@@ -106,6 +113,7 @@ impl Client {
             tls: std::sync::OnceLock::new(),
             auth: auth::Auth::with_credentials(opts.credentials.clone()),
             opts,
+            dead_mirrors: Default::default(),
         })
     }
 
@@ -157,6 +165,12 @@ impl Client {
         scope: &str,
         make: &(dyn Fn() -> RequestBuilder + Sync),
     ) -> Result<Response> {
+        // A mirror that fails is skipped for the origin at once, not retried for seconds.
+        let max_attempts = if self.is_mirror(registry) {
+            1
+        } else {
+            MAX_ATTEMPTS
+        };
         let mut attempt = 0;
         let mut reauthenticated = false;
         loop {
@@ -190,7 +204,7 @@ impl Client {
                 }
                 Ok(resp) if is_transient(resp.status()) => {
                     let wait = retry_after(resp.headers());
-                    if attempt >= MAX_ATTEMPTS {
+                    if attempt >= max_attempts {
                         return Err(Error::Registry {
                             host: registry.to_string(),
                             detail: format!(
@@ -208,7 +222,7 @@ impl Client {
                     let text = error_chain(&e);
                     // A name that does not resolve will not resolve on retry either.
                     let permanent = text.contains("dns error") || text.contains("failed to lookup");
-                    if permanent || attempt >= MAX_ATTEMPTS || e.is_builder() {
+                    if permanent || attempt >= max_attempts || e.is_builder() {
                         return Err(Error::Unreachable {
                             host: registry.to_string(),
                             detail: text,
@@ -226,9 +240,65 @@ impl Client {
         format!("repository:{repository}:pull")
     }
 
-    /// Fetch a manifest by tag or digest. When asked by digest the bytes must hash to it;
-    /// when asked by tag they must hash to the `Docker-Content-Digest` the registry announces.
+    /// Whether `host` is configured as some registry's mirror.
+    fn is_mirror(&self, host: &str) -> bool {
+        self.opts.mirrors.values().flatten().any(|m| m == host)
+    }
+
+    /// Run `f` against each mirror of `registry` still believed alive, in order, then against
+    /// `registry` itself: the first success wins. A mirror that cannot be reached (or fails
+    /// with a server error) is not tried again; one that lacks the object or sends wrong
+    /// bytes is only skipped for this object.
+    async fn mirrored<T, F, Fut>(&self, registry: &str, f: F) -> Result<T>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mirrors = self.opts.mirrors.get(registry).cloned().unwrap_or_default();
+        for m in mirrors {
+            if self
+                .dead_mirrors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&m)
+            {
+                continue;
+            }
+            match f(m.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e @ (Error::Unreachable { .. } | Error::Registry { .. })) => {
+                    tracing::warn!("mirror {m} of {registry} is not used from now on: {e}");
+                    self.dead_mirrors
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(m);
+                }
+                Err(e) => tracing::debug!("mirror {m} of {registry}: {e}; asking {registry}"),
+            }
+        }
+        f(registry.to_string()).await
+    }
+
+    /// Fetch a manifest by tag or digest. When asked by digest the bytes must hash to it
+    /// (and mirrors are asked first); when asked by tag they must hash to the
+    /// `Docker-Content-Digest` the registry announces.
     pub async fn get_manifest(
+        &self,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+    ) -> Result<RawManifest> {
+        if reference.starts_with("sha256:") {
+            self.mirrored(registry, |host| async move {
+                self.manifest_at(&host, repository, reference).await
+            })
+            .await
+        } else {
+            self.manifest_at(registry, repository, reference).await
+        }
+    }
+
+    async fn manifest_at(
         &self,
         registry: &str,
         repository: &str,
@@ -289,9 +359,110 @@ impl Client {
         })
     }
 
-    /// Stream a blob from byte `offset` on. The returned stream's `start` says where its bytes
-    /// really begin: a registry that ignores `Range` starts again at 0.
+    /// Stream a blob from byte `offset` on (from a mirror if one answers). The returned
+    /// stream's `start` says where its bytes really begin: a registry that ignores `Range`
+    /// starts again at 0. The bytes are not checked here: the caller verifies them.
     pub async fn get_blob(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+        end: Option<u64>,
+    ) -> Result<BlobStream> {
+        self.mirrored(registry, |host| async move {
+            self.blob_at(&host, repository, digest, offset, end).await
+        })
+        .await
+    }
+
+    /// A small blob, whole and verified against its digest (a mirror sending wrong bytes is
+    /// passed over for the registry). More than `max` bytes is an error.
+    pub async fn get_blob_bytes(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        max: usize,
+    ) -> Result<Vec<u8>> {
+        self.mirrored(registry, |host| async move {
+            let url = format!("{}/v2/{repository}/blobs/{digest}", self.base_url(&host));
+            let http = self.http_for(&url)?;
+            let resp = self
+                .send(&host, &Self::scope_pull(repository), &|| http.get(&url))
+                .await?;
+            let resp = check_status(&host, resp, "blob", || {
+                format!("{digest} in {host}/{repository}")
+            })
+            .await?;
+            let bytes = read_capped(resp, max).await.map_err(|e| match e {
+                CappedError::TooLarge => Error::malformed(
+                    "blob",
+                    format!("{digest} in {host}/{repository} is larger than {max} bytes"),
+                ),
+                CappedError::Http(e) => Error::Unreachable {
+                    host: host.clone(),
+                    detail: format!("reading blob {digest}: {}", error_chain(&e)),
+                },
+            })?;
+            let actual = Digest::of(&bytes);
+            if &actual != digest {
+                return Err(Error::DigestMismatch {
+                    what: format!("blob from {host}/{repository}"),
+                    expected: digest.clone(),
+                    actual,
+                });
+            }
+            Ok(bytes)
+        })
+        .await
+    }
+
+    /// The referrers of `subject` with `artifact_type`, as the OCI index the referrers API
+    /// answers with; `None` when the registry has no referrers API (distribution 2.x: 404),
+    /// so that the caller falls back to the `sha256-<hex>` tag.
+    pub async fn get_referrers(
+        &self,
+        registry: &str,
+        repository: &str,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        let url = format!(
+            "{}/v2/{repository}/referrers/{subject}?artifactType={artifact_type}",
+            self.base_url(registry)
+        );
+        let http = self.http_for(&url)?;
+        let resp = self
+            .send(registry, &Self::scope_pull(repository), &|| {
+                http.get(&url).header(header::ACCEPT, media::OCI_INDEX)
+            })
+            .await?;
+        let is_index = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(media::OCI_INDEX));
+        // The spec says a registry with the API answers with an index (empty if nothing
+        // refers to the subject); anything else means it has none.
+        if !resp.status().is_success() || !is_index {
+            return Ok(None);
+        }
+        const MAX_REFERRERS: usize = 4 << 20;
+        match read_capped(resp, MAX_REFERRERS).await {
+            Ok(b) => Ok(Some(b)),
+            Err(CappedError::TooLarge) => Err(Error::malformed(
+                "referrers list",
+                format!("of {subject} in {registry}/{repository}: over {MAX_REFERRERS} bytes"),
+            )),
+            Err(CappedError::Http(e)) => Err(Error::Unreachable {
+                host: registry.to_string(),
+                detail: format!("reading the referrers of {subject}: {}", error_chain(&e)),
+            }),
+        }
+    }
+
+    async fn blob_at(
         &self,
         registry: &str,
         repository: &str,
@@ -403,6 +574,37 @@ impl Client {
         media_type: &str,
         bytes: Bytes,
     ) -> Result<Digest> {
+        Ok(self
+            .put_manifest(registry, repository, reference, media_type, bytes)
+            .await?
+            .0)
+    }
+
+    /// Put a manifest that has a `subject`; also says whether the registry took note of it
+    /// (it answers with `OCI-Subject`, OCI distribution 1.1). When it did not, the pusher
+    /// must maintain the `sha256-<hex>` referrers tag itself.
+    pub async fn push_referrer(
+        &self,
+        registry: &str,
+        repository: &str,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<(Digest, bool)> {
+        let digest = manifest::manifest_digest(&bytes);
+        let (d, subject) = self
+            .put_manifest(registry, repository, digest.as_str(), media_type, bytes)
+            .await?;
+        Ok((d, subject))
+    }
+
+    async fn put_manifest(
+        &self,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<(Digest, bool)> {
         let scope = format!("repository:{repository}:pull,push");
         let url = format!(
             "{}/v2/{repository}/manifests/{reference}",
@@ -416,11 +618,12 @@ impl Client {
                     .body(bytes.clone())
             })
             .await?;
-        check_status(registry, resp, "manifest push", || {
+        let resp = check_status(registry, resp, "manifest push", || {
             format!("{registry}/{repository}:{reference}")
         })
         .await?;
-        Ok(manifest::manifest_digest(&bytes))
+        let subject = resp.headers().contains_key("oci-subject");
+        Ok((manifest::manifest_digest(&bytes), subject))
     }
 }
 

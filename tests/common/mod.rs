@@ -228,6 +228,7 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 }
 
 /// One layer: its blob as stored, media type and the digest of its tar.
+#[derive(Clone)]
 pub struct FixtureLayer {
     pub blob: Vec<u8>,
     pub media_type: &'static str,

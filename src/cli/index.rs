@@ -1,0 +1,129 @@
+//! `imgfs index build|push IMAGE`: make the layer indexes of an image, and publish them to
+//! its repository as an index artifact (`crate::artifact`) for other machines to mount from.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use super::{Global, Opened};
+use crate::view::{ImageView, ViewOptions};
+
+#[derive(Args)]
+pub struct IndexArgs {
+    #[command(subcommand)]
+    command: IndexCommand,
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Index every layer of IMAGE into the cache (layers already indexed are reused)
+    Build(ImageArg),
+    /// Build the indexes if needed and push them to IMAGE's repository as an OCI artifact
+    /// that refers to the image manifest
+    Push(ImageArg),
+}
+
+#[derive(Args)]
+struct ImageArg {
+    image: String,
+    /// Layers fetched and indexed at once
+    #[arg(long, short = 'j', default_value_t = 4)]
+    jobs: usize,
+}
+
+pub async fn run(g: &Global, args: IndexArgs) -> Result<()> {
+    match args.command {
+        IndexCommand::Build(a) => {
+            let opened = build(g, &a).await?;
+            report(&opened);
+            Ok(())
+        }
+        IndexCommand::Push(a) => {
+            let Opened {
+                cache,
+                source,
+                image,
+            } = build(g, &a).await?;
+            let pushed = crate::artifact::push(&cache, &source, &image)
+                .await
+                .with_context(|| format!("pushing the indexes of {}", image.reference))?;
+            let compressed: u64 = image
+                .unique_layers()
+                .iter()
+                .map(|l| l.descriptor.size)
+                .sum();
+            println!(
+                "pushed index artifact {} for {} ({} index(es), {} bytes, {:.2}% of the layers' \
+                 {} compressed bytes{}{})",
+                pushed.artifact,
+                image.manifest_digest,
+                pushed.indexes,
+                pushed.index_bytes,
+                100.0 * pushed.index_bytes as f64 / compressed.max(1) as f64,
+                compressed,
+                if pushed.skipped_estargz > 0 {
+                    format!("; {} eStargz layer(s) need none", pushed.skipped_estargz)
+                } else {
+                    String::new()
+                },
+                if pushed.tag_updated {
+                    format!(
+                        "; listed under tag {}",
+                        crate::artifact::fallback_tag(&image.manifest_digest)
+                    )
+                } else {
+                    String::new()
+                },
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Index every layer here: a published index is not consulted, so that what `push`
+/// publishes was built from the verified blob on this machine, never relayed.
+async fn build(g: &Global, a: &ImageArg) -> Result<Opened> {
+    let Opened {
+        cache,
+        source,
+        image,
+    } = g.open(&a.image).await?;
+    let source = Arc::new(source);
+    let opts = ViewOptions {
+        jobs: a.jobs.max(1),
+        remote_index: false,
+        ..ViewOptions::default()
+    };
+    let view = ImageView::open(&cache, source.clone(), &image, &opts)
+        .await
+        .with_context(|| format!("indexing {}", image.reference))?;
+    drop(view);
+    let source = Arc::try_unwrap(source)
+        .map_err(|_| anyhow::anyhow!("the image source is still in use after indexing"))?;
+    Ok(Opened {
+        cache,
+        source,
+        image,
+    })
+}
+
+/// One line per layer: digest, entries, index size (bytes and per entry).
+fn report(o: &Opened) {
+    for layer in o.image.unique_layers() {
+        let d = &layer.descriptor.digest;
+        match o.cache.load_index_bytes(d) {
+            Some(bytes) => {
+                let entries = crate::index::codec::decode(d, &bytes)
+                    .map(|i| i.entries.len())
+                    .unwrap_or(0);
+                println!(
+                    "{d}\t{entries} entries\t{} bytes\t{:.1} B/entry",
+                    bytes.len(),
+                    bytes.len() as f64 / entries.max(1) as f64
+                );
+            }
+            None => println!("{d}\teStargz: its TOC is its index"),
+        }
+    }
+}
