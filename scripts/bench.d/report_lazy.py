@@ -19,12 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import machine  # noqa: E402
+from report_lazy_rows import load  # noqa: E402
 
 GOALS = {"cat_s": 0.050, "read_vs_download": 0.70}
-
-
-def num(v, conv=float):
-    return None if v in ("", "-", None) else conv(v)
 
 
 def main():
@@ -32,17 +29,7 @@ def main():
     ctx = dict(kv.split("=", 1) for kv in sys.argv[4:])
     with open(stats_path) as f:
         image = json.load(f)
-    rows = {}
-    with open(raw_path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            m, run, st, wall, nbytes, req, ranged, check, note = (line.rstrip("\n").split("\t") + [""] * 9)[:9]
-            rows.setdefault(m, []).append({
-                "run": int(run), "status": st, "wall_s": num(wall), "bytes": num(nbytes, int),
-                "requests": num(req, int), "ranged": num(ranged, int),
-                "check": check if check not in ("", "-") else None, "note": note or None,
-            })
+    rows = load(raw_path)
 
     def med(metric, key, f=lambda r: True):
         vals = [r[key] for r in rows.get(metric, []) if r["status"] == "ok" and r[key] is not None and f(r)]
