@@ -185,6 +185,9 @@ pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
             return Err(bad("inconsistent seek points"));
         }
     }
+    // Shared prefixes let a small file describe huge paths; real indexes hold a few path
+    // bytes per payload byte.
+    let mut path_budget = payload.len().saturating_mul(16).saturating_add(16 << 20);
     let mut entries: Vec<Entry> = Vec::with_capacity(p.entries.len());
     let mut prev_offset = 0i64;
     for enc in p.entries {
@@ -193,9 +196,23 @@ pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
         if shared > prev_path.len() || !prev_path.is_char_boundary(shared) {
             return Err(bad("path prefix out of range"));
         }
-        let mut path = String::with_capacity(shared + enc.suffix.len());
+        let len = shared + enc.suffix.len();
+        if len > 4096 || len > path_budget {
+            return Err(bad("paths longer than any layer's"));
+        }
+        path_budget -= len;
+        let mut path = String::with_capacity(len);
         path.push_str(&prev_path[..shared]);
         path.push_str(&enc.suffix);
+        // What the indexer writes: normalised, whiteouts decoded. Anything else was not
+        // written by it (an index from a registry is not trusted to be well-formed).
+        let normal = path.is_empty()
+            || path
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".wh."));
+        if !normal {
+            return Err(bad(&format!("entry path {path:?} is not normalised")));
+        }
         let offset = prev_offset + enc.offset_delta;
         if offset < 0 {
             return Err(bad("negative data offset"));
@@ -296,6 +313,36 @@ mod tests {
             let e = decode(&layer(), &bytes).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        for (path, want) in [
+            ("a/../../etc", "not normalised"),
+            ("a//b", "not normalised"),
+            ("d/.wh.x", "not normalised"),
+            (&"x".repeat(5000), "longer"),
+        ] {
+            let mut idx = sample();
+            idx.entries[1].path = path.to_string();
+            let e = decode(&layer(), &encode(&layer(), &idx))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{path}: {e}");
+        }
+        // Many entries each sharing a long prefix: small file, huge paths.
+        let mut idx = sample();
+        let long = "p/".repeat(2000);
+        idx.entries = (0..8_000)
+            .map(|i| Entry {
+                path: format!("{long}{i}"),
+                ..sample().entries[1].clone()
+            })
+            .collect();
+        let bytes = encode(&layer(), &idx);
+        assert!(bytes.len() < 200_000, "{}", bytes.len());
+        let e = decode(&layer(), &bytes).unwrap_err().to_string();
+        assert!(e.contains("longer"), "{e}");
     }
 
     #[test]
