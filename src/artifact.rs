@@ -356,7 +356,7 @@ async fn fetch_one(
     tokio::task::spawn_blocking(move || {
         let index = codec::decode(&digest, &bytes)?;
         check_fits(&index, &layer).map_err(|r| Error::malformed("layer index", r))?;
-        cache.store_index_bytes(&digest, &bytes)
+        cache.store_published_index(&digest, &bytes)
     })
     .await
     .map_err(|e| Error::Io {
@@ -418,7 +418,13 @@ pub async fn push(cache: &Cache, src: &Source, image: &Image) -> Result<Pushed> 
     let manifest = build_manifest(&subject, &indexes);
     let artifact_size = manifest.len() as u64;
     let (artifact, subject_seen) = client
-        .push_referrer(registry, repo, media::OCI_MANIFEST, Bytes::from(manifest))
+        .push_referrer(
+            registry,
+            repo,
+            media::OCI_MANIFEST,
+            Bytes::from(manifest),
+            &subject.digest,
+        )
         .await?;
     let mut tag_updated = false;
     if !subject_seen {
@@ -462,7 +468,10 @@ pub fn layers_wanting_index<'a>(cache: &Cache, layers: &'a [Layer]) -> Vec<&'a L
         .iter()
         .filter(|l| seen.insert(&l.descriptor.digest))
         .filter(|l| crate::layer::estargz::toc_digest(&l.descriptor.annotations).is_none())
-        .filter(|l| !cache.has_index(&l.descriptor.digest))
+        .filter(|l| {
+            !cache.has_index(&l.descriptor.digest)
+                && !cache.has_published_index(&l.descriptor.digest)
+        })
         .collect()
 }
 

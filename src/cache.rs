@@ -116,27 +116,53 @@ impl Cache {
         self.root.join("indexes/sha256").join(layer.hex())
     }
 
-    /// Whether an index file of `layer` exists (not whether it is sound).
+    /// Where an index fetched from a registry (an index artifact) is kept: apart from the
+    /// ones built here, so that `pull`, `index push` and `--no-remote-index` use only those.
+    fn published_index_path(&self, layer: &Digest) -> PathBuf {
+        self.root
+            .join("indexes/sha256")
+            .join(format!("{}.published", layer.hex()))
+    }
+
+    /// Whether an index of `layer` built here exists (not whether it is sound).
     pub fn has_index(&self, layer: &Digest) -> bool {
         self.index_path(layer).is_file()
     }
 
-    /// The cached index of `layer`, if there is a sound one. A damaged or outdated file is
-    /// removed (and said once in the log), so that it is rebuilt.
+    /// Whether an index of `layer` fetched from a registry exists.
+    pub fn has_published_index(&self, layer: &Digest) -> bool {
+        self.published_index_path(layer).is_file()
+    }
+
+    /// The index of `layer` built here, if there is a sound one. A damaged or outdated file
+    /// is removed (and said once in the log), so that it is rebuilt.
     pub fn load_index(&self, layer: &Digest) -> Option<LayerIndex> {
-        let path = self.index_path(layer);
-        let bytes = std::fs::read(&path).ok()?;
+        Self::load_index_at(&self.index_path(layer), layer)
+    }
+
+    /// The index of `layer` fetched from a registry, if there is a sound one.
+    pub fn load_published_index(&self, layer: &Digest) -> Option<LayerIndex> {
+        Self::load_index_at(&self.published_index_path(layer), layer)
+    }
+
+    /// Forget the published index of `layer` (it did not fit the image).
+    pub fn remove_published_index(&self, layer: &Digest) {
+        let _ = std::fs::remove_file(self.published_index_path(layer));
+    }
+
+    fn load_index_at(path: &Path, layer: &Digest) -> Option<LayerIndex> {
+        let bytes = std::fs::read(path).ok()?;
         match crate::index::codec::decode(layer, &bytes) {
             Ok(idx) => Some(idx),
             Err(e) => {
                 tracing::warn!("discarding cached index of {layer}: {e}");
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(path);
                 None
             }
         }
     }
 
-    /// The encoded index of `layer` as stored, if it is sound (for publishing it as is).
+    /// The encoded index of `layer` built here, if it is sound (for publishing it as is).
     pub fn load_index_bytes(&self, layer: &Digest) -> Option<Vec<u8>> {
         let bytes = std::fs::read(self.index_path(layer)).ok()?;
         crate::index::codec::decode(layer, &bytes).ok()?;
@@ -148,15 +174,23 @@ impl Cache {
         self.store_index_bytes(layer, &crate::index::codec::encode(layer, index))
     }
 
-    /// Store an encoded index of `layer` that the caller has decoded and checked.
-    pub fn store_index_bytes(&self, layer: &Digest, bytes: &[u8]) -> Result<()> {
-        let dest = self.index_path(layer);
+    /// Store an index of `layer` fetched from a registry, which the caller has decoded and
+    /// checked.
+    pub fn store_published_index(&self, layer: &Digest, bytes: &[u8]) -> Result<()> {
+        self.store_index_file(&self.published_index_path(layer), layer, bytes)
+    }
+
+    fn store_index_bytes(&self, layer: &Digest, bytes: &[u8]) -> Result<()> {
+        self.store_index_file(&self.index_path(layer), layer, bytes)
+    }
+
+    fn store_index_file(&self, dest: &Path, layer: &Digest, bytes: &[u8]) -> Result<()> {
         let tmp_dir = self.root.join("tmp");
         let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
             .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
         tmp.write_all(bytes)
             .ctx(|| format!("writing the index of {layer}"))?;
-        tmp.persist(&dest)
+        tmp.persist(dest)
             .map_err(|e| e.error)
             .ctx(|| format!("storing {}", dest.display()))?;
         Ok(())
@@ -267,7 +301,30 @@ impl Cache {
 
     /// Download blob `desc` through `sink` and verify it, storing it only when `keep` (a blob
     /// already cached is read from the cache). Returns the cached path, if there is one.
+    /// Without a sink, wrong bytes stop the use of the registry's mirrors and the blob is
+    /// fetched again from the registry itself. A caller with a sink has consumed the bytes:
+    /// it decides (`Source::distrust_mirrors`) and starts over itself.
     pub async fn stream_blob(
+        &self,
+        src: &Source,
+        desc: &Descriptor,
+        progress: &(dyn Fn(u64) + Sync),
+        sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
+        keep: bool,
+    ) -> Result<Option<PathBuf>> {
+        match self.stream_blob_once(src, desc, progress, sink, keep).await {
+            Err(e @ Error::DigestMismatch { .. }) => {
+                if sink.is_none() && src.distrust_mirrors() {
+                    tracing::warn!("{e}; fetching it again from the registry");
+                    return self.stream_blob_once(src, desc, progress, None, keep).await;
+                }
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    async fn stream_blob_once(
         &self,
         src: &Source,
         desc: &Descriptor,

@@ -100,6 +100,9 @@ impl LayerData {
     }
 }
 
+/// How long looking for published layer indexes may take before layers are indexed here.
+const REMOTE_INDEX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Options for [`ImageView::open`].
 #[derive(Clone, Debug)]
 pub struct ViewOptions {
@@ -377,6 +380,7 @@ impl Fetcher {
                         what(),
                         self.src.name()
                     );
+                    self.src.distrust_mirrors();
                     last = Some(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         format!(
@@ -622,6 +626,37 @@ impl ImageView {
         image: &Image,
         opts: &ViewOptions,
     ) -> Result<ImageView> {
+        match Self::open_once(cache, src.clone(), image, opts).await? {
+            Ok(view) => Ok(view),
+            Err((e, published)) => {
+                // Each published index was well-formed alone, but together they do not make
+                // a tree: forget them and index those layers here.
+                tracing::warn!(
+                    "the published indexes of {} do not merge ({e}); indexing here instead",
+                    image.manifest_digest
+                );
+                for d in &published {
+                    cache.remove_published_index(d);
+                }
+                let opts = ViewOptions {
+                    remote_index: false,
+                    ..opts.clone()
+                };
+                Self::open_once(cache, src, image, &opts)
+                    .await?
+                    .map_err(|(e, _)| e)
+            }
+        }
+    }
+
+    /// [`ImageView::open`], except that a merge failure with published indexes in use is
+    /// returned apart, with the layers they describe, for the caller to retry without them.
+    async fn open_once(
+        cache: &Cache,
+        src: Arc<Source>,
+        image: &Image,
+        opts: &ViewOptions,
+    ) -> Result<std::result::Result<ImageView, (Error, Vec<Digest>)>> {
         let n = match opts.layers {
             Some(n) if n == 0 || n > image.layers.len() => {
                 return Err(Error::Unsupported {
@@ -634,12 +669,21 @@ impl ImageView {
         };
         if opts.remote_index {
             let wanted = crate::artifact::layers_wanting_index(cache, &image.layers[..n]);
-            if !wanted.is_empty() {
-                crate::artifact::fetch_indexes(cache, &src, image, &wanted).await;
+            // Optional work: a registry that stalls it only costs the time to index here.
+            let lookup = crate::artifact::fetch_indexes(cache, &src, image, &wanted);
+            if !wanted.is_empty()
+                && tokio::time::timeout(REMOTE_INDEX_DEADLINE, lookup)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(
+                    "no answer about published indexes within {}s; indexing here",
+                    REMOTE_INDEX_DEADLINE.as_secs()
+                );
             }
         }
         let src_ref = &src;
-        let layers: Vec<Arc<LayerData>> =
+        let layers: Vec<(Arc<LayerData>, bool)> =
             futures_util::stream::iter(image.layers[..n].iter().enumerate())
                 .map(|(i, layer)| async move {
                     let digest = &layer.descriptor.digest;
@@ -672,7 +716,7 @@ impl ImageView {
                                     chunks: sg.chunks,
                                     prefetch: sg.prefetch,
                                 };
-                                return Ok(LayerData::new(layer, sg.index, Some(files)));
+                                return Ok((LayerData::new(layer, sg.index, Some(files)), false));
                             }
                             // Wrong bytes for what the manifest vouches for: refused.
                             Err(e @ Error::DigestMismatch { .. }) => return Err(name(e)),
@@ -683,13 +727,25 @@ impl ImageView {
                         }
                     }
                     // Decoded on the blocking pool, so that layers decode in parallel.
-                    // Indexes without seek points (built by `pull`) are rebuilt.
-                    let cached = {
+                    // Indexes without seek points (built by `pull`) are rebuilt. One built
+                    // here is preferred to a published one.
+                    let (cached, published) = {
                         let (cache, digest) = (cache.clone(), digest.clone());
-                        tokio::task::spawn_blocking(move || cache.load_index(&digest))
-                            .await
-                            .map_err(joined)?
-                            .filter(|idx| idx.seek.is_some())
+                        let remote = opts.remote_index;
+                        tokio::task::spawn_blocking(move || {
+                            let usable = |i: &LayerIndex| i.seek.is_some();
+                            match cache.load_index(&digest).filter(usable) {
+                                Some(i) => (Some(i), false),
+                                None if remote => {
+                                    let p = cache.load_published_index(&digest).filter(usable);
+                                    let published = p.is_some();
+                                    (p, published)
+                                }
+                                None => (None, false),
+                            }
+                        })
+                        .await
+                        .map_err(joined)?
                     };
                     let fresh = cached.is_none();
                     let (blob, index) = match cached {
@@ -708,7 +764,7 @@ impl ImageView {
                                     .map_err(name)?;
                             (Some(blob), idx)
                         }
-                        None => {
+                        None => loop {
                             // Index while downloading; the index counts only if the blob verifies.
                             let (tx, rx) = tokio::sync::mpsc::channel(8);
                             let indexing = tokio::task::spawn_blocking(move || {
@@ -725,9 +781,14 @@ impl ImageView {
                                 .await;
                             drop(tx);
                             let idx = indexing.await.map_err(joined)?;
-                            let blob = fetched?;
-                            (blob, idx.map_err(name)?)
-                        }
+                            match fetched {
+                                // Wrong bytes from a mirror: once more, from the registry.
+                                Err(Error::DigestMismatch { .. }) if src_ref.distrust_mirrors() => {
+                                    continue;
+                                }
+                                fetched => break (fetched?, idx.map_err(name)?),
+                            }
+                        },
                     };
                     if fresh && let Err(e) = cache.store_index(digest, &index) {
                         tracing::warn!("not caching the index of {digest}: {e}");
@@ -739,11 +800,17 @@ impl ImageView {
                         let _ = f.set_modified(std::time::SystemTime::now());
                         let _ = data.local.set(f);
                     }
-                    Ok::<_, Error>(data)
+                    Ok::<_, Error>((data, published))
                 })
                 .buffered(opts.jobs.max(1))
-                .try_collect()
+                .try_collect::<Vec<_>>()
                 .await?;
+        let published: Vec<Digest> = layers
+            .iter()
+            .filter(|(_, p)| *p)
+            .map(|(l, _)| l.descriptor.digest.clone())
+            .collect();
+        let layers: Vec<Arc<LayerData>> = layers.into_iter().map(|(l, _)| l).collect();
         let names: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
         let refs: Vec<&LayerIndex> = layers.iter().map(|l| &l.index).collect();
         let t = std::time::Instant::now();
@@ -751,12 +818,17 @@ impl ImageView {
             .only_path
             .as_deref()
             .and_then(|p| tree::merge_for_path(&refs, &names, p));
-        let tree = match scoped {
-            Some(t) => t?,
-            None => tree::merge(&refs, &names)?,
+        let merged = match scoped {
+            Some(t) => t,
+            None => tree::merge(&refs, &names),
+        };
+        let tree = match merged {
+            Ok(t) => t,
+            Err(e) if !published.is_empty() => return Ok(Err((e, published))),
+            Err(e) => return Err(e),
         };
         tracing::debug!("tree merged in {:.1?}", t.elapsed());
-        Ok(ImageView {
+        Ok(Ok(ImageView {
             tree,
             layers,
             fetcher: Arc::new(Fetcher {
@@ -766,7 +838,6 @@ impl ImageView {
                 gates: Gates::new(),
                 chunk_bytes: Mutex::new(None),
                 chunk_max: opts.chunk_cache,
-
                 stats: ReadStats::default(),
             }),
             prefetch: opts.prefetch,
@@ -775,7 +846,7 @@ impl ImageView {
                 NonZeroUsize::new(opts.cached_spans.max(1)).expect("at least one"),
             )),
             inflight: Gates::new(),
-        })
+        }))
     }
 
     /// What reads have fetched so far.

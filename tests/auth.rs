@@ -160,6 +160,21 @@ fn bearer_tokens_are_fetched_cached_and_refreshed() {
     });
     ts.set_expires_in(300);
 
+    // Publishing layer indexes goes through the same auth, with a pull,push token; another
+    // machine then mounts from them.
+    let out = imgfs_ok(cache.path(), &["index", "push", &image]);
+    assert!(out.contains("pushed index artifact"), "{out}");
+    let other = tempfile::tempdir().unwrap();
+    imgfs_ok(other.path(), &["ls", &image]);
+    let published = format!("{}.published", img.layers[0].digest().hex());
+    assert!(
+        other
+            .path()
+            .join("indexes/sha256")
+            .join(published)
+            .is_file()
+    );
+
     // A token server that wants a login says so through imgfs.
     ts.require_login(true);
     let err = imgfs_err(tempfile::tempdir().unwrap().path(), &["inspect", &image]);

@@ -25,6 +25,8 @@ use crate::source::BlobStream;
 
 /// How many times a request is sent before a 429, 5xx or network failure is final.
 const MAX_ATTEMPTS: u32 = 5;
+/// How long a mirror that failed to answer is left alone before it is asked again.
+const MIRROR_REST: Duration = Duration::from_secs(60);
 
 /// Options that shape how hosts are reached.
 #[derive(Clone, Debug, Default)]
@@ -49,8 +51,9 @@ pub struct Client {
     tls: std::sync::OnceLock<reqwest::Client>,
     opts: ClientOptions,
     auth: auth::Auth,
-    /// Mirrors that could not be reached: not tried again by this client.
-    dead_mirrors: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Mirrors not to ask: until the instant given (they failed to answer), or for the
+    /// client's life (`None`: they sent bytes that did not match their digest).
+    dead_mirrors: std::sync::Mutex<std::collections::HashMap<String, Option<std::time::Instant>>>,
 }
 
 /// A manifest as the registry sent it.
@@ -256,27 +259,59 @@ impl Client {
     {
         let mirrors = self.opts.mirrors.get(registry).cloned().unwrap_or_default();
         for m in mirrors {
-            if self
-                .dead_mirrors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&m)
-            {
+            if !self.mirror_alive(&m) {
                 continue;
             }
             match f(m.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(e @ (Error::Unreachable { .. } | Error::Registry { .. })) => {
-                    tracing::warn!("mirror {m} of {registry} is not used from now on: {e}");
+                    tracing::warn!(
+                        "mirror {m} of {registry} is not used for {}s: {e}",
+                        MIRROR_REST.as_secs()
+                    );
                     self.dead_mirrors
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(m);
+                        .insert(m, Some(std::time::Instant::now() + MIRROR_REST));
                 }
                 Err(e) => tracing::debug!("mirror {m} of {registry}: {e}; asking {registry}"),
             }
         }
         f(registry.to_string()).await
+    }
+
+    fn mirror_alive(&self, m: &str) -> bool {
+        match self
+            .dead_mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(m)
+        {
+            None => true,
+            Some(None) => false,
+            Some(Some(until)) => std::time::Instant::now() >= *until,
+        }
+    }
+
+    /// Stop asking `registry`'s mirrors, for good: bytes fetched for it did not match their
+    /// digest, and a mirror may be why (the caller then retries at the registry). Returns
+    /// whether any mirror was still in use.
+    pub fn distrust_mirrors(&self, registry: &str) -> bool {
+        let Some(mirrors) = self.opts.mirrors.get(registry) else {
+            return false;
+        };
+        let mut any = false;
+        for m in mirrors {
+            if self.mirror_alive(m) {
+                tracing::warn!("mirror {m} of {registry} is not used from now on: wrong bytes");
+                any = true;
+            }
+            self.dead_mirrors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(m.clone(), None);
+        }
+        any
     }
 
     /// Fetch a manifest by tag or digest. When asked by digest the bytes must hash to it
@@ -589,12 +624,13 @@ impl Client {
         repository: &str,
         media_type: &str,
         bytes: Bytes,
+        subject: &Digest,
     ) -> Result<(Digest, bool)> {
         let digest = manifest::manifest_digest(&bytes);
-        let (d, subject) = self
+        let (d, recorded) = self
             .put_manifest(registry, repository, digest.as_str(), media_type, bytes)
             .await?;
-        Ok((d, subject))
+        Ok((d, recorded.as_ref() == Some(subject)))
     }
 
     async fn put_manifest(
@@ -604,7 +640,7 @@ impl Client {
         reference: &str,
         media_type: &str,
         bytes: Bytes,
-    ) -> Result<(Digest, bool)> {
+    ) -> Result<(Digest, Option<Digest>)> {
         let scope = format!("repository:{repository}:pull,push");
         let url = format!(
             "{}/v2/{repository}/manifests/{reference}",
@@ -622,7 +658,12 @@ impl Client {
             format!("{registry}/{repository}:{reference}")
         })
         .await?;
-        let subject = resp.headers().contains_key("oci-subject");
+        // The registry names the subject it recorded; trust only an exact answer.
+        let subject = resp
+            .headers()
+            .get("oci-subject")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
         Ok((manifest::manifest_digest(&bytes), subject))
     }
 }

@@ -67,6 +67,15 @@ impl Source {
         })
     }
 
+    /// Stop using the registry's mirrors (bytes did not match their digest; a mirror may be
+    /// to blame). Returns whether any was in use, i.e. whether asking again may help.
+    pub fn distrust_mirrors(&self) -> bool {
+        match self {
+            Source::Registry { client, reference } => client.distrust_mirrors(&reference.registry),
+            _ => false,
+        }
+    }
+
     /// Whether blobs come from local files (where a short read is damage, not a network cut).
     pub fn is_local(&self) -> bool {
         !matches!(self, Source::Registry { .. })
