@@ -289,6 +289,26 @@ struct V1Compat {
 /// Parse a manifest document. `content_type` is the registry's `Content-Type` (or the
 /// descriptor's media type), used when the document does not say what it is.
 pub fn parse(raw: &[u8], content_type: Option<&str>) -> Result<Parsed> {
+    let parsed = parse_any(raw, content_type)?;
+    if let Parsed::Image { layers, .. } = &parsed
+        && layers.len() > MAX_LAYERS
+    {
+        return Err(Error::malformed(
+            "manifest",
+            format!(
+                "it lists {} layers; imgfs handles at most {MAX_LAYERS}",
+                layers.len()
+            ),
+        ));
+    }
+    Ok(parsed)
+}
+
+/// The most layers an image may have. Docker and containerd stop at 127 (overlayfs's
+/// depth); far more is a hostile manifest, each layer costing a fetch, an index and a merge.
+pub const MAX_LAYERS: usize = 1000;
+
+fn parse_any(raw: &[u8], content_type: Option<&str>) -> Result<Parsed> {
     let bad = |reason: String| Error::malformed("manifest", reason);
     let p: Probe = serde_json::from_slice(raw).map_err(|e| bad(e.to_string()))?;
     let declared = p

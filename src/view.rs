@@ -117,6 +117,8 @@ pub struct ViewOptions {
     pub prefetch: Prefetch,
     /// The most compressed spans (bytes) the cache's chunk store may hold; older ones go.
     pub chunk_cache: u64,
+    /// Limits on each layer's uncompressed stream.
+    pub limits: index::Limits,
     /// Look in the registry for a published index of each layer with none in the cache
     /// (`crate::artifact`) before indexing it here.
     pub remote_index: bool,
@@ -135,6 +137,7 @@ impl Default for ViewOptions {
             prefetch: Prefetch::Auto,
             chunk_cache: 1 << 30,
             remote_index: true,
+            limits: index::Limits::default(),
             only_path: None,
         }
     }
@@ -216,20 +219,24 @@ pub struct ImageView {
 fn build_index(
     blob: impl std::io::Read + Send + 'static,
     compression: Compression,
+    limits: index::Limits,
 ) -> Result<LayerIndex> {
     let buffered = std::io::BufReader::with_capacity(256 << 10, blob);
     match compression {
         Compression::Gzip => indexed(
             seek::IndexingReader::new(buffered).ctx(|| "starting to decompress".into())?,
             seek::IndexingReader::seek_points,
+            limits,
         ),
         Compression::Zstd => indexed(
             crate::layer::zstd_seek::ZstdIndexingReader::new(buffered),
             crate::layer::zstd_seek::ZstdIndexingReader::seek_points,
+            limits,
         ),
         Compression::None => indexed(
             seek::PlainIndexingReader::new(buffered),
             seek::PlainIndexingReader::seek_points,
+            limits,
         ),
     }
 }
@@ -238,11 +245,22 @@ fn build_index(
 fn indexed<R: std::io::Read>(
     mut r: R,
     seek_points: impl FnOnce(R) -> SeekPoints,
+    limits: index::Limits,
 ) -> Result<LayerIndex> {
-    let mut idx = index::build(&mut r, |_, _, _| Ok(()))?;
+    let mut idx = index::build(&mut r, limits, |_, _, _| Ok(()))?;
     // Read what follows the tar's end marker too, so that the checks at the end run and the
-    // last span digest covers the blob to its end.
-    std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| Error::malformed("layer", e))?;
+    // last span digest covers the blob to its end (usually a few KiB of zeros; bounded too).
+    let trailing = std::io::copy(
+        &mut std::io::Read::take(&mut r, limits.max_uncompressed + 1),
+        &mut std::io::sink(),
+    )
+    .map_err(|e| Error::malformed("layer", e))?;
+    if trailing > limits.max_uncompressed {
+        return Err(Error::malformed(
+            "layer",
+            "it goes on past its size limit after the end of its tar (--max-uncompressed-size)",
+        ));
+    }
     idx.seek = Some(seek_points(r));
     Ok(idx)
 }
@@ -688,6 +706,7 @@ impl ImageView {
                 .map(|(i, layer)| async move {
                     let digest = &layer.descriptor.digest;
                     let compression = layer.compression;
+                    let limits = opts.limits;
                     let name = move |e: Error| match e {
                         Error::Malformed { what, reason } => Error::Malformed {
                             what: format!(
@@ -757,18 +776,23 @@ impl ImageView {
                             let blob = cache.blob_path(digest);
                             let f =
                                 File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
-                            let idx =
-                                tokio::task::spawn_blocking(move || build_index(f, compression))
-                                    .await
-                                    .map_err(joined)?
-                                    .map_err(name)?;
+                            let idx = tokio::task::spawn_blocking(move || {
+                                build_index(f, compression, limits)
+                            })
+                            .await
+                            .map_err(joined)?
+                            .map_err(name)?;
                             (Some(blob), idx)
                         }
                         None => loop {
                             // Index while downloading; the index counts only if the blob verifies.
                             let (tx, rx) = tokio::sync::mpsc::channel(8);
                             let indexing = tokio::task::spawn_blocking(move || {
-                                build_index(crate::layer::ChannelReader::new(rx), compression)
+                                build_index(
+                                    crate::layer::ChannelReader::new(rx),
+                                    compression,
+                                    limits,
+                                )
                             });
                             let fetched = cache
                                 .stream_blob(

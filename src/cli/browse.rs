@@ -46,7 +46,7 @@ async fn open_view(g: &Global, image: &str, read: &super::ReadArgs) -> Result<Im
         &cache,
         std::sync::Arc::new(source),
         &image,
-        &read.view_options(),
+        &read.view_options(g),
     )
     .await
     .with_context(|| format!("indexing {}", image.reference))
@@ -183,7 +183,7 @@ pub async fn cat(g: &Global, args: CatArgs) -> Result<()> {
     } = g.open(&args.image).await?;
     let opts = ViewOptions {
         only_path: Some(crate::index::normalize(&args.path)?),
-        ..args.read.view_options()
+        ..args.read.view_options(g)
     };
     let view = ImageView::open(&cache, std::sync::Arc::new(source), &image, &opts)
         .await

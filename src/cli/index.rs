@@ -93,6 +93,7 @@ async fn build(g: &Global, a: &ImageArg) -> Result<Opened> {
     let opts = ViewOptions {
         jobs: a.jobs.max(1),
         remote_index: false,
+        limits: g.limits(),
         ..ViewOptions::default()
     };
     let view = ImageView::open(&cache, source.clone(), &image, &opts)

@@ -53,6 +53,9 @@ struct Global {
     /// manifests by digest; falls back to the image's registry. Also in the config file
     #[arg(long = "mirror", global = true, value_name = "HOST")]
     mirrors: Vec<String>,
+    /// Refuse a layer whose tar stream expands past SIZE (a gzip bomb, a disk filler)
+    #[arg(long, global = true, value_name = "SIZE", default_value = "64GiB")]
+    max_uncompressed_size: bytesize::ByteSize,
     /// More log output (-v info, -vv debug); IMGFS_LOG=… sets filters directly
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -81,8 +84,9 @@ struct ReadArgs {
 }
 
 impl ReadArgs {
-    fn view_options(&self) -> ViewOptions {
+    fn view_options(&self, g: &Global) -> ViewOptions {
         ViewOptions {
+            limits: g.limits(),
             layers: self.layer,
             keep_blobs: self.keep_blobs,
             prefetch: self.prefetch,
@@ -188,6 +192,12 @@ impl Global {
     fn cache(&self) -> Result<Cache> {
         let dir = self.cache_dir.clone().unwrap_or_else(Cache::default_dir);
         Ok(Cache::open(&dir)?)
+    }
+
+    fn limits(&self) -> crate::index::Limits {
+        crate::index::Limits {
+            max_uncompressed: self.max_uncompressed_size.as_u64(),
+        }
     }
 
     fn platform(&self) -> Result<Option<Platform>> {

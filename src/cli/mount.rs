@@ -111,7 +111,7 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
         image,
     } = g.open(&args.image).await?;
     tracing::info!("resolved {} in {:.1?}", image.reference, t0.elapsed());
-    let view = ImageView::open(&cache, Arc::new(source), &image, &args.read.view_options())
+    let view = ImageView::open(&cache, Arc::new(source), &image, &args.read.view_options(g))
         .await
         .with_context(|| format!("indexing {}", image.reference))?;
     tracing::info!("indexes loaded and merged at {:.1?}", t0.elapsed());

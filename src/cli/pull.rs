@@ -56,6 +56,7 @@ pub async fn run(g: &Global, args: PullArgs) -> Result<()> {
         &PullOptions {
             jobs: args.jobs,
             progress: !args.quiet,
+            limits: g.limits(),
         },
     )
     .await

@@ -49,6 +49,8 @@ pub struct PullOptions {
     pub jobs: usize,
     /// Draw progress bars (they draw only on a terminal in any case).
     pub progress: bool,
+    /// Limits on each layer's uncompressed stream.
+    pub limits: index::Limits,
 }
 
 /// What a pull did, for the closing summary.
@@ -252,6 +254,7 @@ async fn extract_all(
     let indexes: Vec<LayerIndex> = futures_util::stream::iter(image.layers.iter().enumerate())
         .map(|(i, layer)| {
             let dir = staging[i].clone();
+            let limits = opts.limits;
             let w = warnings.clone();
             let needed = needed.as_ref().map(|n| n[i].clone());
             let bar = bars.insert_before(
@@ -281,7 +284,7 @@ async fn extract_all(
                     bar.set_message("extracting");
                     tokio::task::spawn_blocking(move || {
                         let tar = crate::layer::open_tar_stream(&blob, compression)?;
-                        extract_layer(tar, &dir, needed.as_ref(), staging_meta, &w)
+                        extract_layer(tar, &dir, needed.as_ref(), staging_meta, &w, limits)
                     })
                     .await
                     .map_err(join_error)?
@@ -296,7 +299,7 @@ async fn extract_all(
                             compression,
                         )
                         .ctx(|| "starting to decompress".into())?;
-                        extract_layer(tar, &dir, needed.as_ref(), staging_meta, &w)
+                        extract_layer(tar, &dir, needed.as_ref(), staging_meta, &w, limits)
                     });
                     let fetched = cache
                         .fetch_into(src, &layer.descriptor, &progress, Some(&tx))
@@ -357,10 +360,11 @@ fn extract_layer(
     needed: Option<&Arc<HashSet<u32>>>,
     with_meta: bool,
     warnings: &Warnings,
+    limits: index::Limits,
 ) -> Result<LayerIndex> {
     std::fs::create_dir(dir).ctx(|| format!("creating {}", dir.display()))?;
     let mut buf = vec![0u8; 256 << 10];
-    index::build(tar, |entry, pos, data| {
+    index::build(tar, limits, |entry, pos, data| {
         if needed.is_some_and(|n| !n.contains(&(pos as u32))) {
             return Ok(());
         }

@@ -6,6 +6,9 @@
 //! `..` that would climb out of the image root is refused), so no later stage sees them raw.
 
 pub mod codec;
+pub mod guard;
+
+pub use guard::Limits;
 
 use std::io::Read;
 
@@ -116,16 +119,29 @@ pub fn classify(raw_path: &str, kind: Kind) -> Result<(String, Kind)> {
 
 /// Stream `tar` once and index it. `on_file` is called for each regular file with its entry,
 /// its position in the index, and a reader of exactly its data (unread data is skipped).
+/// A stream that breaks `limits` (or the caps of [`guard`]) fails, naming what it broke.
 pub fn build(
     tar: impl Read,
+    limits: Limits,
     mut on_file: impl FnMut(&Entry, usize, &mut dyn Read) -> Result<()>,
 ) -> Result<LayerIndex> {
     let bad = |reason: String| Error::malformed("layer tar", reason);
-    let mut archive = tar::Archive::new(tar);
+    let mut archive = tar::Archive::new(guard::TarGuard::new(tar, limits));
     let mut entries = Vec::new();
+    let mut last = String::new();
     for item in archive.entries().map_err(|e| bad(e.to_string()))? {
-        let mut item = item.map_err(|e| bad(format!("after {} entries: {e}", entries.len())))?;
+        let mut item = item.map_err(|e| {
+            let n = entries.len();
+            bad(if e.kind() == std::io::ErrorKind::UnexpectedEof && n > 0 {
+                format!("the stream ends inside entry {last:?} (truncated)")
+            } else if n > 0 {
+                format!("after entry {last:?} ({n} entries): {e}")
+            } else {
+                e.to_string()
+            })
+        })?;
         let raw_path = String::from_utf8_lossy(&item.path_bytes()).into_owned();
+        last.clone_from(&raw_path);
         let Some(entry) = decode(&mut item, &raw_path)? else {
             continue;
         };
@@ -273,7 +289,7 @@ mod tests {
         }
         let tar = b.into_inner().unwrap();
         let mut seen = Vec::new();
-        let idx = build(&tar[..], |e, i, r| {
+        let idx = build(&tar[..], Limits::default(), |e, i, r| {
             let mut s = String::new();
             r.read_to_string(&mut s).unwrap();
             seen.push((e.path.clone(), i, s));
