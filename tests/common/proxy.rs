@@ -1,6 +1,8 @@
 //! A loopback HTTP proxy between imgfs and the real registry that can misbehave on purpose:
-//! cut blob downloads mid-body, ignore `Range`, flip a byte of ranged blob responses, and
-//! count what it served. One request per
+//! cut blob downloads mid-body, ignore `Range`, flip a byte of ranged blob responses, answer
+//! with errors, and apply a [`Fault`] to the next blob downloads (delay, flipped byte, a
+//! `Content-Length` that lies either way, 429/503 with `Retry-After`); and count what it
+//! served. One request per
 //! connection (it forces `Connection: close`), which keeps it small and its cuts exact.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -8,8 +10,26 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Something to do to a blob download.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// Wait this long before answering.
+    Delay(std::time::Duration),
+    /// Flip one byte in the middle of the body.
+    Flip,
+    /// Announce this many bytes more than the body has, send the body, close.
+    LengthPlus(u64),
+    /// Announce this many bytes fewer than the body has and send only those.
+    LengthMinus(u64),
+    /// Answer with this status and `Retry-After: 1`, without asking the registry.
+    Status(u16),
+}
+
 #[derive(Default)]
 struct State {
+    /// How many of the coming blob GETs get `fault`.
+    faults_left: AtomicUsize,
+    fault: Mutex<Option<Fault>>,
     upstream: String,
     /// How many of the coming blob GETs to cut, and after how many body bytes.
     cuts_left: AtomicUsize,
@@ -79,6 +99,12 @@ impl Proxy {
     /// Flip one byte in the body of each of the next `n` blob GETs that carry a Range.
     pub fn corrupt_next_ranges(&self, n: usize) {
         self.state.corrupt_ranges_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Apply `fault` to each of the next `n` blob GETs.
+    pub fn fault_next_blobs(&self, n: usize, fault: Fault) {
+        *self.state.fault.lock().unwrap() = Some(fault);
+        self.state.faults_left.store(n, Ordering::SeqCst);
     }
 
     /// Body bytes of blob downloads served so far.
@@ -155,6 +181,26 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
         return c.shutdown(Shutdown::Both);
     }
 
+    let is_blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
+    let fault = if is_blob_get && take(&st.faults_left) {
+        *st.fault.lock().unwrap()
+    } else {
+        None
+    };
+    if let Some(Fault::Status(status)) = fault {
+        let mut c = client;
+        c.write_all(
+            format!(
+                "HTTP/1.1 {status} Injected\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )?;
+        return c.shutdown(Shutdown::Both);
+    }
+    if let Some(Fault::Delay(d)) = fault {
+        std::thread::sleep(d);
+    }
+
     let redirect = st.redirect_blobs.lock().unwrap().clone();
     if let Some(base) = redirect
         && request_line.starts_with("GET ")
@@ -178,7 +224,6 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
         let _ = std::io::copy(&mut from_client, &mut up_w);
     });
 
-    let is_blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
     let mut from_up = BufReader::new(upstream.try_clone()?);
     let resp_head = read_head(&mut from_up)?;
     let length: u64 = resp_head
@@ -192,9 +237,29 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
     // Only bodies longer than the cut point count as cut.
     let cut = is_blob_get && length > st.cut_after.load(Ordering::SeqCst) && take(&st.cuts_left);
     let mut client_w = client;
-    client_w.write_all(format!("{}\r\n\r\n", resp_head.join("\r\n")).as_bytes())?;
-    let corrupt = is_blob_get && range.is_some() && length > 0 && take(&st.corrupt_ranges_left);
-    let sent = if cut {
+    let announced = match fault {
+        Some(Fault::LengthPlus(n)) => length + n,
+        Some(Fault::LengthMinus(n)) => length.saturating_sub(n),
+        _ => length,
+    };
+    let head: Vec<String> = resp_head
+        .iter()
+        .map(|h| {
+            if h.to_ascii_lowercase().starts_with("content-length:") {
+                format!("Content-Length: {announced}")
+            } else {
+                h.clone()
+            }
+        })
+        .collect();
+    client_w.write_all(format!("{}\r\n\r\n", head.join("\r\n")).as_bytes())?;
+    let corrupt = is_blob_get
+        && length > 0
+        && (matches!(fault, Some(Fault::Flip))
+            || (range.is_some() && take(&st.corrupt_ranges_left)));
+    let sent = if matches!(fault, Some(Fault::LengthMinus(_))) {
+        std::io::copy(&mut (&mut from_up).take(announced), &mut client_w)?
+    } else if cut {
         let limit = st.cut_after.load(Ordering::SeqCst);
         std::io::copy(&mut (&mut from_up).take(limit), &mut client_w)?
     } else if corrupt {
