@@ -8,6 +8,8 @@ pub mod digest;
 pub mod error;
 pub mod flatten;
 pub mod fuse;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod index;
 pub mod layer;
 pub mod manifest;

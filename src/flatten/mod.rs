@@ -60,6 +60,40 @@ pub struct PullReport {
     pub warnings: Vec<String>,
 }
 
+/// Build directories are named `<prefix><pid>-<random>`, so that one left by a killed pull
+/// can be told from one in use.
+const BUILD_PREFIX: &str = ".imgfs-pull-";
+
+/// Remove build directories in `parent` whose pull process is gone (killed before it could
+/// clean up). A directory whose pid is alive is left alone, whoever that process is.
+fn remove_abandoned_builds(parent: &Path) {
+    for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(BUILD_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        if !rustix::process::geteuid().is_root() {
+            git::make_writable(&path);
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!("removed {}, left by a pull that was killed", path.display()),
+            Err(e) => tracing::warn!(
+                "cannot remove {} (left by a killed pull): {e}",
+                path.display()
+            ),
+        }
+    }
+}
+
 /// Flatten `image` (from `src`, blobs via `cache`) to `out`.
 pub async fn pull(
     cache: &Cache,
@@ -72,8 +106,9 @@ pub async fn pull(
         Output::Dir(dir) | Output::Git(dir) => check_target(dir)?,
         Output::Tar(_) => cache.root().join("tmp"),
     };
+    remove_abandoned_builds(&build_parent);
     let build = tempfile::Builder::new()
-        .prefix(".imgfs-pull-")
+        .prefix(&format!("{BUILD_PREFIX}{}-", std::process::id()))
         .tempdir_in(&build_parent)
         .ctx(|| format!("creating a build directory in {}", build_parent.display()))?;
     let warnings = Warnings::new();

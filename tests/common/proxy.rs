@@ -23,6 +23,9 @@ pub enum Fault {
     LengthMinus(u64),
     /// Answer with this status and `Retry-After: 1`, without asking the registry.
     Status(u16),
+    /// Send the body 16 KiB at a time, waiting this long between pieces (a slow network, to
+    /// kill a process mid-download).
+    Trickle(std::time::Duration),
 }
 
 #[derive(Default)]
@@ -257,7 +260,19 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
         && length > 0
         && (matches!(fault, Some(Fault::Flip))
             || (range.is_some() && take(&st.corrupt_ranges_left)));
-    let sent = if matches!(fault, Some(Fault::LengthMinus(_))) {
+    let sent = if let Some(Fault::Trickle(pause)) = fault {
+        let mut sent = 0u64;
+        let mut piece = vec![0u8; 16 << 10];
+        loop {
+            let n = from_up.read(&mut piece)?;
+            if n == 0 {
+                break sent;
+            }
+            client_w.write_all(&piece[..n])?;
+            sent += n as u64;
+            std::thread::sleep(pause);
+        }
+    } else if matches!(fault, Some(Fault::LengthMinus(_))) {
         std::io::copy(&mut (&mut from_up).take(announced), &mut client_w)?
     } else if cut {
         let limit = st.cut_after.load(Ordering::SeqCst);
