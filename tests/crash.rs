@@ -139,7 +139,10 @@ fn indexing_killed_midway_stores_no_index_and_the_rerun_succeeds() {
 
     proxy.fault_next_blobs(0, SLOW);
     let out = imgfs_ok(&cache, &["ls", "-R", &image]);
-    assert!(out.contains("/a:") && out.lines().any(|l| l == "t"), "{out}");
+    assert!(
+        out.contains("/a:") && out.lines().any(|l| l == "t"),
+        "{out}"
+    );
     assert_named_things_sound(&cache);
 }
 
