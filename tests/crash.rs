@@ -183,8 +183,14 @@ fn a_mount_daemon_killed_mid_read_leaves_a_sound_cache_and_mounts_again() {
     );
     assert_named_things_sound(&cache);
 
-    // The dead mount is removed by `imgfs umount`, and a new mount serves the right bytes.
+    // The dead mount is named as such, removed by `imgfs umount`, and a new mount serves
+    // the right bytes.
     proxy.fault_next_blobs(0, SLOW);
+    let err = imgfs_err(&cache, &["mount", &image, mnt.to_str().unwrap()]);
+    assert!(
+        err.contains("daemon is gone") && err.contains("imgfs umount"),
+        "{err}"
+    );
     imgfs_ok(&cache, &["umount", mnt.to_str().unwrap()]);
     assert!(!is_mounted(&mnt));
     let m2 = Mounted::new(&cache, &image, &mnt, &[]);

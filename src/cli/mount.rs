@@ -54,8 +54,16 @@ pub fn is_mount_point(dir: &Path) -> bool {
 }
 
 fn check_mount_dir(dir: &Path) -> Result<()> {
-    let md =
-        std::fs::metadata(dir).with_context(|| format!("{}: no such directory", dir.display()))?;
+    let md = match std::fs::metadata(dir) {
+        Ok(md) => md,
+        // A FUSE mount whose daemon died (killed, crashed) answers ENOTCONN to everything.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "{}: a mount whose daemon is gone is still there: run `imgfs umount {}` first",
+            dir.display(),
+            dir.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("{}: no such directory", dir.display())),
+    };
     if !md.is_dir() {
         bail!("{}: not a directory", dir.display());
     }
