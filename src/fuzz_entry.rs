@@ -48,6 +48,7 @@ pub fn manifest(data: &[u8]) {
 pub fn tar_index(data: &[u8]) {
     let limits = crate::index::Limits {
         max_uncompressed: 64 << 20,
+        ..crate::index::Limits::default()
     };
     let _ = crate::index::build(data, limits, |_, _, r| {
         std::io::copy(r, &mut std::io::sink())

@@ -197,6 +197,7 @@ impl Global {
     fn limits(&self) -> crate::index::Limits {
         crate::index::Limits {
             max_uncompressed: self.max_uncompressed_size.as_u64(),
+            ..crate::index::Limits::default()
         }
     }
 

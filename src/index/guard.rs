@@ -14,9 +14,9 @@ use std::io::Read;
 /// The most bytes a GNU long name/link or a PAX header member may hold. Names are at most
 /// 4096 bytes; PAX headers carry xattrs too, a few KiB in practice.
 pub const MAX_META_MEMBER: u64 = 16 << 20;
-/// The most members one layer may have: each costs ~100 bytes of index in memory; the
-/// biggest real layers have a few hundred thousand.
-pub const MAX_MEMBERS: u64 = 5_000_000;
+/// Default for the most members one layer may have: each costs ~100 bytes of index in
+/// memory; the biggest real layers have a few hundred thousand.
+pub const DEFAULT_MAX_MEMBERS: u64 = 5_000_000;
 /// Default for the most bytes a layer may expand to (`--max-uncompressed-size`).
 pub const DEFAULT_MAX_UNCOMPRESSED: u64 = 64 << 30;
 
@@ -27,12 +27,15 @@ const BLOCK: usize = 512;
 pub struct Limits {
     /// The most bytes the uncompressed tar stream may have.
     pub max_uncompressed: u64,
+    /// The most tar members (headers) it may have.
+    pub max_members: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_uncompressed: DEFAULT_MAX_UNCOMPRESSED,
+            max_members: DEFAULT_MAX_MEMBERS,
         }
     }
 }
@@ -148,9 +151,10 @@ impl<R: Read> TarGuard<R> {
             size = s;
         }
         self.members += 1;
-        if self.members > MAX_MEMBERS {
+        if self.members > self.limits.max_members {
             return Err(refuse(format!(
-                "the layer has more than {MAX_MEMBERS} tar members"
+                "the layer has more than {} tar members",
+                self.limits.max_members
             )));
         }
         if meta && size > MAX_META_MEMBER {
@@ -266,6 +270,7 @@ mod tests {
             &bytes,
             Limits {
                 max_uncompressed: 1000,
+                ..Limits::default()
             },
         )
         .unwrap_err();
@@ -297,6 +302,31 @@ mod tests {
         bytes.extend(header("././@LongLink", b'L', 1 << 30));
         let e = drain(&bytes, Limits::default()).unwrap_err();
         assert!(e.to_string().contains("long name"), "{e}");
+    }
+
+    #[test]
+    fn too_many_members_are_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..5 {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(1);
+            b.append_data(&mut h, format!("f{i}"), &b"x"[..]).unwrap();
+        }
+        let bytes = b.into_inner().unwrap();
+        let few = Limits {
+            max_members: 4,
+            ..Limits::default()
+        };
+        let e = drain(&bytes, few).unwrap_err();
+        assert!(e.to_string().contains("more than 4 tar members"), "{e}");
+        drain(
+            &bytes,
+            Limits {
+                max_members: 5,
+                ..few
+            },
+        )
+        .unwrap();
     }
 
     #[test]
