@@ -241,6 +241,9 @@ fn build_index(
     }
 }
 
+/// The most bytes accepted after a layer's tar end marker.
+const TRAILING_MAX: u64 = 64 << 20;
+
 /// Index the tar an indexing reader produces, then take its seek points.
 fn indexed<R: std::io::Read>(
     mut r: R,
@@ -249,16 +252,18 @@ fn indexed<R: std::io::Read>(
 ) -> Result<LayerIndex> {
     let mut idx = index::build(&mut r, limits, |_, _, _| Ok(()))?;
     // Read what follows the tar's end marker too, so that the checks at the end run and the
-    // last span digest covers the blob to its end (usually a few KiB of zeros; bounded too).
+    // last span digest covers the blob to its end (a few KiB of zeros from real producers;
+    // capped, not a second allowance of the layer's size limit).
+    let cap = limits.max_uncompressed.min(TRAILING_MAX);
     let trailing = std::io::copy(
-        &mut std::io::Read::take(&mut r, limits.max_uncompressed + 1),
+        &mut std::io::Read::take(&mut r, cap.saturating_add(1)),
         &mut std::io::sink(),
     )
     .map_err(|e| Error::malformed("layer", e))?;
-    if trailing > limits.max_uncompressed {
+    if trailing > cap {
         return Err(Error::malformed(
             "layer",
-            "it goes on past its size limit after the end of its tar (--max-uncompressed-size)",
+            format!("more than {cap} bytes follow the end of its tar"),
         ));
     }
     idx.seek = Some(seek_points(r));

@@ -107,6 +107,15 @@ fn pull_through_each_fault_gives_the_clean_tree_or_a_clear_error() {
             }
         }
         assert_cache_sound(&cache, what);
+        let builds: Vec<_> = std::fs::read_dir(work.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".imgfs-pull-"))
+            .collect();
+        assert!(
+            builds.is_empty(),
+            "{what}: build directory left: {builds:?}"
+        );
         proxy.fault_next_blobs(0, Fault::Flip);
         proxy.cut_next_blob_gets(0, 0);
     }
@@ -162,7 +171,7 @@ fn a_mount_serves_right_bytes_or_eio_never_blocks_and_recovers() {
         std::fs::metadata(path(1)).unwrap();
         assert_eq!(names, 3);
         assert!(
-            t.elapsed() < Duration::from_millis(500),
+            t.elapsed() < Duration::from_millis(1500),
             "a listing waited {:?} behind a slow read",
             t.elapsed()
         );

@@ -7,8 +7,8 @@ use std::path::Path;
 #[test]
 fn fuzz_seeds_and_found_inputs_run_clean() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut ran = 0;
     for (target, run) in imgfs::fuzz_entry::TARGETS {
+        let mut ran = 0;
         for dir in ["seeds", "regressions"] {
             let dir = root.join(dir).join(target);
             for e in std::fs::read_dir(&dir).into_iter().flatten() {
@@ -19,9 +19,6 @@ fn fuzz_seeds_and_found_inputs_run_clean() {
                 ran += 1;
             }
         }
+        assert!(ran > 0, "{target}: no seed or regression input found");
     }
-    assert!(
-        ran >= imgfs::fuzz_entry::TARGETS.len(),
-        "only {ran} inputs found"
-    );
 }

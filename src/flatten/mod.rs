@@ -60,28 +60,44 @@ pub struct PullReport {
     pub warnings: Vec<String>,
 }
 
-/// Build directories are named `<prefix><pid>-<random>`, so that one left by a killed pull
-/// can be told from one in use.
+/// Build directories are named `<prefix><pid>-<random>`, and the pull that made one holds an
+/// exclusive `flock` on it for as long as it runs: the kernel drops the lock when the process
+/// dies, however it dies, in whatever pid namespace or container it ran.
 const BUILD_PREFIX: &str = ".imgfs-pull-";
 
-/// Remove build directories in `parent` whose pull process is gone (killed before it could
-/// clean up). A directory whose pid is alive is left alone, whoever that process is.
+/// Lock a fresh build directory for the life of the returned handle.
+fn lock_build(dir: &Path) -> Result<std::fs::File> {
+    let f = std::fs::File::open(dir).ctx(|| format!("opening {}", dir.display()))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("locking {}", dir.display()))?;
+    Ok(f)
+}
+
+/// Remove build directories in `parent` that a killed pull left: named like ours, real
+/// directories (not links) owned by us, and not locked by a running pull.
 fn remove_abandoned_builds(parent: &Path) {
+    let me = rustix::process::geteuid().as_raw();
     for e in std::fs::read_dir(parent).into_iter().flatten().flatten() {
         let name = e.file_name();
-        let Some(pid) = name
+        let ours = name
             .to_str()
             .and_then(|n| n.strip_prefix(BUILD_PREFIX))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
+            .and_then(|rest| rest.split_once('-'))
+            .is_some_and(|(pid, _)| pid.parse::<u32>().is_ok());
+        let path = e.path();
+        let Ok(md) = std::fs::symlink_metadata(&path) else {
             continue;
         };
-        if Path::new(&format!("/proc/{pid}")).exists() {
+        use std::os::unix::fs::MetadataExt;
+        if !ours || !md.is_dir() || md.uid() != me {
             continue;
         }
-        let path = e.path();
-        if !rustix::process::geteuid().is_root() {
+        // A lock we can take means no pull holds it: that pull is gone.
+        let Ok(_lock) = lock_build(&path) else {
+            continue;
+        };
+        if me != 0 {
             git::make_writable(&path);
         }
         match std::fs::remove_dir_all(&path) {
@@ -111,6 +127,7 @@ pub async fn pull(
         .prefix(&format!("{BUILD_PREFIX}{}-", std::process::id()))
         .tempdir_in(&build_parent)
         .ctx(|| format!("creating a build directory in {}", build_parent.display()))?;
+    let _build_lock = lock_build(build.path())?;
     let warnings = Warnings::new();
     apply::init();
     let started = std::time::Instant::now();

@@ -51,9 +51,20 @@ impl Mounted {
 }
 
 impl Drop for Mounted {
+    /// After a failed test readers may still hold files open: detach lazily and stop the
+    /// daemon, so that no mount or process outlives the test.
     fn drop(&mut self) {
         if is_mounted(&self.dir) {
-            let _ = std::process::Command::new("umount").arg(&self.dir).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.dir)
+                .status();
+        }
+        if self.alive() {
+            let _ = std::process::Command::new("kill")
+                .arg("-9")
+                .arg(self.pid.to_string())
+                .status();
         }
     }
 }
