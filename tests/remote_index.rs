@@ -434,6 +434,24 @@ fn a_mirror_is_asked_first_and_a_dead_one_is_passed_over() {
     assert!(out.status.success(), "{stderr}");
     assert!(out.stdout == files[2].1);
     assert!(stderr.contains("wrong bytes"), "{stderr}");
+    // The same for a pull, which extracts while it downloads: the layer is redone.
+    let cache = work.path().join("wrong-bytes-pull");
+    let target = work.path().join("pulled");
+    let out = imgfs(
+        &cache,
+        &[
+            "--mirror",
+            &mirror.host,
+            "pull",
+            "-q",
+            &image,
+            target.to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("wrong bytes"), "{stderr}");
+    assert!(std::fs::read(target.join("z/zfile")).unwrap() == files[2].1);
 
     // A config file that does not parse is an error, not silently ignored.
     std::fs::write(&config, "mirrors = 3").unwrap();

@@ -341,27 +341,50 @@ async fn extract_all(
                     .await
                     .map_err(join_error)?
                 } else {
-                    // Extract while downloading. The bytes are verified when the download
-                    // ends; on a mismatch the fetch fails and this pull's output is dropped.
-                    // A few chunks of slack: enough to keep both sides busy, little memory per layer.
-                    let (tx, rx) = tokio::sync::mpsc::channel(8);
-                    let extraction = tokio::task::spawn_blocking(move || {
-                        let tar = crate::layer::decompress(
-                            crate::layer::ChannelReader::new(rx),
-                            compression,
-                        )
-                        .ctx(|| "starting to decompress".into())?;
-                        extract_layer(tar, &dir, needed.as_ref(), staging_meta, &w, limits)
-                    });
-                    let fetched = cache
-                        .fetch_into(src, &layer.descriptor, &progress, Some(&tx))
-                        .await;
-                    drop(tx);
-                    bar.set_message("extracting");
-                    let extracted = extraction.await.map_err(join_error)?;
-                    // A failed download explains a failed extraction, not the reverse.
-                    fetched?;
-                    extracted
+                    loop {
+                        // Extract while downloading. The bytes are verified when the download
+                        // ends; on a mismatch the fetch fails and this pull's output is dropped.
+                        // A few chunks of slack: enough to keep both sides busy, little memory
+                        // per layer.
+                        let (tx, rx) = tokio::sync::mpsc::channel(8);
+                        let (d, needed, w) = (dir.clone(), needed.clone(), w.clone());
+                        let extraction = tokio::task::spawn_blocking(move || {
+                            let tar = crate::layer::decompress(
+                                crate::layer::ChannelReader::new(rx),
+                                compression,
+                            )
+                            .ctx(|| "starting to decompress".into())?;
+                            extract_layer(tar, &d, needed.as_ref(), staging_meta, &w, limits)
+                        });
+                        let fetched = cache
+                            .fetch_into(src, &layer.descriptor, &progress, Some(&tx))
+                            .await;
+                        drop(tx);
+                        bar.set_message("extracting");
+                        let extracted = extraction.await.map_err(join_error)?;
+                        match fetched {
+                            // Wrong bytes, and a mirror may have sent them: this layer once
+                            // more, from the registry (its staging dir emptied first).
+                            Err(Error::DigestMismatch { .. }) if src.distrust_mirrors() => {
+                                let d = dir.clone();
+                                tokio::task::spawn_blocking(move || {
+                                    if !rustix::process::geteuid().is_root() {
+                                        git::make_writable(&d);
+                                    }
+                                    std::fs::remove_dir_all(&d)
+                                        .ctx(|| format!("emptying {}", d.display()))
+                                })
+                                .await
+                                .map_err(join_error)??;
+                                bar.set_message("again, from the registry");
+                            }
+                            // A failed download explains a failed extraction, not the reverse.
+                            fetched => {
+                                fetched?;
+                                break extracted;
+                            }
+                        }
+                    }
                 }
                 .map_err(name_errors);
                 bar.finish_with_message("done");
