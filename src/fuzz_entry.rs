@@ -69,13 +69,7 @@ pub fn index_decode(data: &[u8]) {
         return;
     };
     let bytes = if mode % 2 == 1 {
-        let payload = zstd::bulk::compress(rest, 1).expect("compressing in memory");
-        let mut b = b"IMGFSIDX".to_vec();
-        b.extend_from_slice(&crate::index::codec::VERSION.to_le_bytes());
-        b.extend_from_slice(&raw_layer);
-        b.extend_from_slice(&sha2::Sha256::digest(&payload));
-        b.extend_from_slice(&payload);
-        b
+        crate::index::codec::frame(&layer, rest)
     } else {
         let mut b = rest.to_vec();
         if b.len() >= 76 {

@@ -18,20 +18,9 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
-/// Every named blob and chunk in `cache` hashes to its name, and no temporary file is left.
+/// Everything named in `cache` verifies, and no temporary file is left.
 fn assert_cache_sound(cache: &Path, what: &str) {
-    for dir in ["blobs/sha256", "chunks/sha256"] {
-        for e in std::fs::read_dir(cache.join(dir)).into_iter().flatten() {
-            let e = e.unwrap();
-            let bytes = std::fs::read(e.path()).unwrap();
-            assert_eq!(
-                imgfs::digest::Digest::of(&bytes).hex(),
-                e.file_name().to_string_lossy(),
-                "{what}: {} does not match its name",
-                e.path().display()
-            );
-        }
-    }
+    assert_cache_names_verify(cache);
     let tmp: Vec<_> = std::fs::read_dir(cache.join("tmp"))
         .into_iter()
         .flatten()
@@ -107,11 +96,7 @@ fn pull_through_each_fault_gives_the_clean_tree_or_a_clear_error() {
             }
         }
         assert_cache_sound(&cache, what);
-        let builds: Vec<_> = std::fs::read_dir(work.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".imgfs-pull-"))
-            .collect();
+        let builds = pull_build_dirs(work.path());
         assert!(
             builds.is_empty(),
             "{what}: build directory left: {builds:?}"

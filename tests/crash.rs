@@ -13,7 +13,6 @@ use common::layers::Tar;
 use common::mounted::{Mounted, is_mounted};
 use common::proxy::{Fault, Proxy};
 use common::*;
-use imgfs::digest::Digest;
 
 const MIB: usize = 1 << 20;
 const SLOW: Fault = Fault::Trickle(Duration::from_millis(15));
@@ -33,35 +32,6 @@ fn kill_after(mut child: Child, after: Duration) {
     std::thread::sleep(after);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-}
-
-/// Nothing in the cache has a name it does not deserve: blobs and chunks hash to their
-/// names, and every index decodes as the index of the layer it is named after.
-/// (Temporary files of the killed process may remain in tmp/, unnamed.)
-fn assert_named_things_sound(cache: &Path) {
-    for dir in ["blobs/sha256", "chunks/sha256"] {
-        for e in std::fs::read_dir(cache.join(dir)).into_iter().flatten() {
-            let e = e.unwrap();
-            let bytes = std::fs::read(e.path()).unwrap();
-            assert_eq!(
-                Digest::of(&bytes).hex(),
-                e.file_name().to_string_lossy(),
-                "{}",
-                e.path().display()
-            );
-        }
-    }
-    for e in std::fs::read_dir(cache.join("indexes/sha256"))
-        .into_iter()
-        .flatten()
-    {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        let layer =
-            Digest::parse(&format!("sha256:{}", name.trim_end_matches(".published"))).unwrap();
-        let bytes = std::fs::read(e.path()).unwrap();
-        imgfs::index::codec::decode(&layer, &bytes).unwrap();
-    }
 }
 
 fn image(repo: &str) -> (FixtureImage, String, Proxy) {
@@ -98,7 +68,7 @@ fn a_pull_killed_mid_download_leaves_nothing_used_and_the_rerun_succeeds() {
         std::fs::read_dir(&parent).unwrap().count() == 1,
         "the killed pull's build directory is there (this test kills it mid-work)"
     );
-    assert_named_things_sound(&cache);
+    assert_cache_names_verify(&cache);
 
     proxy.fault_next_blobs(0, SLOW);
     imgfs_ok(&cache, &["pull", "-q", &image, target.to_str().unwrap()]);
@@ -117,7 +87,7 @@ fn a_pull_killed_mid_download_leaves_nothing_used_and_the_rerun_succeeds() {
         vec!["rootfs"],
         "the abandoned build directory is removed"
     );
-    assert_named_things_sound(&cache);
+    assert_cache_names_verify(&cache);
 }
 
 #[test]
@@ -127,7 +97,7 @@ fn indexing_killed_midway_stores_no_index_and_the_rerun_succeeds() {
     let cache = work.path().join("cache");
     proxy.fault_next_blobs(10, SLOW);
     kill_after(spawn(&cache, &["ls", &image]), Duration::from_millis(1200));
-    assert_named_things_sound(&cache);
+    assert_cache_names_verify(&cache);
     let indexed = std::fs::read_dir(cache.join("indexes/sha256"))
         .into_iter()
         .flatten()
@@ -143,7 +113,7 @@ fn indexing_killed_midway_stores_no_index_and_the_rerun_succeeds() {
         out.contains("/a:") && out.lines().any(|l| l == "t"),
         "{out}"
     );
-    assert_named_things_sound(&cache);
+    assert_cache_names_verify(&cache);
 }
 
 #[test]
@@ -181,7 +151,7 @@ fn a_mount_daemon_killed_mid_read_leaves_a_sound_cache_and_mounts_again() {
         read.is_err(),
         "a read through a killed daemon cannot succeed"
     );
-    assert_named_things_sound(&cache);
+    assert_cache_names_verify(&cache);
 
     // The dead mount is named as such, removed by `imgfs umount`, and a new mount serves
     // the right bytes.
@@ -196,6 +166,6 @@ fn a_mount_daemon_killed_mid_read_leaves_a_sound_cache_and_mounts_again() {
     let m2 = Mounted::new(&cache, &image, &mnt, &[]);
     assert!(std::fs::read(mnt.join("big")).unwrap() == big);
     m2.unmount(&cache);
-    assert_named_things_sound(&cache);
+    assert_cache_names_verify(&cache);
     drop(m);
 }

@@ -66,11 +66,7 @@ fn both_refuse(image: &str, extra: &[&str]) -> (String, String) {
     pull.extend(["pull", "-q", image, target.to_str().unwrap()]);
     let pull_err = imgfs_err(&work.path().join("c1"), &pull);
     assert!(!target.exists(), "a failed pull leaves no target");
-    let left: Vec<_> = std::fs::read_dir(work.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".imgfs-pull-"))
-        .collect();
+    let left = pull_build_dirs(work.path());
     assert!(left.is_empty(), "a failed pull left {left:?}");
     let mut ls = extra.to_vec();
     ls.extend(["ls", "-R", image]);

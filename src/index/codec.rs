@@ -123,7 +123,13 @@ pub fn encode(layer: &Digest, index: &LayerIndex) -> Vec<u8> {
         seek: index.seek.clone(),
     })
     .expect("encoding to memory cannot fail");
-    let payload = zstd::bulk::compress(&payload, 3).expect("compressing in memory cannot fail");
+    frame(layer, &payload)
+}
+
+/// The file for a serialised payload of `layer`'s index: header, checksum, compressed
+/// payload. (Public for the fuzzer, which makes payloads of its own.)
+pub fn frame(layer: &Digest, payload: &[u8]) -> Vec<u8> {
+    let payload = zstd::bulk::compress(payload, 3).expect("compressing in memory cannot fail");
     let mut out = Vec::with_capacity(payload.len() + HEADER);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());

@@ -421,15 +421,9 @@ impl Client {
         max: usize,
     ) -> Result<Vec<u8>> {
         self.mirrored(registry, |host| async move {
-            let url = format!("{}/v2/{repository}/blobs/{digest}", self.base_url(&host));
-            let http = self.http_for(&url)?;
             let resp = self
-                .send(&host, &Self::scope_pull(repository), &|| http.get(&url))
+                .blob_response(&host, repository, digest, 0, None)
                 .await?;
-            let resp = check_status(&host, resp, "blob", || {
-                format!("{digest} in {host}/{repository}")
-            })
-            .await?;
             let bytes = read_capped(resp, max).await.map_err(|e| match e {
                 CappedError::TooLarge => Error::malformed(
                     "blob",
@@ -497,14 +491,16 @@ impl Client {
         }
     }
 
-    async fn blob_at(
+    /// A successful response to `GET` blob `digest` from `registry`, asking for bytes
+    /// `[offset, end)` when that is not the whole blob.
+    async fn blob_response(
         &self,
         registry: &str,
         repository: &str,
         digest: &Digest,
         offset: u64,
         end: Option<u64>,
-    ) -> Result<BlobStream> {
+    ) -> Result<Response> {
         let url = format!("{}/v2/{repository}/blobs/{digest}", self.base_url(registry));
         let http = self.http_for(&url)?;
         let resp = self
@@ -520,10 +516,23 @@ impl Client {
                 }
             })
             .await?;
-        let resp = check_status(registry, resp, "blob", || {
+        check_status(registry, resp, "blob", || {
             format!("{digest} in {registry}/{repository}")
         })
-        .await?;
+        .await
+    }
+
+    async fn blob_at(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+        end: Option<u64>,
+    ) -> Result<BlobStream> {
+        let resp = self
+            .blob_response(registry, repository, digest, offset, end)
+            .await?;
         let start = if resp.status() == StatusCode::PARTIAL_CONTENT {
             let range_start = resp
                 .headers()

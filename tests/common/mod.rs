@@ -466,3 +466,42 @@ pub fn text(n: usize, mut seed: u64) -> Vec<u8> {
 pub fn count_files(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |d| d.count())
 }
+
+/// Nothing in `cache` has a name it does not deserve: blobs and chunks hash to their names,
+/// and every index decodes as the index of the layer it is named after. (Temporary files of
+/// a killed process may remain in tmp/, unnamed.)
+pub fn assert_cache_names_verify(cache: &Path) {
+    for dir in ["blobs/sha256", "chunks/sha256"] {
+        for e in std::fs::read_dir(cache.join(dir)).into_iter().flatten() {
+            let e = e.unwrap();
+            let bytes = std::fs::read(e.path()).unwrap();
+            assert_eq!(
+                Digest::of(&bytes).hex(),
+                e.file_name().to_string_lossy(),
+                "{}",
+                e.path().display()
+            );
+        }
+    }
+    for e in std::fs::read_dir(cache.join("indexes/sha256"))
+        .into_iter()
+        .flatten()
+    {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let layer =
+            Digest::parse(&format!("sha256:{}", name.trim_end_matches(".published"))).unwrap();
+        imgfs::index::codec::decode(&layer, &std::fs::read(e.path()).unwrap()).unwrap();
+    }
+}
+
+/// Build directories of `imgfs pull` in `dir` (there should be none once a pull ended).
+pub fn pull_build_dirs(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".imgfs-pull-"))
+        .collect()
+}
