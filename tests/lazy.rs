@@ -24,12 +24,12 @@ struct Lazy {
     gzip_layer_size: u64,
 }
 
-/// Three layers: gzip (several 4 MiB spans: noise, a small file, text), zstd, plain tar
-/// (two spans). Reached through a fresh proxy.
+/// Three layers: gzip (several 4 MiB spans: noise, a small file, text — more pieces than a
+/// mount keeps decompressed in memory), zstd, plain tar (two spans). Reached through a fresh proxy.
 fn lazy_image(repo: &str) -> Lazy {
     let reg = registry();
     let files: Vec<(&'static str, Vec<u8>)> = vec![
-        ("big/noise.bin", noise(6 * MIB, 1)),
+        ("big/noise.bin", noise(10 * MIB, 1)),
         (
             "mid/small.txt",
             b"small file between two big ones\n".to_vec(),
@@ -256,7 +256,7 @@ fn prefetch_all_fetches_every_span_in_the_background() {
         &work.path().join("mnt"),
         &["--prefetch", "all"],
     );
-    // gzip 12 MiB: 3-4 spans; zstd: 1; plain 5 MiB: 2.
+    // gzip 16 MiB: 4 spans; zstd: 1; plain 5 MiB: 2.
     let chunks = cache.join("chunks/sha256");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = (0, Instant::now());
@@ -284,7 +284,7 @@ fn the_chunk_store_stays_within_its_bound() {
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
     imgfs_ok(&cache, &["ls", &l.image, "/"]);
-    // The first file alone (6 MiB of noise) is more than the bound.
+    // The first file alone (10 MiB of noise) is more than the bound.
     let bound = 5 * MIB as u64;
     for (path, data) in &l.files {
         let out = imgfs(&cache, &["cat", "--chunk-cache", "5MiB", &l.image, path]);

@@ -54,20 +54,27 @@ pub fn is_mount_point(dir: &Path) -> bool {
 }
 
 fn check_mount_dir(dir: &Path) -> Result<()> {
-    let md = match std::fs::metadata(dir) {
-        Ok(md) => md,
-        // A FUSE mount whose daemon died (killed, crashed) answers ENOTCONN to everything.
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+    // A FUSE mount whose daemon died (killed, crashed) answers ENOTCONN to whatever the
+    // kernel has not cached: `stat` of its root may still succeed, `statfs` never does.
+    let gone = || {
+        anyhow::anyhow!(
             "{}: a mount whose daemon is gone is still there: run `imgfs umount {}` first",
             dir.display(),
             dir.display()
-        ),
+        )
+    };
+    let md = match std::fs::metadata(dir) {
+        Ok(md) => md,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => return Err(gone()),
         Err(e) => return Err(e).with_context(|| format!("{}: no such directory", dir.display())),
     };
     if !md.is_dir() {
         bail!("{}: not a directory", dir.display());
     }
     if is_mount_point(dir) {
+        if rustix::fs::statfs(dir).err() == Some(rustix::io::Errno::NOTCONN) {
+            return Err(gone());
+        }
         bail!("{}: something is already mounted there", dir.display());
     }
     if std::fs::read_dir(dir)?.next().is_some() {
@@ -138,6 +145,7 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     config.n_threads = Some(2);
     let session = fuser::spawn_mount(fs, &args.dir, &config)
         .with_context(|| format!("mounting on {}", args.dir.display()))?;
+    raise_readahead(&args.dir);
     if let Some(fd) = std::env::var("IMGFS_READY_FD")
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
@@ -176,6 +184,31 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     }
     tracing::info!("{} unmounted", args.dir.display());
     Ok(())
+}
+
+/// How far ahead the kernel may read a file sequentially read through the mount.
+const READAHEAD_KB: u32 = 4096;
+
+/// Whatever a FUSE filesystem asks for at INIT, the kernel caps a mount's readahead at its
+/// backing device's default, 128 KiB — so a sequential reader sends 128 KiB reads one
+/// after another. Root may raise it in sysfs once INIT is done (as JuiceFS does); measured
+/// on a 200 MiB file: ~540 MB/s at 128 KiB, ~850 at 1 MiB, ~940 at 4 MiB. A user who may
+/// not write there keeps the default.
+fn raise_readahead(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    // A stat through the mount waits for INIT to finish, which fixes the 128 KiB cap.
+    let dev = match std::fs::metadata(dir) {
+        Ok(m) => m.dev(),
+        Err(e) => return tracing::debug!("not raising readahead: {e}"),
+    };
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    if let Err(e) = std::fs::write(&knob, READAHEAD_KB.to_string()) {
+        tracing::debug!("not raising readahead ({knob}): {e}");
+    }
 }
 
 /// Run the daemon and wait until the mount is up (or the daemon has failed).

@@ -237,7 +237,10 @@ impl Filesystem for ImageFs {
         let view = self.view.clone();
         self.rt
             .spawn_blocking(move || match view.read(i, offset, size as usize) {
-                Ok(data) => reply.data(&data),
+                Ok(data) => {
+                    reply.data(&data);
+                    view.read_on(i, offset, data.len());
+                }
                 Err(e) => {
                     tracing::error!("read of inode {i} at {offset}: {e}");
                     reply.error(Errno::EIO);

@@ -104,6 +104,33 @@ impl Inflater {
         (consumed, produced, rc)
     }
 
+    /// [`Inflater::inflate`] of at most `max` bytes into `out`'s spare capacity (which must
+    /// not be empty), growing its length by what was produced: no zeroing of memory that is
+    /// about to be written.
+    fn inflate_into(&mut self, input: &[u8], out: &mut Vec<u8>, max: usize) -> (usize, usize, i32) {
+        let flush = z::Z_NO_FLUSH;
+        let s = &mut *self.strm;
+        let spare = (out.capacity() - out.len()).min(max);
+        s.next_in = input.as_ptr();
+        s.avail_in = input.len().min(u32::MAX as usize) as u32;
+        // SAFETY: `out.len()` is within the allocation; zlib writes at most `avail_out`
+        // bytes there through this raw pointer (no reference to uninitialised bytes exists).
+        s.next_out = unsafe { out.as_mut_ptr().add(out.len()) };
+        s.avail_out = spare.min(u32::MAX as usize) as u32;
+        let (ai, ao) = (s.avail_in, s.avail_out);
+        // SAFETY: next_in points into a live slice, next_out into `out`'s spare capacity,
+        // and avail_in/avail_out bound them.
+        let rc = unsafe { z::inflate(s, flush) };
+        let s = &mut *self.strm;
+        let consumed = (ai - s.avail_in) as usize;
+        let produced = (ao - s.avail_out) as usize;
+        s.next_in = std::ptr::null();
+        s.next_out = std::ptr::null_mut();
+        // SAFETY: zlib initialised exactly `produced` bytes after the old length.
+        unsafe { out.set_len(out.len() + produced) };
+        (consumed, produced, rc)
+    }
+
     /// zlib's `data_type` after the last call: bit 7 set at a block end, bit 6 in the last
     /// block, low 3 bits the unused bits of the last input byte.
     fn data_type(&self) -> i32 {
@@ -534,6 +561,15 @@ impl Read for SpanBytes {
     }
 }
 
+impl std::io::BufRead for SpanBytes {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.cur.fill_buf()
+    }
+    fn consume(&mut self, n: usize) {
+        self.cur.consume(n)
+    }
+}
+
 impl Seek for SpanBytes {
     fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
         let SeekFrom::Start(at) = to else {
@@ -561,7 +597,7 @@ pub(super) fn checkpoint_before(
 /// Read `len` uncompressed bytes from `start` out of the gzip `blob`, decompressing from the
 /// last checkpoint at or before `start`. Fewer bytes come back only at the end of the stream.
 pub fn read_at(
-    blob: &mut (impl Read + Seek),
+    blob: &mut (impl BufRead + Seek),
     checkpoints: &[Checkpoint],
     start: u64,
     len: usize,
@@ -573,7 +609,7 @@ pub fn read_at(
         .checked_sub(back)
         .ok_or_else(|| err("checkpoint offset out of range"))?;
     blob.seek(SeekFrom::Start(from))?;
-    let mut src = std::io::BufReader::with_capacity(128 << 10, blob);
+    let mut src = blob;
     let mut inflater = Inflater::raw()?;
     let mut partial = [0u8; 1];
     if back == 1 {
@@ -581,10 +617,12 @@ pub fn read_at(
     }
     inflater.prime(cp.bits, partial[0], &cp.window)?;
 
-    // `len` may be "to the end" (usize::MAX): reserve what a span needs, not what was asked.
-    let mut out = Vec::with_capacity(len.min(2 * SPAN as usize));
+    // Output before `start` goes to a scratch buffer and is dropped; from `start` on it is
+    // inflated straight into `out` (no second copy). `len` may be "to the end"
+    // (usize::MAX): `out` grows a span at a time, not to what was asked.
+    let mut out: Vec<u8> = Vec::new();
     let mut pos = cp.out_offset;
-    let mut scratch = vec![0u8; 256 << 10];
+    let mut scratch = Vec::new();
     let mut in_member = true;
     let mut pos_in = from + back;
     while out.len() < len {
@@ -600,21 +638,22 @@ pub fn read_at(
         if input.is_empty() {
             return Err(err("stream truncated inside a member"));
         }
-        let (used, produced, rc) = inflater.inflate(input, &mut scratch, z::Z_NO_FLUSH);
+        let (used, produced, rc) = if pos < start {
+            if scratch.is_empty() {
+                scratch = vec![0u8; 256 << 10];
+            }
+            let room = scratch.len().min((start - pos) as usize);
+            inflater.inflate(input, &mut scratch[..room], z::Z_NO_FLUSH)
+        } else {
+            if out.len() == out.capacity() {
+                out.reserve_exact((len - out.len()).min(2 * SPAN as usize));
+            }
+            let max = len - out.len();
+            inflater.inflate_into(input, &mut out, max)
+        };
         src.consume(used);
         pos_in += used as u64;
-        // Keep the part of this output that falls in [start, start + len).
-        let chunk_start = pos;
-        let chunk_end = pos + produced as u64;
-        if chunk_end > start {
-            let a = start.saturating_sub(chunk_start) as usize;
-            let want = len - out.len();
-            let b = produced.min(a + want);
-            if a < b {
-                out.extend_from_slice(&scratch[a..b]);
-            }
-        }
-        pos = chunk_end;
+        pos += produced as u64;
         match rc {
             z::Z_OK => {}
             z::Z_BUF_ERROR if used > 0 || produced > 0 => {}

@@ -100,14 +100,14 @@ impl<R: BufRead> Read for ZstdIndexingReader<R> {
 /// Read `len` bytes from `start` of the zstd `blob`, decoding from the frame seek point at or
 /// before `start`.
 pub fn read_at(
-    blob: &mut (impl Read + Seek),
+    blob: &mut (impl std::io::BufRead + Seek),
     checkpoints: &[Checkpoint],
     start: u64,
     len: usize,
 ) -> std::io::Result<Vec<u8>> {
     let cp = checkpoint_before(checkpoints, start)?;
     blob.seek(SeekFrom::Start(cp.in_offset))?;
-    let mut dec = zstd::stream::read::Decoder::new(blob)?;
+    let mut dec = zstd::stream::read::Decoder::with_buffer(blob)?;
     std::io::copy(
         &mut (&mut dec).take(start - cp.out_offset),
         &mut std::io::sink(),
