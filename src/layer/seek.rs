@@ -595,13 +595,16 @@ pub(super) fn checkpoint_before(
 }
 
 /// Read `len` uncompressed bytes from `start` out of the gzip `blob`, decompressing from the
-/// last checkpoint at or before `start`. Fewer bytes come back only at the end of the stream.
+/// last checkpoint at or before `start`, into `out` (emptied first; its capacity is used).
+/// Fewer bytes come back only at the end of the stream.
 pub fn read_at(
     blob: &mut (impl BufRead + Seek),
     checkpoints: &[Checkpoint],
     start: u64,
     len: usize,
+    mut out: Vec<u8>,
 ) -> std::io::Result<Vec<u8>> {
+    out.clear();
     let cp = checkpoint_before(checkpoints, start)?;
     let back = u64::from(cp.bits > 0);
     let from = cp
@@ -620,7 +623,6 @@ pub fn read_at(
     // Output before `start` goes to a scratch buffer and is dropped; from `start` on it is
     // inflated straight into `out` (no second copy). `len` may be "to the end"
     // (usize::MAX): `out` grows a span at a time, not to what was asked.
-    let mut out: Vec<u8> = Vec::new();
     let mut pos = cp.out_offset;
     let mut scratch = Vec::new();
     let mut in_member = true;

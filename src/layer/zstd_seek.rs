@@ -98,13 +98,15 @@ impl<R: BufRead> Read for ZstdIndexingReader<R> {
 }
 
 /// Read `len` bytes from `start` of the zstd `blob`, decoding from the frame seek point at or
-/// before `start`.
+/// before `start`, into `out` (emptied first; its capacity is used).
 pub fn read_at(
     blob: &mut (impl std::io::BufRead + Seek),
     checkpoints: &[Checkpoint],
     start: u64,
     len: usize,
+    mut out: Vec<u8>,
 ) -> std::io::Result<Vec<u8>> {
+    out.clear();
     let cp = checkpoint_before(checkpoints, start)?;
     blob.seek(SeekFrom::Start(cp.in_offset))?;
     let mut dec = zstd::stream::read::Decoder::with_buffer(blob)?;
@@ -112,7 +114,7 @@ pub fn read_at(
         &mut (&mut dec).take(start - cp.out_offset),
         &mut std::io::sink(),
     )?;
-    let mut out = Vec::with_capacity(len.min(2 * SPAN as usize));
+    out.reserve(len.min(2 * SPAN as usize));
     dec.take(len as u64).read_to_end(&mut out)?;
     Ok(out)
 }
@@ -176,7 +178,7 @@ mod tests {
             (all.len() as u64 - 3, 10),
             (2_999_990, 30),
         ] {
-            let got = read_at(&mut cur, &sp.checkpoints, start, len).unwrap();
+            let got = read_at(&mut cur, &sp.checkpoints, start, len, Vec::new()).unwrap();
             let end = (start as usize + len).min(all.len());
             assert_eq!(got, &all[start as usize..end]);
         }

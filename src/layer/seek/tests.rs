@@ -97,7 +97,7 @@ fn check_ranges(blob: &[u8], data: &[u8], cps: &[Checkpoint]) {
         cases.push(((seed >> 11) % n, ((seed >> 40) % 300_000) as usize));
     }
     for (start, len) in cases {
-        let got = read_at(&mut cur, cps, start, len).unwrap();
+        let got = read_at(&mut cur, cps, start, len, Vec::new()).unwrap();
         let end = (start as usize + len).min(data.len());
         assert_eq!(got, &data[start as usize..end], "range {start}+{len}");
     }
@@ -173,7 +173,14 @@ fn check_spans_alone(blob: &[u8], data: &[u8], sp: &SeekPoints) {
             a,
             bytes::Bytes::copy_from_slice(&blob[a as usize..b as usize]),
         );
-        let got = read_at(&mut span, &sp.checkpoints, from, (to - from) as usize).unwrap();
+        let got = read_at(
+            &mut span,
+            &sp.checkpoints,
+            from,
+            (to - from) as usize,
+            Vec::new(),
+        )
+        .unwrap();
         assert_eq!(got, &data[from as usize..to as usize], "span {k}");
     }
 }
