@@ -7,7 +7,7 @@ mod common;
 use common::compare::{assert_same_tree, snapshot};
 use common::fixtures::rich_image;
 use common::layers::Tar;
-use common::mounted::Mounted;
+use common::mounted::{Mounted, is_mounted};
 use common::*;
 
 #[test]
@@ -310,4 +310,36 @@ fn a_directory_larger_than_one_readdir_buffer_lists_completely() {
         "every entry once, none lost across readdir calls"
     );
     m.unmount(&cache);
+}
+
+#[test]
+fn a_mount_right_after_an_unmount_stays_mounted() {
+    // `imgfs umount` returns once the mount is gone; the old daemon exits a moment later.
+    // It must not take the next mount on the same directory down with it.
+    let reg = registry();
+    FixtureImage::new("amd64", vec![FixtureLayer::gzip(&[("f", b"again")])]).push(
+        &reg.host,
+        "mount/again",
+        "v1",
+    );
+    let image = format!("{}/mount/again:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let dir = work.path().join("mnt");
+    let mut old = Mounted::new(&cache, &image, &dir, &[]);
+    for _ in 0..3 {
+        imgfs_ok(&cache, &["umount", dir.to_str().unwrap()]);
+        let m = Mounted::new(&cache, &image, &dir, &[]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while old.alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!old.alive(), "the old daemon still runs");
+        // (Its Drop would unmount whatever is mounted on the directory: the new mount.)
+        std::mem::forget(old);
+        assert!(is_mounted(&dir), "the new mount was taken down");
+        assert_eq!(std::fs::read(dir.join("f")).unwrap(), b"again");
+        old = m;
+    }
+    old.unmount(&cache);
 }

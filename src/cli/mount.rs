@@ -176,7 +176,11 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
         }
     };
     if external {
-        session.join().ok();
+        // Unmounted from outside (`imgfs umount`): the session has ended. Dropping it would
+        // unmount its directory again, by path, which takes down whatever was mounted there
+        // since — a new mount made right after `imgfs umount` returned. So it is not dropped;
+        // the process exits now.
+        std::mem::forget(session);
     } else {
         session
             .umount_and_join()
