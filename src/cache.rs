@@ -70,13 +70,22 @@ pub struct CacheEntry {
     pub used: std::time::SystemTime,
 }
 
+/// How many stored chunks a process remembers having verified (see [`Cache::load_chunk`]).
+const STORED_HERE_MAX: usize = 100_000;
+
+/// `IMGFS_CHECK_CHUNKS=1`: check every chunk loaded, even those this process stored.
+fn check_every_chunk() -> bool {
+    static CHECK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHECK.get_or_init(|| std::env::var_os("IMGFS_CHECK_CHUNKS").is_some_and(|v| v == "1"))
+}
+
 /// A cache directory.
 #[derive(Clone, Debug)]
 pub struct Cache {
     root: PathBuf,
-    /// Chunks this process stored, from bytes it had verified: loading one needs no new
-    /// check (see [`Cache::load_chunk`]). Shared by clones.
-    stored_here: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<Digest>>>,
+    /// Chunks this process stored, from bytes it had verified, with their lengths: loading
+    /// one needs no new check (see [`Cache::load_chunk`]). Shared by clones.
+    stored_here: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Digest, usize>>>,
 }
 
 impl Cache {
@@ -210,10 +219,12 @@ impl Cache {
 
     /// The stored chunk with digest `d`, if any; marks it used (for pruning, oldest first).
     /// Unlike blobs, chunks are not fsynced: after a crash a file could be there with wrong
-    /// bytes. So a chunk is checked again when loaded — unless this process stored it:
-    /// a crash that could damage it would have ended this process too (that check was
-    /// measured at an eighth of the CPU of a file read by range). A damaged one is
-    /// removed, to be refetched.
+    /// bytes. So a chunk is checked again when loaded — unless this process stored it and
+    /// it has the length stored: a crash that could damage it would have ended this
+    /// process too (that check was measured at an eighth of the CPU of a file read by
+    /// range). A cache on a network filesystem shared with other hosts, or one whose
+    /// write-back failed, is outside that argument; `IMGFS_CHECK_CHUNKS=1` checks every
+    /// load. A damaged chunk is removed, to be refetched.
     pub fn load_chunk(&self, d: &Digest) -> Option<bytes::Bytes> {
         let path = self.chunk_path(d);
         let f = std::fs::File::open(&path).ok()?;
@@ -221,7 +232,7 @@ impl Cache {
         let mut buf = Vec::new();
         use std::io::Read;
         (&f).read_to_end(&mut buf).ok()?;
-        let ours = self.stored_here.lock().unwrap().contains(d);
+        let ours = self.stored_here.lock().unwrap().get(d) == Some(&buf.len());
         if !ours && Digest::of(&buf) != *d {
             tracing::warn!("discarding damaged chunk {}", path.display());
             let _ = std::fs::remove_file(&path);
@@ -240,7 +251,14 @@ impl Cache {
         tmp.persist(&dest)
             .map_err(|e| e.error)
             .ctx(|| format!("storing {}", dest.display()))?;
-        self.stored_here.lock().unwrap().insert(d.clone());
+        if !check_every_chunk() {
+            let mut ours = self.stored_here.lock().unwrap();
+            // A bound on what a long-lived daemon remembers: forgetting only costs checks.
+            if ours.len() >= STORED_HERE_MAX {
+                ours.clear();
+            }
+            ours.insert(d.clone(), bytes.len());
+        }
         Ok(())
     }
 

@@ -1070,6 +1070,18 @@ impl ImageView {
         key: SpanKey,
         make: impl FnOnce() -> std::io::Result<Vec<u8>>,
     ) -> std::io::Result<Bytes> {
+        self.span_cached(key, false, make)
+    }
+
+    /// [`ImageView::span`]; a piece made `ahead` of its reader goes in as the next to be
+    /// evicted, so that pieces made ahead never push out pieces being read (with several
+    /// sequential readers they would, and every reader would find its piece gone).
+    fn span_cached(
+        &self,
+        key: SpanKey,
+        ahead: bool,
+        make: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    ) -> std::io::Result<Bytes> {
         if let Some(s) = self.spans.lock().unwrap().get(&key) {
             return Ok(s.clone());
         }
@@ -1086,7 +1098,11 @@ impl ImageView {
         let made = make().map(|v| Bytes::from_owner(Piece(v)));
         if let Ok(s) = &made {
             // Cached before the gate goes, so a newcomer finds it rather than a new gate.
-            self.spans.lock().unwrap().put(key, s.clone());
+            let mut spans = self.spans.lock().unwrap();
+            spans.put(key, s.clone());
+            if ahead {
+                spans.demote(&key);
+            }
         }
         made
     }
@@ -1224,11 +1240,11 @@ impl ImageView {
     }
 
     /// Called after answering a read of `len` bytes at `offset` of file `inode`: when reads
-    /// of its layer go sequentially, the piece after the one this read began in is
-    /// decompressed now, by the thread that answered, so that the reader finds it ready
-    /// instead of waiting for it (with two cores, serving one piece and decompressing the
-    /// next overlap). Nothing happens for other reads, or when that piece is cached or
-    /// being made.
+    /// of its layer go sequentially and this one has passed the middle of its piece, the
+    /// next piece is decompressed now, by the thread that answered, so that the reader
+    /// finds it ready instead of waiting for it (with two cores, serving one piece and
+    /// decompressing the next overlap). Nothing happens for other reads, when that piece
+    /// is cached or being made, or, with `--prefetch none`, when it would be fetched.
     pub fn read_on(&self, inode: InodeId, offset: u64, len: usize) {
         let Some(data) = self.tree.inodes[inode as usize].data else {
             return;
@@ -1236,8 +1252,10 @@ impl ImageView {
         let li = data.layer as usize;
         let layer = &self.layers[li];
         let entry = &layer.index.entries[data.entry as usize];
+        let local = layer.local.get().is_some();
         if layer.stargz.is_some()
-            || (layer.compression == Compression::None && layer.local.get().is_some())
+            || (layer.compression == Compression::None && local)
+            || (self.prefetch == Prefetch::None && !local)
         {
             return;
         }
@@ -1252,7 +1270,9 @@ impl ImageView {
             return;
         };
         let next = cur_start + cur_len as u64;
-        if next >= entry.offset + entry.size {
+        if start + (len as u64) < cur_start + cur_len as u64 / 2
+            || next >= entry.offset + entry.size
+        {
             return;
         }
         let Ok((k, piece_start, piece_len)) = piece_at(sp, next) else {
@@ -1262,7 +1282,7 @@ impl ImageView {
         if self.inflight.busy(&key) || self.spans.lock().unwrap().contains(&key) {
             return;
         }
-        if let Err(e) = self.span(key, || {
+        if let Err(e) = self.span_cached(key, true, || {
             self.make_piece(li, layer, k, piece_start, piece_len)
         }) {
             tracing::debug!("decompressing ahead in layer {}: {e}", layer.digest);
@@ -1307,20 +1327,34 @@ fn piece_of(cp_start: u64, cp_end: Option<u64>, pos: u64) -> (u64, usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::{PIECE_CAP, Piece, piece_buf, piece_of};
+    use super::{Compression, PIECE_CAP, Piece, SPARE, SeekPoints, decompress_at, piece_of};
     use crate::layer::seek::SPAN;
 
     #[test]
-    fn a_reused_piece_buffer_starts_empty() {
-        // An uncompressed span is appended to the buffer it is given: old bytes left in a
+    fn a_reused_piece_buffer_never_adds_old_bytes() {
+        // An uncompressed span is appended to the buffer it is given: bytes left in a
         // reused one would be served as file data.
-        for _ in 0..3 {
-            let mut v = piece_buf(SPAN as usize);
-            assert!(v.is_empty() && v.capacity() == PIECE_CAP);
-            v.extend_from_slice(&[7; 1000]);
-            drop(bytes::Bytes::from_owner(Piece(v)));
+        let data: Vec<u8> = (0..SPAN as usize).map(|i| (i % 251) as u8).collect();
+        let sp = SeekPoints {
+            checkpoints: Vec::new(),
+            span_digests: Vec::new(),
+        };
+        for round in 0..3 {
+            let mut dirty = Vec::with_capacity(PIECE_CAP);
+            dirty.extend_from_slice(&[0xEE; 1000]);
+            SPARE.lock().unwrap().push(dirty);
+            let got = decompress_at(
+                &mut std::io::Cursor::new(&data[..]),
+                Compression::None,
+                &sp,
+                0,
+                data.len(),
+            )
+            .unwrap();
+            assert!(got == data, "round {round}");
+            // and a piece's buffer goes back for the next round
+            drop(bytes::Bytes::from_owner(Piece(got)));
         }
-        assert!(piece_buf(SPAN as usize).is_empty());
     }
 
     /// The pieces met walking a span byte range by byte range: (start, len) each.

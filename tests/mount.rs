@@ -327,9 +327,16 @@ fn a_mount_right_after_an_unmount_stays_mounted() {
     let cache = work.path().join("cache");
     let dir = work.path().join("mnt");
     let mut old = Mounted::new(&cache, &image, &dir, &[]);
-    for _ in 0..3 {
+    let signal = |pid: i32, sig| {
+        rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), sig).unwrap()
+    };
+    for _ in 0..2 {
+        // The old daemon is held still until the new mount is up, so that it notices the
+        // unmount only afterwards, whatever the timing.
+        signal(old.pid, rustix::process::Signal::STOP);
         imgfs_ok(&cache, &["umount", dir.to_str().unwrap()]);
         let m = Mounted::new(&cache, &image, &dir, &[]);
+        signal(old.pid, rustix::process::Signal::CONT);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while old.alive() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(20));

@@ -175,12 +175,19 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
             }
         }
     };
-    if external {
-        // Unmounted from outside (`imgfs umount`): the session has ended. Dropping it would
-        // unmount its directory again, by path, which takes down whatever was mounted there
-        // since — a new mount made right after `imgfs umount` returned. So it is not dropped;
-        // the process exits now.
-        std::mem::forget(session);
+    // fuser unmounts by path. Once this mount is gone (`imgfs umount`), that would take
+    // down whatever was mounted on the directory since — a new mount made right after
+    // `imgfs umount` returned. So after the session has ended, the directory is unmounted
+    // only if it is a dead FUSE mount (this one, its connection aborted); otherwise the
+    // session is not dropped, and the process just exits.
+    if external || session.guard.is_finished() {
+        let dead = matches!(std::fs::metadata(&args.dir),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+        if dead {
+            session.join().ok();
+        } else {
+            std::mem::forget(session);
+        }
     } else {
         session
             .umount_and_join()
@@ -200,7 +207,6 @@ const READAHEAD_KB: u32 = 4096;
 /// not write there keeps the default.
 fn raise_readahead(dir: &Path) {
     use std::os::unix::fs::MetadataExt;
-    // A stat through the mount waits for INIT to finish, which fixes the 128 KiB cap.
     let dev = match std::fs::metadata(dir) {
         Ok(m) => m.dev(),
         Err(e) => return tracing::debug!("not raising readahead: {e}"),

@@ -238,8 +238,11 @@ impl Filesystem for ImageFs {
         self.rt
             .spawn_blocking(move || match view.read(i, offset, size as usize) {
                 Ok(data) => {
+                    let n = data.len();
                     reply.data(&data);
-                    view.read_on(i, offset, data.len());
+                    // Not kept while decompressing ahead: it holds its whole piece.
+                    drop(data);
+                    view.read_on(i, offset, n);
                 }
                 Err(e) => {
                     tracing::error!("read of inode {i} at {offset}: {e}");
