@@ -69,6 +69,9 @@ pub struct LayerData {
     /// Where the last read of this layer through the mount ended (uncompressed), to notice
     /// sequential readers.
     last_end: AtomicU64,
+    /// Where the layer's last file data ends (uncompressed): the last span's pieces go no
+    /// further.
+    data_end: u64,
     /// The source would not serve a range of this blob: reads need the whole blob.
     no_ranges: AtomicBool,
     /// For an eStargz layer read through its TOC: each file's chunks.
@@ -83,7 +86,14 @@ struct Stargz {
 
 impl LayerData {
     fn new(layer: &crate::manifest::Layer, index: LayerIndex, stargz: Option<Stargz>) -> Arc<Self> {
+        let data_end = index
+            .entries
+            .iter()
+            .map(|e| e.offset + e.size)
+            .max()
+            .unwrap_or(0);
         Arc::new(LayerData {
+            data_end,
             digest: layer.descriptor.digest.to_string(),
             descriptor: layer.descriptor.clone(),
             compression: layer.compression,
@@ -1182,7 +1192,7 @@ impl ImageView {
         let mut out = Vec::new();
         let mut pos = start;
         while pos < start + len as u64 {
-            let (k, piece_start, piece_len) = piece_at(sp, pos)?;
+            let (k, piece_start, piece_len) = piece_at(sp, layer.data_end, pos)?;
             // A read that will not come again (`read_once`) decompresses only up to its end
             // and keeps nothing; others decompress and keep the whole piece.
             let piece = if exact {
@@ -1266,7 +1276,7 @@ impl ImageView {
             return;
         }
         let Ok(sp) = layer.seek() else { return };
-        let Ok((_, cur_start, cur_len)) = piece_at(sp, start) else {
+        let Ok((_, cur_start, cur_len)) = piece_at(sp, layer.data_end, start) else {
             return;
         };
         let next = cur_start + cur_len as u64;
@@ -1275,7 +1285,7 @@ impl ImageView {
         {
             return;
         }
-        let Ok((k, piece_start, piece_len)) = piece_at(sp, next) else {
+        let Ok((k, piece_start, piece_len)) = piece_at(sp, layer.data_end, next) else {
             return;
         };
         let key = (li as u32, piece_start);
@@ -1291,12 +1301,15 @@ impl ImageView {
 }
 
 /// The span holding uncompressed offset `pos`, and the piece of it that does (see
-/// [`piece_of`]): (span, piece start, piece length).
-fn piece_at(sp: &SeekPoints, pos: u64) -> std::io::Result<(usize, u64, usize)> {
+/// [`piece_of`]): (span, piece start, piece length). The last span, whose end the seek
+/// points do not give, is taken to end with the layer's file data (`data_end`), so that
+/// its short tail joins a piece too.
+fn piece_at(sp: &SeekPoints, data_end: u64, pos: u64) -> std::io::Result<(usize, u64, usize)> {
     let k = sp
         .span_at(pos)
         .ok_or_else(|| std::io::Error::other("no seek point before the requested offset"))?;
     let (cp_start, cp_end) = sp.span_output(k);
+    let cp_end = cp_end.or(Some(data_end).filter(|&e| e > pos));
     let (start, len) = piece_of(cp_start, cp_end, pos);
     Ok((k, start, len))
 }
