@@ -88,46 +88,51 @@ impl Inflater {
 
     /// Inflate from `input` into `output`; returns (consumed, produced, return code).
     fn inflate(&mut self, input: &[u8], output: &mut [u8], flush: i32) -> (usize, usize, i32) {
-        let s = &mut *self.strm;
-        s.next_in = input.as_ptr();
-        s.avail_in = input.len().min(u32::MAX as usize) as u32;
-        s.next_out = output.as_mut_ptr();
-        s.avail_out = output.len().min(u32::MAX as usize) as u32;
-        let (ai, ao) = (s.avail_in, s.avail_out);
-        // SAFETY: next_in/next_out point into live slices whose lengths bound avail_in/out.
-        let rc = unsafe { z::inflate(s, flush) };
-        let s = &mut *self.strm;
-        let consumed = (ai - s.avail_in) as usize;
-        let produced = (ao - s.avail_out) as usize;
-        s.next_in = std::ptr::null();
-        s.next_out = std::ptr::null_mut();
-        (consumed, produced, rc)
+        // SAFETY: `output` is a live slice of `output.len()` writable bytes.
+        unsafe { self.inflate_raw(input, output.as_mut_ptr(), output.len(), flush) }
     }
 
     /// [`Inflater::inflate`] of at most `max` bytes into `out`'s spare capacity (which must
     /// not be empty), growing its length by what was produced: no zeroing of memory that is
     /// about to be written.
     fn inflate_into(&mut self, input: &[u8], out: &mut Vec<u8>, max: usize) -> (usize, usize, i32) {
-        let flush = z::Z_NO_FLUSH;
+        let room = (out.capacity() - out.len()).min(max);
+        // SAFETY: `out.len()` is within the allocation and `room` bytes after it are spare
+        // capacity; zlib writes there through a raw pointer (no reference to uninitialised
+        // bytes exists), and initialises exactly the `produced` bytes `set_len` then covers.
+        unsafe {
+            let dest = out.as_mut_ptr().add(out.len());
+            let r = self.inflate_raw(input, dest, room, z::Z_NO_FLUSH);
+            out.set_len(out.len() + r.1);
+            r
+        }
+    }
+
+    /// One `inflate` call from `input` into `len` bytes at `dest`.
+    ///
+    /// # Safety
+    /// `dest` must be valid for writes of `len` bytes.
+    unsafe fn inflate_raw(
+        &mut self,
+        input: &[u8],
+        dest: *mut u8,
+        len: usize,
+        flush: i32,
+    ) -> (usize, usize, i32) {
         let s = &mut *self.strm;
-        let spare = (out.capacity() - out.len()).min(max);
         s.next_in = input.as_ptr();
         s.avail_in = input.len().min(u32::MAX as usize) as u32;
-        // SAFETY: `out.len()` is within the allocation; zlib writes at most `avail_out`
-        // bytes there through this raw pointer (no reference to uninitialised bytes exists).
-        s.next_out = unsafe { out.as_mut_ptr().add(out.len()) };
-        s.avail_out = spare.min(u32::MAX as usize) as u32;
+        s.next_out = dest;
+        s.avail_out = len.min(u32::MAX as usize) as u32;
         let (ai, ao) = (s.avail_in, s.avail_out);
-        // SAFETY: next_in points into a live slice, next_out into `out`'s spare capacity,
-        // and avail_in/avail_out bound them.
+        // SAFETY: next_in points into a live slice, next_out is writable for `len` bytes (the
+        // caller's promise), and avail_in/avail_out bound them.
         let rc = unsafe { z::inflate(s, flush) };
         let s = &mut *self.strm;
         let consumed = (ai - s.avail_in) as usize;
         let produced = (ao - s.avail_out) as usize;
         s.next_in = std::ptr::null();
         s.next_out = std::ptr::null_mut();
-        // SAFETY: zlib initialised exactly `produced` bytes after the old length.
-        unsafe { out.set_len(out.len() + produced) };
         (consumed, produced, rc)
     }
 
