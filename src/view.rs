@@ -11,6 +11,8 @@
 //! to fetch whole) makes the layer fall back to downloading its blob once. Decompressed
 //! pieces (at most 4 MiB each) sit in a bounded LRU, so sequential and repeated reads
 //! decompress each once; moving sequentially into a new span fetches the next ones ahead.
+//! What a local gzip blob holds in stored blocks (data deflate could not shrink) is not
+//! decompressed at all: it is copied straight out of the blob.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -27,7 +29,7 @@ use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{self, LayerIndex};
 use crate::layer::estargz::{self, Chunk};
-use crate::layer::seek::{self, SeekPoints, SpanBytes};
+use crate::layer::seek::{self, SeekPoints, SpanBytes, Stored};
 use crate::manifest::{Compression, Descriptor, Image};
 use crate::source::Source;
 use crate::tree::{self, InodeId, Tree};
@@ -76,7 +78,13 @@ pub struct LayerData {
     no_ranges: AtomicBool,
     /// For an eStargz layer read through its TOC: each file's chunks.
     stargz: Option<Stargz>,
+    /// For a gzip layer read from its local blob: the run of stored blocks from each span's
+    /// checkpoint (None: the span starts compressed), walked on first use.
+    stored: Mutex<lru::LruCache<usize, Option<Arc<Stored>>>>,
 }
+
+/// Spans per layer whose stored-block walk is remembered (a few KiB each at most).
+const STORED_SPANS: NonZeroUsize = NonZeroUsize::new(256).unwrap();
 
 /// The chunk table of an eStargz layer (its entries are in `LayerData::index`).
 struct Stargz {
@@ -103,7 +111,50 @@ impl LayerData {
             last_end: AtomicU64::new(u64::MAX),
             no_ranges: AtomicBool::new(false),
             stargz,
+            stored: Mutex::new(lru::LruCache::new(STORED_SPANS)),
         })
+    }
+
+    /// The stored run from span `k`'s checkpoint in the local blob `f`.
+    fn stored(&self, f: &File, sp: &SeekPoints, k: usize) -> std::io::Result<Option<Arc<Stored>>> {
+        if let Some(s) = self.stored.lock().unwrap().get(&k) {
+            return Ok(s.clone());
+        }
+        let end = sp
+            .checkpoints
+            .get(k + 1)
+            .map_or(self.data_end, |c| c.out_offset);
+        let s = Stored::walk(f, &sp.checkpoints[k], end)?.map(Arc::new);
+        self.stored.lock().unwrap().put(k, s.clone());
+        Ok(s)
+    }
+
+    /// Uncompressed `[start, start + len)` copied straight out of the local gzip blob `f`,
+    /// when stored blocks hold all of it (see [`Stored`]); None otherwise.
+    fn read_stored(&self, f: &File, start: u64, len: usize) -> std::io::Result<Option<Vec<u8>>> {
+        let sp = self.seek()?;
+        let end = start + len as u64;
+        let mut parts = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let Some(k) = sp.span_at(pos) else {
+                return Ok(None);
+            };
+            let Some(run) = self.stored(f, sp, k)? else {
+                return Ok(None);
+            };
+            if !run.covers(pos, 1) {
+                return Ok(None);
+            }
+            let take = run.out_end().min(end) - pos;
+            parts.push((run, pos, take as usize));
+            pos += take;
+        }
+        let mut out = Vec::with_capacity(len);
+        for (run, at, take) in parts {
+            run.copy_out(f, at, take, &mut out)?;
+        }
+        Ok(Some(out))
     }
 
     /// Decompress `len` bytes at uncompressed offset `start` from the local blob `f`.
@@ -1071,6 +1122,12 @@ impl ImageView {
             f.read_exact_at(&mut buf, start).map_err(fail)?;
             return Ok(buf.into());
         }
+        if layer.compression == Compression::Gzip
+            && let Some(f) = layer.local.get()
+            && let Some(bytes) = layer.read_stored(f, start, len).map_err(fail)?
+        {
+            return Ok(bytes.into());
+        }
         self.read_spans(data.layer as usize, layer, start, len, exact)
             .map_err(fail)
     }
@@ -1290,6 +1347,14 @@ impl ImageView {
         };
         let key = (li as u32, piece_start);
         if self.inflight.busy(&key) || self.spans.lock().unwrap().contains(&key) {
+            return;
+        }
+        // Stored blocks are read straight from the blob: nothing to make ahead.
+        if layer.compression == Compression::Gzip
+            && let Some(f) = layer.local.get()
+            && let Ok(Some(run)) = layer.stored(f, sp, k)
+            && run.covers(piece_start, 1)
+        {
             return;
         }
         if let Err(e) = self.span_cached(key, true, || {

@@ -223,3 +223,114 @@ fn plain_layers_get_spans_too() {
     std::io::copy(&mut r, &mut std::io::sink()).unwrap();
     assert_eq!(r.seek_points().span_digests.len(), 2);
 }
+
+/// Every stored run found from a checkpoint yields, for any range it covers, the same bytes
+/// as inflating; which spans have one follows from the data.
+fn check_stored(blob: &[u8], data: &[u8], sp: &SeekPoints) -> (usize, usize) {
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(blob).unwrap();
+    let (mut stored, mut whole) = (0, 0);
+    for (k, cp) in sp.checkpoints.iter().enumerate() {
+        let end = sp
+            .checkpoints
+            .get(k + 1)
+            .map_or(data.len() as u64, |c| c.out_offset);
+        let Some(run) = Stored::walk(&f, cp, end).unwrap() else {
+            continue;
+        };
+        stored += 1;
+        assert_eq!(run.out_start, cp.out_offset);
+        assert!(run.out_end() > run.out_start || end == cp.out_offset);
+        whole += usize::from(run.out_end() >= end);
+        let (a, b) = (run.out_start, run.out_end());
+        let n = b - a;
+        for (s, l) in [
+            (a, n),
+            (a, 1),
+            (b - 1, 1),
+            (a + n / 3, n / 3),
+            (a + 7, n / 2),
+        ] {
+            if l == 0 || !run.covers(s, l) {
+                continue;
+            }
+            let mut out = b"prefix".to_vec();
+            run.copy_out(&f, s, l as usize, &mut out).unwrap();
+            assert_eq!(&out[..6], b"prefix");
+            assert!(
+                out[6..] == data[s as usize..(s + l) as usize],
+                "span {k}: bytes {s}+{l} differ from inflating"
+            );
+        }
+        assert!(!run.covers(b, 1), "a run covers no byte past its end");
+        let mut out = Vec::new();
+        assert!(run.copy_out(&f, b - 1, 2, &mut out).is_err());
+    }
+    (stored, whole)
+}
+
+#[test]
+fn stored_blocks_are_read_straight_from_the_blob() {
+    let mut data = text(300_000);
+    data.extend(noise(2_000_000));
+    data.extend(text(200_000));
+    data.extend(noise(1_000_000));
+    let n = 256 << 10;
+    let spans = data.len().div_ceil(n);
+    // Level 0 keeps everything verbatim: every span is one whole stored run.
+    let blob = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+        e.write_all(&data).unwrap();
+        e.finish().unwrap()
+    };
+    let (_, sp) = index_full(&blob, n as u64);
+    assert_eq!(
+        check_stored(&blob, &data, &sp),
+        (sp.checkpoints.len(), sp.checkpoints.len())
+    );
+    // Level 6 stores only the noise: some spans have runs, the text's have none.
+    let blob = gz(&data);
+    let (_, sp) = index_full(&blob, n as u64);
+    let (stored, _) = check_stored(&blob, &data, &sp);
+    assert!(
+        stored >= 8 && stored < sp.checkpoints.len(),
+        "{stored} of {spans}"
+    );
+    // Several members: a run ends with its member's last block.
+    let mut blob = gz(&noise(700_000));
+    blob.extend(gz(&text(100_000)));
+    blob.extend(gz(&noise(500_000)));
+    let mut data = noise(700_000);
+    data.extend(text(100_000));
+    data.extend(noise(500_000));
+    let (_, sp) = index_full(&blob, 200_000);
+    let (stored, _) = check_stored(&blob, &data, &sp);
+    assert!(stored >= 4, "{stored}");
+}
+
+#[test]
+fn a_read_over_thousands_of_small_stored_blocks() {
+    // A sync flush after every 100 bytes: 100-byte stored blocks, each followed by an empty
+    // one, so one read needs several preadv calls of 1024 iovecs.
+    let data = noise(600_000);
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::none());
+    for c in data.chunks(100) {
+        e.write_all(c).unwrap();
+        e.flush().unwrap();
+    }
+    let blob = e.finish().unwrap();
+    let (_, sp) = index_full(&blob, 1 << 30);
+    assert_eq!(sp.checkpoints.len(), 1);
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(&blob).unwrap();
+    let run = Stored::walk(&f, &sp.checkpoints[0], data.len() as u64)
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.out_end(), data.len() as u64);
+    assert!(run.ends.len() > 6000, "{} blocks", run.ends.len());
+    for (s, l) in [(0, data.len()), (150, 250_001), (99, 2)] {
+        let mut out = Vec::new();
+        run.copy_out(&f, s as u64, l, &mut out).unwrap();
+        assert!(out == data[s..s + l], "bytes {s}+{l}");
+    }
+}
