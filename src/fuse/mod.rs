@@ -35,6 +35,8 @@ pub struct ImageFs {
     /// `readdir` continuing at offset k costs only the entries it returns.
     children: Vec<Box<[DentryId]>>,
     rt: tokio::runtime::Handle,
+    /// The kernel takes ENOSYS from OPENDIR as "never ask again" (see `opendir`).
+    no_opendir: bool,
 }
 
 /// FUSE inode numbers are tree inode ids plus one (FUSE's root is 1, the tree's 0).
@@ -71,6 +73,7 @@ impl ImageFs {
             subdirs,
             children,
             rt,
+            no_opendir: false,
         }
     }
 
@@ -173,6 +176,9 @@ impl Filesystem for ImageFs {
                 | InitFlags::FUSE_READDIRPLUS_AUTO
                 | InitFlags::FUSE_PARALLEL_DIROPS,
         );
+        self.no_opendir = config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok();
         Ok(())
     }
 
@@ -264,7 +270,14 @@ impl Filesystem for ImageFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // Where the kernel allows it, the first OPENDIR answers ENOSYS: from then on the
+        // kernel opens and releases directories without asking, and caches listings as if
+        // every open said FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR. That is two requests fewer per
+        // directory (OPENDIR, RELEASEDIR), and each costs a cross-CPU wakeup both ways: a
+        // first `find` of the bench image went from ~0.21 to ~0.14 s; later walks are still
+        // answered by the kernel alone.
         match self.dir(ino) {
+            Some(_) if self.no_opendir => reply.error(Errno::ENOSYS),
             Some(_) => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
