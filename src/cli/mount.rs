@@ -207,6 +207,12 @@ const READAHEAD_KB: u32 = 4096;
 /// not write there keeps the default.
 fn raise_readahead(dir: &Path) {
     use std::os::unix::fs::MetadataExt;
+    // The kernel sets the readahead when it processes INIT's reply (to the least of what it
+    // was and what INIT agreed), so a raise made before that would be undone. A statfs
+    // returns only after INIT (every request waits for it).
+    if let Err(e) = rustix::fs::statfs(dir) {
+        return tracing::debug!("not raising readahead: {e}");
+    }
     let dev = match std::fs::metadata(dir) {
         Ok(m) => m.dev(),
         Err(e) => return tracing::debug!("not raising readahead: {e}"),
