@@ -132,7 +132,8 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     tracing::info!("indexes loaded and merged at {:.1?}", t0.elapsed());
     // Background work on other threads; it never holds up the mount.
     view.start_prefetch();
-    let fs = ImageFs::new(view, tokio::runtime::Handle::current());
+    let mut fs = ImageFs::new(view, tokio::runtime::Handle::current());
+    fs.may_skip_opendir = !matches!(acl, fuser::SessionACL::RootAndOwner);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,

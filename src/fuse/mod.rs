@@ -37,6 +37,9 @@ pub struct ImageFs {
     rt: tokio::runtime::Handle,
     /// The kernel takes ENOSYS from OPENDIR as "never ask again" (see `opendir`).
     no_opendir: bool,
+    /// Whether that may be used: not with `allow_root`, whose limit fuser enforces on
+    /// OPENDIR (not on READDIR), so skipping OPENDIR would let any user list directories.
+    pub may_skip_opendir: bool,
 }
 
 /// FUSE inode numbers are tree inode ids plus one (FUSE's root is 1, the tree's 0).
@@ -74,6 +77,7 @@ impl ImageFs {
             children,
             rt,
             no_opendir: false,
+            may_skip_opendir: true,
         }
     }
 
@@ -176,9 +180,10 @@ impl Filesystem for ImageFs {
                 | InitFlags::FUSE_READDIRPLUS_AUTO
                 | InitFlags::FUSE_PARALLEL_DIROPS,
         );
-        self.no_opendir = config
-            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
-            .is_ok();
+        self.no_opendir = self.may_skip_opendir
+            && config
+                .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+                .is_ok();
         Ok(())
     }
 
