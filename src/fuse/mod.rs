@@ -18,6 +18,8 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
+mod colocate;
+
 use crate::index::Kind;
 use crate::tree::{DentryId, InodeId, ROOT};
 use crate::view::ImageView;
@@ -187,7 +189,8 @@ impl Filesystem for ImageFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        colocate::note(req.pid());
         let Some(d) = self.dir(parent) else {
             return reply.error(Errno::ENOTDIR);
         };
@@ -204,14 +207,16 @@ impl Filesystem for ImageFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        colocate::note(req.pid());
         match self.inode(ino) {
             Some(i) => reply.attr(&TTL, &self.attr(i)),
             None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        colocate::note(req.pid());
         match self
             .inode(ino)
             .and_then(|i| self.view.tree.inodes[i as usize].meta.link.as_deref())
@@ -221,7 +226,8 @@ impl Filesystem for ImageFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        colocate::note(req.pid());
         if flags.0 & (libc_flags::O_WRONLY | libc_flags::O_RDWR) != 0 {
             return reply.error(Errno::EROFS);
         }
@@ -293,12 +299,13 @@ impl Filesystem for ImageFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        colocate::note(req.pid());
         let Some(d) = self.dir(ino) else {
             return reply.error(Errno::ENOTDIR);
         };
@@ -314,12 +321,13 @@ impl Filesystem for ImageFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        colocate::note(req.pid());
         let Some(d) = self.dir(ino) else {
             return reply.error(Errno::ENOTDIR);
         };
@@ -347,7 +355,8 @@ impl Filesystem for ImageFs {
         );
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        colocate::note(req.pid());
         let Some(i) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -362,7 +371,8 @@ impl Filesystem for ImageFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        colocate::note(req.pid());
         let Some(i) = self.inode(ino) else {
             return reply.error(Errno::ENOENT);
         };
@@ -374,7 +384,8 @@ impl Filesystem for ImageFs {
         reply_xattr(reply, size, &names);
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        colocate::note(req.pid());
         if self.inode(ino).is_none() {
             return reply.error(Errno::ENOENT);
         }
