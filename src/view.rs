@@ -83,8 +83,10 @@ pub struct LayerData {
     stored: Mutex<lru::LruCache<usize, Option<Arc<Stored>>>>,
 }
 
-/// Spans per layer whose stored-block walk is remembered (a few KiB each at most).
-const STORED_SPANS: NonZeroUsize = NonZeroUsize::new(256).unwrap();
+/// Spans per layer whose stored-block walk is remembered: 256 MiB of stored data in spans of
+/// 4 MiB. A walk holds 4 bytes per block: about 1 KiB for zlib's usual 16 KiB blocks, at most
+/// 64 KiB for a stream of tiny blocks (the walk's cap), so at most 4 MiB per layer.
+const STORED_SPANS: NonZeroUsize = NonZeroUsize::new(64).unwrap();
 
 /// The chunk table of an eStargz layer (its entries are in `LayerData::index`).
 struct Stargz {

@@ -694,13 +694,16 @@ pub struct Stored {
     first_in: u64,
     /// Where each block's data ends, relative to `out_start`. Every block after the first
     /// starts byte-aligned (a stored block ends so), so its header is exactly 5 bytes: block
-    /// `i`'s data is at `first_in + ends[i - 1] + 5 * i`.
-    ends: Vec<u64>,
+    /// `i`'s data is at `first_in + ends[i - 1] + 5 * i`. `u32` is enough: at most
+    /// [`MAX_STORED_BLOCKS`] blocks of at most 64 KiB each.
+    ends: Vec<u32>,
 }
 
 /// At most this many blocks are walked from one checkpoint (a span of 4 MiB holds 64 to
 /// 256 of them; more means something else is going on).
 const MAX_STORED_BLOCKS: usize = 1 << 14;
+// Block ends relative to the run fit `Stored::ends`' u32.
+const _: () = assert!(MAX_STORED_BLOCKS as u64 * u16::MAX as u64 <= u32::MAX as u64);
 
 impl Stored {
     /// Walk the stored blocks from checkpoint `cp` until uncompressed offset `end`, the first
@@ -739,10 +742,10 @@ impl Stored {
             let first = *first_in.get_or_insert(data);
             debug_assert_eq!(
                 data,
-                first + ends.last().copied().unwrap_or(0) + 5 * ends.len() as u64
+                first + u64::from(ends.last().copied().unwrap_or(0)) + 5 * ends.len() as u64
             );
             out += u64::from(len);
-            ends.push(out - cp.out_offset);
+            ends.push((out - cp.out_offset) as u32);
             bitpos = (data + u64::from(len)) * 8;
             if last {
                 break;
@@ -757,7 +760,12 @@ impl Stored {
 
     /// The end of the uncompressed bytes the run holds.
     pub fn out_end(&self) -> u64 {
-        self.out_start + self.ends.last().copied().unwrap_or(0)
+        self.out_start + self.ends.last().map_or(0, |&e| u64::from(e))
+    }
+
+    /// The end of block `i`'s data, relative to `out_start`.
+    fn end(&self, i: usize) -> u64 {
+        u64::from(self.ends[i])
     }
 
     /// Does the run hold uncompressed `[start, start + len)`?
@@ -784,15 +792,15 @@ impl Stored {
         let dest = out.spare_capacity_mut().as_mut_ptr().cast::<u8>();
         let rel = start - self.out_start;
         // The block holding `start`: the first whose data ends after it.
-        let mut i = self.ends.partition_point(|&e| e <= rel);
+        let mut i = self.ends.partition_point(|&e| u64::from(e) <= rel);
         let mut done = 0usize;
         while done < len {
             let mut iov: Vec<libc::iovec> = Vec::with_capacity(1024);
             let mut file_at = None;
             let mut want = 0usize;
             while done + want < len && iov.len() + 2 <= 1024 {
-                let b_start = if i == 0 { 0 } else { self.ends[i - 1] };
-                let b_end = self.ends[i];
+                let b_start = if i == 0 { 0 } else { self.end(i - 1) };
+                let b_end = self.end(i);
                 let from = (rel + (done + want) as u64).max(b_start);
                 let take = ((b_end - from) as usize).min(len - done - want);
                 if file_at.is_none() {
