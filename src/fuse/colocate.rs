@@ -15,7 +15,7 @@
 //! Everything here is a hint: any failure leaves the thread where the scheduler put it.
 
 use std::cell::RefCell;
-use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
@@ -24,8 +24,9 @@ use rustix::thread::{CpuSet, sched_getaffinity, sched_setaffinity};
 const BURST_GAP: Duration = Duration::from_millis(1);
 /// A burst is followed from its `FOLLOW_AFTER`-th request, so a lone `stat` costs nothing.
 const FOLLOW_AFTER: u32 = 8;
-/// How often the requester's CPU is looked up again during a burst (it may be moved).
-const RECHECK: Duration = Duration::from_millis(5);
+/// How often the requester's CPU is looked up again during a burst: the scheduler moves it
+/// (a woken thread goes to an idle CPU), and each lookup is one `pread` of its open stat file.
+const RECHECK: Duration = Duration::from_millis(1);
 
 struct State {
     pid: u32,
@@ -36,6 +37,8 @@ struct State {
     pinned: Option<usize>,
     /// The thread's own CPU set, restored when a burst ends.
     allowed: Option<CpuSet>,
+    /// The requester's `/proc/<pid>/stat`, opened at its first lookup in the burst.
+    stat: Option<std::fs::File>,
 }
 
 thread_local! {
@@ -57,11 +60,13 @@ pub(super) fn note(pid: u32) {
             checked: None,
             pinned: None,
             allowed: None,
+            stat: None,
         });
         if s.pid != pid || now.duration_since(s.last) > BURST_GAP {
             s.pid = pid;
             s.run = 0;
             s.checked = None;
+            s.stat = None;
             release(s);
         }
         s.run = s.run.saturating_add(1);
@@ -69,7 +74,10 @@ pub(super) fn note(pid: u32) {
         let due = s.checked.is_none_or(|t| now.duration_since(t) > RECHECK);
         if s.run >= FOLLOW_AFTER && due {
             s.checked = Some(now);
-            if let Some(cpu) = cpu_of(pid) {
+            if s.stat.is_none() {
+                s.stat = std::fs::File::open(format!("/proc/{pid}/stat")).ok();
+            }
+            if let Some(cpu) = s.stat.as_ref().and_then(cpu_from) {
                 follow(s, cpu);
             }
         }
@@ -106,10 +114,15 @@ fn release(s: &mut State) {
 /// The CPU thread `pid` last ran on: field 39 of `/proc/<pid>/stat` (there is no system call
 /// for another thread's CPU). The command name, field 2, may hold spaces and parentheses, so
 /// fields are counted from its closing parenthesis.
+#[cfg(test)]
 fn cpu_of(pid: u32) -> Option<usize> {
+    cpu_from(&std::fs::File::open(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Reads an open stat file from its start: procfs makes the text anew for each read at 0.
+fn cpu_from(stat: &std::fs::File) -> Option<usize> {
     let mut buf = [0u8; 1024];
-    let mut f = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
-    let n = f.read(&mut buf).ok()?;
+    let n = stat.read_at(&mut buf, 0).ok()?;
     parse_cpu(&buf[..n])
 }
 
