@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::{StreamExt, TryFutureExt, TryStreamExt};
 
 use crate::cache::Cache;
 use crate::digest::Digest;
@@ -835,11 +835,10 @@ impl ImageView {
         // for, so it must not queue behind small ones when there are more layers than jobs.
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(image.layers[i].descriptor.size));
-        let mut layers: Vec<(usize, (Arc<LayerData>, bool))> = futures_util::stream::iter(
-            order.into_iter().map(|i| (i, &image.layers[i])),
-        )
-        .map(|(i, layer)| async move {
-            let one = async move {
+        let mut layers: Vec<(usize, (Arc<LayerData>, bool))> =
+            futures_util::stream::iter(order.into_iter().map(|i| (i, &image.layers[i])))
+                .map(|(i, layer)| {
+                    async move {
                 let digest = &layer.descriptor.digest;
                 let compression = layer.compression;
                 let limits = opts.limits;
@@ -952,12 +951,13 @@ impl ImageView {
                     let _ = data.local.set(f);
                 }
                 Ok::<_, Error>((data, published))
-            };
-            one.await.map(|r| (i, r))
-        })
-        .buffer_unordered(opts.jobs.max(1))
-        .try_collect::<Vec<_>>()
-        .await?;
+            }
+            // Tagged with its place, since layers finish in any order.
+            .map_ok(move |r| (i, r))
+                })
+                .buffer_unordered(opts.jobs.max(1))
+                .try_collect::<Vec<_>>()
+                .await?;
         layers.sort_by_key(|(i, _)| *i);
         let layers: Vec<(Arc<LayerData>, bool)> = layers.into_iter().map(|(_, l)| l).collect();
         let published: Vec<Digest> = layers
