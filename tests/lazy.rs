@@ -316,3 +316,43 @@ fn a_damaged_chunk_in_the_store_is_refetched_not_served() {
     assert_eq!(cat(&cache, &l.image, "mid/small.txt").stdout, l.files[1].1);
     assert!(l.proxy.blob_bytes() > 0, "fetched again");
 }
+
+/// A file read sequentially through a mount comes in a few growing range requests, each
+/// verified span by span, and the read-ahead stops at the file's end: the file after it in
+/// the same layer is not fetched.
+#[test]
+fn a_sequential_read_fetches_ahead_in_a_few_requests_and_not_past_its_file() {
+    let reg = registry();
+    let first = noise(40 * MIB, 11);
+    let second = noise(24 * MIB, 12);
+    let layer = Tar::new()
+        .file("first.bin", 0o644, &first)
+        .file("second.bin", 0o644, &second)
+        .bytes();
+    let img = FixtureImage::new("amd64", vec![FixtureLayer::from_tar(layer)]);
+    img.push(&reg.host, "lazy/readahead", "v1");
+    let proxy = Proxy::start(&reg.host);
+    let image = format!("{}/lazy/readahead:v1", proxy.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    imgfs_ok(&cache, &["ls", &image, "/"]);
+    let m = Mounted::new(&cache, &image, &work.path().join("mnt"), &[]);
+
+    proxy.reset_counts();
+    assert!(std::fs::read(m.dir.join("first.bin")).unwrap() == first);
+    // Noise does not compress: the first file is about 10 spans of 4 MiB.
+    let gets = ranged_gets(&proxy);
+    assert!(
+        (2..=6).contains(&gets),
+        "{gets} ranged requests for 10 spans: {:?}",
+        proxy.log()
+    );
+    let served = proxy.blob_bytes();
+    assert!(
+        served >= first.len() as u64 && served < (first.len() + 5 * MIB) as u64,
+        "{served} bytes served for a {} byte file followed by {} more",
+        first.len(),
+        second.len()
+    );
+    m.unmount(&cache);
+}

@@ -222,6 +222,18 @@ impl Source {
         Ok(Some(out.freeze()))
     }
 
+    /// Bytes `[start, end)` of blob `desc` as they arrive, unverified, or `None` when the
+    /// source ignores ranges. The stream may end early or carry more; the caller counts.
+    pub async fn range_stream(
+        &self,
+        desc: &Descriptor,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>>> {
+        let blob = self.open_range(desc, start, Some(end)).await?;
+        Ok((blob.ranged && blob.start == start).then_some(blob.stream))
+    }
+
     /// Stream blob `desc` from byte `offset` on.
     pub async fn open_blob(&self, desc: &Descriptor, offset: u64) -> Result<BlobStream> {
         self.open_range(desc, offset, None).await
