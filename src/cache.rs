@@ -229,7 +229,8 @@ impl Cache {
         let path = self.chunk_path(d);
         let f = std::fs::File::open(&path).ok()?;
         let _ = f.set_modified(std::time::SystemTime::now());
-        let mut buf = Vec::new();
+        let len = f.metadata().ok()?.len();
+        let mut buf = crate::bufpool::take(usize::try_from(len).ok()?);
         use std::io::Read;
         (&f).read_to_end(&mut buf).ok()?;
         let ours = self.stored_here.lock().unwrap().get(d) == Some(&buf.len());
@@ -238,7 +239,7 @@ impl Cache {
             let _ = std::fs::remove_file(&path);
             return None;
         }
-        Some(buf.into())
+        Some(crate::bufpool::freeze(buf))
     }
 
     /// Store a chunk the caller has verified to have digest `d`.

@@ -2,6 +2,7 @@
 //! later modules) mount it lazily or flatten it to disk. See ARCHITECTURE.md for the codemap.
 
 pub mod artifact;
+pub mod bufpool;
 pub mod cache;
 pub mod cli;
 pub mod digest;

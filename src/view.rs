@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryFutureExt, TryStreamExt};
 
+use crate::bufpool;
 use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
@@ -391,7 +392,11 @@ fn decompress_at(
     start: u64,
     len: usize,
 ) -> std::io::Result<Vec<u8>> {
-    let out = piece_buf(len);
+    let out = if len < seek::SPAN as usize / 2 {
+        Vec::new()
+    } else {
+        bufpool::take(len)
+    };
     match compression {
         Compression::Zstd => {
             crate::layer::zstd_seek::read_at(blob, &sp.checkpoints, start, len, out)
@@ -403,52 +408,6 @@ fn decompress_at(
             let mut out = out;
             blob.take(len as u64).read_to_end(&mut out)?;
             Ok(out)
-        }
-    }
-}
-
-/// The capacity of a piece buffer: a piece with its span's tail (see [`piece_of`]).
-const PIECE_CAP: usize = (seek::SPAN + seek::SPAN / 4) as usize;
-/// Piece buffers kept for reuse.
-const SPARE_PIECES: usize = 2;
-/// Buffers of pieces that left the cache, for the next pieces. Reuse keeps a sequential
-/// read from allocating (and faulting in) 4 MiB per piece, and the daemon's heap from
-/// fragmenting into more than the pieces it holds: measured on a 200 MiB read, glibc's
-/// adaptive allocator reached 91-99 MB of daemon RSS at 1.5 GB/s, a fixed 4 MiB mmap
-/// threshold 71-76 MB at 1.2 GB/s.
-static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-
-/// An empty buffer for decompressing `len` bytes: a spare piece buffer when it is a piece.
-fn piece_buf(len: usize) -> Vec<u8> {
-    if len < seek::SPAN as usize / 2 || len > PIECE_CAP {
-        return Vec::new();
-    }
-    let spare = SPARE.lock().unwrap().pop();
-    let mut buf = spare.unwrap_or_else(|| Vec::with_capacity(PIECE_CAP));
-    buf.clear();
-    buf
-}
-
-/// A decompressed piece; its buffer goes back to [`SPARE`] when the last reader drops it.
-struct Piece(Vec<u8>);
-
-impl AsRef<[u8]> for Piece {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl Drop for Piece {
-    fn drop(&mut self) {
-        if self.0.capacity() == PIECE_CAP {
-            let mut spare = SPARE
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if spare.len() < SPARE_PIECES {
-                let mut buf = std::mem::take(&mut self.0);
-                buf.clear();
-                spare.push(buf);
-            }
         }
     }
 }
@@ -650,7 +609,7 @@ impl Fetcher {
             };
             let mut i = 0;
             let mut pos = a;
-            let mut buf = bytes::BytesMut::with_capacity((bounds[0].1 - bounds[0].0) as usize);
+            let mut buf = bufpool::take((bounds[0].1 - bounds[0].0) as usize);
             let mut hasher = crate::digest::Hasher::new();
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| Error::Io {
@@ -669,7 +628,8 @@ impl Fetcher {
                     if pos < sb {
                         continue;
                     }
-                    let span = buf.split().freeze();
+                    let next = bounds.get(i + 1).map_or(0, |&(na, nb)| (nb - na) as usize);
+                    let span = bufpool::freeze(std::mem::replace(&mut buf, bufpool::take(next)));
                     let good = std::mem::replace(&mut hasher, crate::digest::Hasher::new())
                         .finish()
                         == want[i];
@@ -679,7 +639,7 @@ impl Fetcher {
                     i += 1;
                     if let Some(&(na, nb)) = bounds.get(i) {
                         let shared = &span[(na - sa) as usize..];
-                        buf.reserve((nb - na) as usize);
+                        debug_assert!(buf.capacity() >= (nb - na) as usize);
                         buf.extend_from_slice(shared);
                         hasher.update(shared);
                     }
@@ -1236,7 +1196,7 @@ impl ImageView {
         if let Some(s) = self.spans.lock().unwrap().get(&key) {
             return Ok(s.clone());
         }
-        let made = make().map(|v| Bytes::from_owner(Piece(v)));
+        let made = make().map(bufpool::freeze);
         if let Ok(s) = &made {
             // Cached before the gate goes, so a newcomer finds it rather than a new gate.
             let mut spans = self.spans.lock().unwrap();
@@ -1347,14 +1307,7 @@ impl ImageView {
             // and keeps nothing; others decompress and keep the whole piece.
             let piece = if exact {
                 let want = (start + len as u64 - piece_start).min(piece_len as u64) as usize;
-                Bytes::from_owner(Piece(self.make_piece(
-                    li,
-                    layer,
-                    k,
-                    piece_start,
-                    want,
-                    file_end,
-                )?))
+                bufpool::freeze(self.make_piece(li, layer, k, piece_start, want, file_end)?)
             } else {
                 self.span((li as u32, piece_start), || {
                     self.make_piece(li, layer, k, piece_start, piece_len, file_end)
@@ -1508,7 +1461,8 @@ fn piece_of(cp_start: u64, cp_end: Option<u64>, pos: u64) -> (u64, usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::{Compression, PIECE_CAP, Piece, SPARE, SeekPoints, decompress_at, piece_of};
+    use super::{Compression, SeekPoints, decompress_at, piece_of};
+    use crate::bufpool;
     use crate::layer::seek::SPAN;
 
     #[test]
@@ -1521,9 +1475,9 @@ mod tests {
             span_digests: Vec::new(),
         };
         for round in 0..3 {
-            let mut dirty = Vec::with_capacity(PIECE_CAP);
+            let mut dirty = Vec::with_capacity(bufpool::CAP);
             dirty.extend_from_slice(&[0xEE; 1000]);
-            SPARE.lock().unwrap().push(dirty);
+            bufpool::put_dirty(dirty);
             let got = decompress_at(
                 &mut std::io::Cursor::new(&data[..]),
                 Compression::None,
@@ -1534,7 +1488,7 @@ mod tests {
             .unwrap();
             assert!(got == data, "round {round}");
             // and a piece's buffer goes back for the next round
-            drop(bytes::Bytes::from_owner(Piece(got)));
+            drop(bufpool::freeze(got));
         }
     }
 

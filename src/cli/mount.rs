@@ -97,6 +97,25 @@ fn which(prog: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Allocator settings for the mount daemon, made before any other thread starts (the async
+/// runtime's threads included: a thread that has allocated keeps the arena it got).
+///
+/// glibc gives each thread that frees a 4 MiB span buffer its own arena and keeps the
+/// memory: measured 121-154 MB of daemon RSS after a big read, 70-75 MB with one arena and
+/// the same read speed. (A fixed mmap threshold was measured too: 1 MiB held a lazy read of
+/// 200 MiB to 74 MB but at half the speed, 178 vs 357 MB/s; 5 MiB gave 85 MB and 255 MB/s.
+/// glibc's own adaptive threshold: 91-120 MB, the fastest. Kept.) Until 2026-12-01 this was
+/// set once the runtime ran, too late for its worker threads: a read by range still left
+/// two arenas of ~35 MB each.
+pub fn before_threads(args: &MountArgs) {
+    if args.foreground {
+        // SAFETY: mallopt only tunes the allocator; no other thread exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     check_mount_dir(&args.dir)?;
     let mut acl = fuser::SessionACL::Owner;
@@ -109,15 +128,6 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     }
     if !args.foreground {
         return spawn_daemon(g, &args).await;
-    }
-    // glibc gives each thread that frees a 4 MiB span buffer its own arena and keeps the
-    // memory: measured 121-154 MB of daemon RSS after a big read, 70-75 MB with one arena
-    // and the same read speed. (A fixed mmap threshold was measured too: 1 MiB held a lazy
-    // read of 200 MiB to 74 MB but at half the speed, 178 vs 357 MB/s; 5 MiB gave 85 MB and
-    // 255 MB/s. glibc's own adaptive threshold: 91-120 MB, the fastest. Kept.)
-    // SAFETY: mallopt only tunes the allocator; called before the FUSE threads start.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
     let t0 = std::time::Instant::now();
     let Opened {
