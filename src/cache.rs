@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use futures_util::{StreamExt, TryStreamExt};
 
-use crate::digest::{Digest, Hasher};
+use crate::digest::{Digest, Hasher, SpanDigest};
 use crate::error::{Error, IoContext, Result};
 use crate::index::LayerIndex;
 use crate::manifest::Descriptor;
@@ -37,13 +37,13 @@ pub enum Kind {
 impl Kind {
     pub const ALL: [Kind; 5] = [Kind::Blob, Kind::Index, Kind::Chunk, Kind::Tmp, Kind::Log];
 
-    fn dir(self) -> &'static str {
+    fn dirs(self) -> &'static [&'static str] {
         match self {
-            Kind::Blob => "blobs/sha256",
-            Kind::Index => "indexes/sha256",
-            Kind::Chunk => "chunks/sha256",
-            Kind::Tmp => "tmp",
-            Kind::Log => "logs",
+            Kind::Blob => &["blobs/sha256"],
+            Kind::Index => &["indexes/sha256"],
+            Kind::Chunk => &[<Digest as ChunkName>::DIR, <SpanDigest as ChunkName>::DIR],
+            Kind::Tmp => &["tmp"],
+            Kind::Log => &["logs"],
         }
     }
 
@@ -70,6 +70,36 @@ pub struct CacheEntry {
     pub used: std::time::SystemTime,
 }
 
+/// What names a stored chunk: the digest it was verified against, which says where it is
+/// kept. eStargz chunks and TOCs are named by their SHA-256 (the image's own digests), spans
+/// of other layers by the BLAKE3 digest their index recorded.
+pub trait ChunkName: std::fmt::Display {
+    /// The chunk store's directory for chunks named this way.
+    const DIR: &'static str;
+    fn file_name(&self) -> String;
+    fn matches(&self, bytes: &[u8]) -> bool;
+}
+
+impl ChunkName for Digest {
+    const DIR: &'static str = "chunks/sha256";
+    fn file_name(&self) -> String {
+        self.hex().to_string()
+    }
+    fn matches(&self, bytes: &[u8]) -> bool {
+        Digest::of(bytes) == *self
+    }
+}
+
+impl ChunkName for SpanDigest {
+    const DIR: &'static str = "chunks/blake3";
+    fn file_name(&self) -> String {
+        self.hex()
+    }
+    fn matches(&self, bytes: &[u8]) -> bool {
+        SpanDigest::of(bytes) == *self
+    }
+}
+
 /// How many stored chunks a process remembers having verified (see [`Cache::load_chunk`]).
 const STORED_HERE_MAX: usize = 100_000;
 
@@ -85,7 +115,7 @@ pub struct Cache {
     root: PathBuf,
     /// Chunks this process stored, from bytes it had verified, with their lengths: loading
     /// one needs no new check (see [`Cache::load_chunk`]). Shared by clones.
-    stored_here: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Digest, usize>>>,
+    stored_here: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>>,
 }
 
 impl Cache {
@@ -101,7 +131,11 @@ impl Cache {
 
     /// Open (creating if needed) a cache rooted at `root`.
     pub fn open(root: &Path) -> Result<Cache> {
-        for sub in ["blobs/sha256", "indexes/sha256", "chunks/sha256", "tmp"] {
+        let chunks = Kind::Chunk.dirs().iter();
+        for sub in ["blobs/sha256", "indexes/sha256", "tmp"]
+            .iter()
+            .chain(chunks)
+        {
             let d = root.join(sub);
             std::fs::create_dir_all(&d)
                 .ctx(|| format!("creating cache directory {}", d.display()))?;
@@ -209,11 +243,11 @@ impl Cache {
         Ok(())
     }
 
-    fn chunk_path(&self, d: &Digest) -> PathBuf {
-        self.root.join("chunks/sha256").join(d.hex())
+    fn chunk_path<N: ChunkName>(&self, d: &N) -> PathBuf {
+        self.root.join(N::DIR).join(d.file_name())
     }
 
-    pub fn has_chunk(&self, d: &Digest) -> bool {
+    pub fn has_chunk<N: ChunkName>(&self, d: &N) -> bool {
         self.chunk_path(d).is_file()
     }
 
@@ -225,7 +259,7 @@ impl Cache {
     /// range). A cache on a network filesystem shared with other hosts, or one whose
     /// write-back failed, is outside that argument; `IMGFS_CHECK_CHUNKS=1` checks every
     /// load. A damaged chunk is removed, to be refetched.
-    pub fn load_chunk(&self, d: &Digest) -> Option<bytes::Bytes> {
+    pub fn load_chunk<N: ChunkName>(&self, d: &N) -> Option<bytes::Bytes> {
         let path = self.chunk_path(d);
         let f = std::fs::File::open(&path).ok()?;
         let _ = f.set_modified(std::time::SystemTime::now());
@@ -233,8 +267,8 @@ impl Cache {
         let mut buf = crate::bufpool::take(usize::try_from(len).ok()?);
         use std::io::Read;
         (&f).read_to_end(&mut buf).ok()?;
-        let ours = self.stored_here.lock().unwrap().get(d) == Some(&buf.len());
-        if !ours && Digest::of(&buf) != *d {
+        let ours = self.stored_here.lock().unwrap().get(&path) == Some(&buf.len());
+        if !ours && !d.matches(&buf) {
             tracing::warn!("discarding damaged chunk {}", path.display());
             let _ = std::fs::remove_file(&path);
             return None;
@@ -243,7 +277,7 @@ impl Cache {
     }
 
     /// Store a chunk the caller has verified to have digest `d`.
-    pub fn store_chunk(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
+    pub fn store_chunk<N: ChunkName>(&self, d: &N, bytes: &[u8]) -> Result<()> {
         let dest = self.chunk_path(d);
         let tmp_dir = self.root.join("tmp");
         let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
@@ -258,16 +292,17 @@ impl Cache {
             if ours.len() >= STORED_HERE_MAX {
                 ours.clear();
             }
-            ours.insert(d.clone(), bytes.len());
+            ours.insert(dest, bytes.len());
         }
         Ok(())
     }
 
     /// Every stored file of `kind`, oldest use first.
     pub fn entries(&self, kind: Kind) -> Vec<CacheEntry> {
-        let dir = self.root.join(kind.dir());
-        let mut out: Vec<CacheEntry> = std::fs::read_dir(&dir)
-            .into_iter()
+        let mut out: Vec<CacheEntry> = kind
+            .dirs()
+            .iter()
+            .flat_map(|d| std::fs::read_dir(self.root.join(d)))
             .flatten()
             .flatten()
             .filter_map(|e| {

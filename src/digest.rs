@@ -1,6 +1,7 @@
-//! Content digests (`sha256:<hex>`) and the hasher that checks bytes against them.
+//! Content digests (`sha256:<hex>`) and the hasher that checks bytes against them, and the
+//! BLAKE3 digests a layer index records for each span of its blob ([`SpanDigest`]).
 //!
-//! Every byte imgfs trusts has passed through a [`Hasher`] and been compared with the digest
+//! Every byte imgfs trusts has passed through a hasher and been compared with the digest
 //! that named it; a [`Digest`] is always well-formed once constructed.
 
 use std::fmt;
@@ -118,6 +119,47 @@ impl Hasher {
     }
 }
 
+/// The BLAKE3 digest of one span of a layer blob: what a layer index records, while it is
+/// built from the verified blob, for every stretch of compressed bytes between two seek
+/// points, and what a span fetched by range must match before it is used.
+///
+/// Why not SHA-256 like every other digest here: span digests are imgfs's own (no
+/// registry or spec names spans), and they are on the two hot paths. Indexing hashes every
+/// byte of a layer twice (the blob's own SHA-256, which the manifest fixes, and the spans),
+/// and reading by range hashes every byte fetched. BLAKE3 is as strong for this use and, on
+/// the bench machine, 3.9x faster than SHA-256 with SHA-NI (7.4 against 1.9 GB/s).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SpanDigest(pub [u8; 32]);
+
+impl SpanDigest {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> SpanDigest {
+        SpanDigest(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// The digest a hasher fed a span has reached.
+    pub fn of_hasher(h: &blake3::Hasher) -> SpanDigest {
+        SpanDigest(*h.finalize().as_bytes())
+    }
+
+    /// The hex digits, which name a stored span on disk.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for SpanDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "blake3:{}", self.hex())
+    }
+}
+
+impl fmt::Debug for SpanDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +183,19 @@ mod tests {
             let err = Digest::parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
         }
+    }
+
+    #[test]
+    fn span_digests_are_blake3() {
+        // The BLAKE3 test vector for empty input.
+        assert_eq!(
+            SpanDigest::of(b"").to_string(),
+            "blake3:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+        let mut h = blake3::Hasher::new();
+        h.update(b"sp");
+        h.update(b"an");
+        assert_eq!(SpanDigest::of_hasher(&h), SpanDigest::of(b"span"));
     }
 
     #[test]

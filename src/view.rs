@@ -26,7 +26,7 @@ use futures_util::{StreamExt, TryFutureExt, TryStreamExt};
 
 use crate::bufpool;
 use crate::cache::Cache;
-use crate::digest::Digest;
+use crate::digest::{Digest, SpanDigest};
 use crate::error::{Error, IoContext, Result};
 use crate::index::{self, LayerIndex};
 use crate::layer::estargz::{self, Chunk};
@@ -485,7 +485,7 @@ impl Fetcher {
                     self.stats
                         .range_bytes
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    let actual = Digest::of(&bytes);
+                    let actual = SpanDigest::of(&bytes);
                     if actual == *digest {
                         tracing::debug!("fetched {} in {:.1?}", what(), t.elapsed());
                         self.keep_chunk(digest, &bytes);
@@ -598,7 +598,7 @@ impl Fetcher {
             .map(|g| Some(g.lock().unwrap_or_else(std::sync::PoisonError::into_inner)))
             .collect();
         let t = std::time::Instant::now();
-        let digests: Vec<Digest> = ks.clone().map(|k| sp.span_digests[k].clone()).collect();
+        let digests: Vec<SpanDigest> = ks.clone().map(|k| sp.span_digests[k]).collect();
         // The body is read and hashed on the runtime (where socket reads are cheap); spans
         // come here one at a time, checked, to be stored and handed to their readers.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, bool, Bytes)>(2);
@@ -610,7 +610,7 @@ impl Fetcher {
             let mut i = 0;
             let mut pos = a;
             let mut buf = bufpool::take((bounds[0].1 - bounds[0].0) as usize);
-            let mut hasher = crate::digest::Hasher::new();
+            let mut hasher = blake3::Hasher::new();
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| Error::Io {
                     context: format!("reading bytes {a}-{b} of {}", desc.digest),
@@ -630,9 +630,8 @@ impl Fetcher {
                     }
                     let next = bounds.get(i + 1).map_or(0, |&(na, nb)| (nb - na) as usize);
                     let span = bufpool::freeze(std::mem::replace(&mut buf, bufpool::take(next)));
-                    let good = std::mem::replace(&mut hasher, crate::digest::Hasher::new())
-                        .finish()
-                        == want[i];
+                    let good = SpanDigest::of_hasher(&hasher) == want[i];
+                    hasher.reset();
                     if tx.send((i, good, span.clone())).await.is_err() {
                         return Ok(true);
                     }
@@ -692,7 +691,7 @@ impl Fetcher {
 
     /// Store a verified span in the chunk store, keeping the store under its bound. Spans
     /// of local sources are not stored: the source is as near as the store.
-    fn keep_chunk(&self, digest: &Digest, bytes: &[u8]) {
+    fn keep_chunk<N: crate::cache::ChunkName>(&self, digest: &N, bytes: &[u8]) {
         if self.src.is_local() {
             return;
         }

@@ -233,7 +233,7 @@ fn a_lazy_mount_equals_the_pull_and_survives_pruning() {
     let pruned = imgfs_ok(&cache, &["cache", "prune", "--all"]);
     assert!(pruned.starts_with("freed"), "{pruned}");
     assert_eq!(count_files(&cache.join("indexes/sha256")), 0);
-    assert_eq!(count_files(&cache.join("chunks/sha256")), 0);
+    assert_eq!(count_files(&cache.join("chunks/blake3")), 0);
     drop_page_cache();
     l.proxy.reset_counts();
     assert_same_tree(&m.dir, &pulled, "after prune");
@@ -257,7 +257,7 @@ fn prefetch_all_fetches_every_span_in_the_background() {
         &["--prefetch", "all"],
     );
     // gzip 16 MiB: 4 spans; zstd: 1; plain 5 MiB: 2.
-    let chunks = cache.join("chunks/sha256");
+    let chunks = cache.join("chunks/blake3");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = (0, Instant::now());
     while Instant::now() < deadline {
@@ -289,7 +289,7 @@ fn the_chunk_store_stays_within_its_bound() {
     for (path, data) in &l.files {
         let out = imgfs(&cache, &["cat", "--chunk-cache", "5MiB", &l.image, path]);
         assert!(out.stdout == *data, "{path}");
-        let stored: u64 = std::fs::read_dir(cache.join("chunks/sha256"))
+        let stored: u64 = std::fs::read_dir(cache.join("chunks/blake3"))
             .unwrap()
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum();
@@ -305,7 +305,7 @@ fn a_damaged_chunk_in_the_store_is_refetched_not_served() {
     imgfs_ok(&cache, &["ls", &l.image, "/"]);
     assert_eq!(cat(&cache, &l.image, "mid/small.txt").stdout, l.files[1].1);
     // What a crash between write and rename could leave: the right name, wrong bytes.
-    for e in std::fs::read_dir(cache.join("chunks/sha256")).unwrap() {
+    for e in std::fs::read_dir(cache.join("chunks/blake3")).unwrap() {
         let p = e.unwrap().path();
         let mut b = std::fs::read(&p).unwrap();
         let mid = b.len() / 2;

@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"IMGFSIDX";
 /// Bump when the payload changes shape; older files are then rebuilt.
-pub const VERSION: u32 = 5;
+/// (6: span digests are BLAKE3, not sha256.)
+pub const VERSION: u32 = 6;
 /// Magic, version, layer digest, payload checksum.
 const HEADER: usize = 8 + 4 + 32 + 32;
 
@@ -277,7 +278,7 @@ mod tests {
                     out_offset: 4 << 20,
                     window: vec![7; 100],
                 }],
-                span_digests: vec![crate::digest::Digest::of(b"span")],
+                span_digests: vec![crate::digest::SpanDigest::of(b"span")],
             }),
             entries: vec![
                 e("usr", Kind::Dir, 512),

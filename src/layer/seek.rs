@@ -14,6 +14,8 @@ use std::os::unix::fs::FileExt;
 use libz_rs_sys as z;
 use serde::{Deserialize, Serialize};
 
+use crate::digest::SpanDigest;
+
 /// Uncompressed bytes between checkpoints: a read decompresses at most this much extra.
 pub const SPAN: u64 = 4 << 20;
 const WINDOW: usize = 32 << 10;
@@ -209,9 +211,9 @@ fn at_end(r: &mut impl BufRead, pos: &mut u64) -> std::io::Result<bool> {
 /// A `BufRead` that hashes every byte its user consumes, in spans cut by [`Self::cut`].
 pub(super) struct SpanHasher<R: BufRead> {
     pub(super) inner: R,
-    pub(super) hasher: Option<crate::digest::Hasher>,
+    pub(super) hasher: Option<blake3::Hasher>,
     pub(super) last: Option<u8>,
-    pub(super) spans: Vec<crate::digest::Digest>,
+    pub(super) spans: Vec<SpanDigest>,
 }
 
 impl<R: BufRead> SpanHasher<R> {
@@ -219,9 +221,9 @@ impl<R: BufRead> SpanHasher<R> {
     /// with the byte consumed last (a checkpoint in the middle of a byte needs it).
     pub(super) fn cut(&mut self, with_last: bool) {
         if let Some(h) = self.hasher.take() {
-            self.spans.push(h.finish());
+            self.spans.push(SpanDigest::of_hasher(&h));
         }
-        let mut h = crate::digest::Hasher::new();
+        let mut h = blake3::Hasher::new();
         if with_last && let Some(b) = self.last {
             h.update(&[b]);
         }
@@ -240,7 +242,7 @@ impl<R: BufRead> SpanHasher<R> {
     /// End the last span; with the checkpoints the spans start at, what indexing recorded.
     pub(super) fn into_seek_points(mut self, checkpoints: Vec<Checkpoint>) -> SeekPoints {
         if let Some(h) = self.hasher.take() {
-            self.spans.push(h.finish());
+            self.spans.push(SpanDigest::of_hasher(&h));
         }
         SeekPoints {
             checkpoints,
@@ -304,10 +306,10 @@ pub struct IndexingReader<R: BufRead> {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeekPoints {
     pub checkpoints: Vec<Checkpoint>,
-    /// sha256 of the compressed bytes each checkpoint's span reads: from the checkpoint (one
+    /// BLAKE3 of the compressed bytes each checkpoint's span reads: from the checkpoint (one
     /// byte earlier when it sits mid-byte) to the next checkpoint's `in_offset`, the last one
     /// to the end of the blob. Range reads check what they fetch against these.
-    pub span_digests: Vec<crate::digest::Digest>,
+    pub span_digests: Vec<SpanDigest>,
 }
 
 impl<R: BufRead> IndexingReader<R> {
@@ -455,7 +457,7 @@ impl<R: BufRead> Read for IndexingReader<R> {
 }
 
 /// An uncompressed layer passed through unchanged, recording a seek point every [`SPAN`]
-/// bytes and the sha256 of each span, so that range reads of plain layers are verified the
+/// bytes and the BLAKE3 digest of each span, so that range reads of plain layers are verified the
 /// same way as those of compressed ones.
 pub struct PlainIndexingReader<R: BufRead> {
     src: SpanHasher<R>,

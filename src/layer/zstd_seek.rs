@@ -169,7 +169,7 @@ mod tests {
         let second = &sp.checkpoints[1];
         assert_eq!(
             sp.span_digests[1],
-            crate::digest::Digest::of(&blob[second.in_offset as usize..])
+            crate::digest::SpanDigest::of(&blob[second.in_offset as usize..])
         );
         let mut cur = std::io::Cursor::new(&blob);
         for (start, len) in [

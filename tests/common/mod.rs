@@ -471,12 +471,24 @@ pub fn count_files(dir: &Path) -> usize {
 /// and every index decodes as the index of the layer it is named after. (Temporary files of
 /// a killed process may remain in tmp/, unnamed.)
 pub fn assert_cache_names_verify(cache: &Path) {
-    for dir in ["blobs/sha256", "chunks/sha256"] {
+    fn sha256(b: &[u8]) -> String {
+        Digest::of(b).hex().to_string()
+    }
+    fn blake3(b: &[u8]) -> String {
+        imgfs::digest::SpanDigest::of(b).hex()
+    }
+    type NameOf = fn(&[u8]) -> String;
+    let named: [(&str, NameOf); 3] = [
+        ("blobs/sha256", sha256),
+        ("chunks/sha256", sha256),
+        ("chunks/blake3", blake3),
+    ];
+    for (dir, name_of) in named {
         for e in std::fs::read_dir(cache.join(dir)).into_iter().flatten() {
             let e = e.unwrap();
             let bytes = std::fs::read(e.path()).unwrap();
             assert_eq!(
-                Digest::of(&bytes).hex(),
+                name_of(&bytes),
                 e.file_name().to_string_lossy(),
                 "{}",
                 e.path().display()

@@ -59,7 +59,7 @@ fn index(blob: &[u8], span: u64) -> (Vec<u8>, Vec<Checkpoint>) {
             .map_or(blob.len(), |n| n.in_offset as usize);
         assert_eq!(
             sp.span_digests[k],
-            crate::digest::Digest::of(&blob[start..end]),
+            crate::digest::SpanDigest::of(&blob[start..end]),
             "span {k}"
         );
     }
@@ -165,7 +165,7 @@ fn check_spans_alone(blob: &[u8], data: &[u8], sp: &SeekPoints) {
         let (a, b) = sp.span_range(k, blob.len() as u64);
         assert_eq!(
             sp.span_digests[k],
-            crate::digest::Digest::of(&blob[a as usize..b as usize])
+            crate::digest::SpanDigest::of(&blob[a as usize..b as usize])
         );
         let (from, to) = sp.span_output(k);
         let to = to.unwrap_or(data.len() as u64);
@@ -215,7 +215,7 @@ fn plain_layers_get_spans_too() {
         let (a, b) = sp.span_range(k, data.len() as u64);
         assert_eq!(
             sp.span_digests[k],
-            crate::digest::Digest::of(&data[a as usize..b as usize])
+            crate::digest::SpanDigest::of(&data[a as usize..b as usize])
         );
     }
     // Exactly a multiple of the span: no empty span at the end.
