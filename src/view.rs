@@ -577,19 +577,29 @@ impl Fetcher {
     /// against its digest as the body streams in, and store the good ones: each span's
     /// reader is let go as soon as that span is in, not when the whole batch is. Best
     /// effort: a span that fails here is fetched again, alone, by the read that needs it.
-    fn fetch_batch(&self, li: usize, layer: &LayerData, ks: std::ops::Range<usize>) {
-        let Ok(sp) = layer.seek() else { return };
+    ///
+    /// Returns the spans of `ks` that did not come in verified.
+    fn fetch_batch(&self, li: usize, layer: &LayerData, ks: std::ops::Range<usize>) -> Vec<usize> {
+        let all = ks.clone().collect();
+        let Ok(sp) = layer.seek() else { return all };
         let size = layer.descriptor.size;
-        let bounds: Vec<(u64, u64)> = ks.clone().map(|k| sp.span_range(k, size)).collect();
-        let (a, b) = (bounds[0].0, bounds[bounds.len() - 1].1);
+        let mut bounds: Vec<(u64, u64)> = ks.clone().map(|k| sp.span_range(k, size)).collect();
+        // No more than MAX_RANGE in one request: the batch is cut short (its first span
+        // alone may be more, and is then left to its reader).
+        let a = bounds.first().map_or(0, |s| s.0);
+        bounds.truncate(bounds.partition_point(|s| s.1.saturating_sub(a) <= MAX_RANGE));
+        let ks = ks.start..ks.start + bounds.len();
+        let Some(&(_, b)) = bounds.last() else {
+            return all;
+        };
         // Each span starts inside the one before (they share a byte when a seek point falls
         // inside one) and ends after it; anything else is a malformed index, which the
         // reader's own fetch will report.
         let contiguous = bounds
             .windows(2)
             .all(|w| w[0].0 <= w[1].0 && w[1].0 <= w[0].1 && w[0].1 <= w[1].1);
-        if b <= a || b - a > MAX_RANGE || !contiguous || bounds.iter().any(|(x, y)| y <= x) {
-            return;
+        if b <= a || !contiguous || bounds.iter().any(|(x, y)| y <= x) {
+            return all;
         }
         // Claim every span first, so that readers wait for this fetch instead of repeating it.
         let gates: Vec<_> = ks.clone().map(|k| self.gates.gate((li, k))).collect();
@@ -650,11 +660,13 @@ impl Fetcher {
             Ok(true)
         });
         let mut got = 0u64;
+        let mut verified = vec![false; ks.len()];
         while let Some((i, good, span)) = rx.blocking_recv() {
             let k = ks.start + i;
             got += span.len() as u64;
             if good {
                 self.keep_chunk(&digests[i], &span);
+                verified[i] = true;
             } else {
                 tracing::warn!(
                     "read-ahead: span {k} of layer {} does not match its digest; dropped",
@@ -681,12 +693,48 @@ impl Fetcher {
             Err(e) => tracing::debug!("read-ahead of spans {ks:?} of {}: {e}", layer.digest),
         }
         // Spans that never came: their readers fetch them alone.
-        for (k, turn) in ks.zip(turns.iter_mut()) {
+        for (k, turn) in ks.clone().zip(turns.iter_mut()) {
             if turn.is_some() {
                 self.gates.done(&(li, k));
                 *turn = None;
             }
         }
+        all.into_iter()
+            .filter(|&k| !ks.contains(&k) || !verified[k - ks.start])
+            .collect()
+    }
+
+    /// Every span of `layer` into the chunk store (`--prefetch all`): the missing ones in
+    /// batches like a sequential reader's; a span a batch did not bring, alone.
+    fn fetch_all_spans(&self, li: usize, layer: &LayerData) -> std::io::Result<()> {
+        let sp = layer.seek()?;
+        let n = sp.span_digests.len();
+        let missing = |k: usize| !self.cache.has_chunk(&sp.span_digests[k]);
+        let mut k = 0;
+        while k < n {
+            if !missing(k) {
+                k += 1;
+                continue;
+            }
+            let end = (k..n.min(k + READAHEAD_MAX / 2))
+                .take_while(|&j| missing(j))
+                .last()
+                .map_or(k + 1, |j| j + 1);
+            let left = if layer.no_ranges.load(Ordering::Relaxed) {
+                (k..end).collect()
+            } else {
+                self.fetch_batch(li, layer, k..end)
+            };
+            for j in left {
+                match self.span(li, layer, j) {
+                    Ok(_) => {}
+                    Err(SpanError::NeedBlob) => return self.ensure_local(li, layer).map(|_| ()),
+                    Err(SpanError::Failed(e)) => return Err(e),
+                }
+            }
+            k = end;
+        }
+        Ok(())
     }
 
     /// Store a verified span in the chunk store, keeping the store under its bound. Spans
@@ -1087,12 +1135,7 @@ impl ImageView {
                 } else if keep {
                     fetcher.ensure_local(li, &layer).map(|_| ())
                 } else {
-                    let n = layer.seek().map_or(0, |s| s.span_digests.len());
-                    (0..n).try_for_each(|k| match fetcher.span(li, &layer, k) {
-                        Ok(_) => Ok(()),
-                        Err(SpanError::NeedBlob) => fetcher.ensure_local(li, &layer).map(|_| ()),
-                        Err(SpanError::Failed(e)) => Err(e),
-                    })
+                    fetcher.fetch_all_spans(li, &layer)
                 };
                 match res {
                     Ok(()) => {
@@ -1248,7 +1291,10 @@ impl ImageView {
             .window
             .store((w * 2).min(READAHEAD_MAX), Ordering::Relaxed);
         let (fetcher, layer) = (f.clone(), layer.clone());
-        f.rt.spawn_blocking(move || fetcher.fetch_batch(li, &layer, first..last + 1));
+        f.rt.spawn_blocking(move || {
+            // Best effort: what did not come is fetched by the read that needs it.
+            let _ = fetcher.fetch_batch(li, &layer, first..last + 1);
+        });
     }
 
     /// Read `len` bytes at `offset` of eStargz file `entry`, chunk by chunk.

@@ -250,6 +250,7 @@ fn prefetch_all_fetches_every_span_in_the_background() {
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
     imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    l.proxy.reset_counts();
     let m = Mounted::new(
         &cache,
         &l.image,
@@ -270,6 +271,9 @@ fn prefetch_all_fetches_every_span_in_the_background() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(count_files(&chunks) >= 6, "{} chunks", count_files(&chunks));
+    // One batch per layer, not one request per span.
+    let gets = ranged_gets(&l.proxy);
+    assert!(gets <= 4, "{gets} ranged requests: {:?}", l.proxy.log());
     l.proxy.reset_counts();
     for (path, data) in &l.files {
         assert!(std::fs::read(m.dir.join(path)).unwrap() == *data, "{path}");
