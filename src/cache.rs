@@ -201,6 +201,12 @@ impl Cache {
         let bytes = std::fs::read(path).ok()?;
         match crate::index::codec::decode(layer, &bytes) {
             Ok(idx) => Some(idx),
+            // Written by another imgfs version: expected after an upgrade, not damage.
+            Err(_) if crate::index::codec::is_other_version(&bytes) => {
+                tracing::info!("the cached index of {layer} has another format; rebuilding it");
+                let _ = std::fs::remove_file(path);
+                None
+            }
             Err(e) => {
                 tracing::warn!("discarding cached index of {layer}: {e}");
                 let _ = std::fs::remove_file(path);

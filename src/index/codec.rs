@@ -148,6 +148,11 @@ pub fn layer_of(bytes: &[u8]) -> Option<Digest> {
     Digest::parse(&format!("sha256:{}", hex::encode(&bytes[12..44]))).ok()
 }
 
+/// An imgfs index of a format version other than this one's.
+pub fn is_other_version(bytes: &[u8]) -> bool {
+    bytes.len() >= HEADER && &bytes[..8] == MAGIC && bytes[8..12] != VERSION.to_le_bytes()
+}
+
 /// Deserialise the index of `layer`, refusing anything damaged, truncated, of another
 /// version, or describing another layer.
 pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
@@ -296,6 +301,35 @@ mod tests {
         let back = decode(&layer(), &encode(&layer(), &idx)).unwrap();
         assert_eq!(back.entries, idx.entries);
         assert_eq!(back.seek, idx.seek);
+    }
+
+    #[test]
+    fn windows_are_encoded_as_the_sequence_they_were_in_version_6() {
+        // `serde_bytes` only speeds decoding up: postcard writes bytes and a sequence of
+        // u8 alike, so indexes written before it still decode.
+        let cp = crate::layer::seek::Checkpoint {
+            in_offset: 300,
+            bits: 3,
+            out_offset: 70_000,
+            window: (0..=255u8).cycle().take(1000).collect(),
+        };
+        let as_seq = (cp.in_offset, cp.bits, cp.out_offset, cp.window.clone());
+        assert_eq!(
+            postcard::to_allocvec(&cp).unwrap(),
+            postcard::to_allocvec(&as_seq).unwrap()
+        );
+        let back: crate::layer::seek::Checkpoint =
+            postcard::from_bytes(&postcard::to_allocvec(&as_seq).unwrap()).unwrap();
+        assert_eq!(back, cp);
+    }
+
+    #[test]
+    fn another_version_is_told_from_damage() {
+        let good = encode(&layer(), &sample());
+        let mut old = good.clone();
+        old[8] = 5;
+        assert!(is_other_version(&old) && !is_other_version(&good));
+        assert!(!is_other_version(b"garbage"));
     }
 
     #[test]
