@@ -3,9 +3,11 @@
 //!
 //! Why not plain allocations: each would be a fresh 4 MiB that glibc, after the first one
 //! is freed, takes from its heap rather than mapping, and a sequential read interleaves
-//! them with small allocations until the daemon's heap is fragmented far past what it holds
-//! (measured on a 256 MiB read by range: a daemon peak of 121-133 MB). Mapping each one
-//! instead costs a page fault per 4 KiB every time. A few buffers kept for reuse avoid both.
+//! them with small allocations until the daemon's heap is fragmented far past what it holds.
+//! Mapping each one instead costs a page fault per 4 KiB every time. A few buffers kept for
+//! reuse avoid both: pooling fetched and loaded spans (pieces were pooled already) took the
+//! daemon's peak after a 256 MiB read by range from 124-142 MB to 107-119 MB, by hand on
+//! the bench machine (the single malloc arena of `cli::mount::before_threads` did the rest).
 
 use std::sync::Mutex;
 

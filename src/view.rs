@@ -392,11 +392,7 @@ fn decompress_at(
     start: u64,
     len: usize,
 ) -> std::io::Result<Vec<u8>> {
-    let out = if len < seek::SPAN as usize / 2 {
-        Vec::new()
-    } else {
-        bufpool::take(len)
-    };
+    let out = bufpool::take(len);
     match compression {
         Compression::Zstd => {
             crate::layer::zstd_seek::read_at(blob, &sp.checkpoints, start, len, out)

@@ -304,7 +304,7 @@ mod tests {
     }
 
     #[test]
-    fn windows_are_encoded_as_the_sequence_they_were_in_version_6() {
+    fn windows_encode_as_the_byte_sequence_they_were_before_serde_bytes() {
         // `serde_bytes` only speeds decoding up: postcard writes bytes and a sequence of
         // u8 alike, so indexes written before it still decode.
         let cp = crate::layer::seek::Checkpoint {
