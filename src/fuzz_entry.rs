@@ -15,6 +15,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("index_decode", index_decode),
     ("estargz_toc", estargz_toc),
     ("artifact", artifact),
+    ("merge_agreement", merge_agreement),
 ];
 
 /// Reference parsing: the text a user types.
@@ -95,4 +96,103 @@ pub fn estargz_toc(data: &[u8]) {
 pub fn artifact(data: &[u8]) {
     let subject = Digest::parse(&format!("sha256:{}", "b".repeat(64))).expect("a digest");
     let _ = crate::artifact::parse_manifest(data, &subject);
+}
+
+/// Layer stacks made from the bytes (a few names, every entry kind, links up, down and
+/// across): the single-path merge that `cat` uses must find, for every path, what the full
+/// merge (`ls`, mount, `pull`) finds, whenever it answers at all.
+pub fn merge_agreement(data: &[u8]) {
+    use crate::index::{Entry, Kind, LayerIndex};
+    use bstr::BString;
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next();
+    const NAMES: [&str; 4] = ["a", "b", "c", "a/b"];
+    let pick_path = |n: &mut dyn FnMut() -> Option<u8>| -> Option<String> {
+        let depth = n()? % 3 + 1;
+        let mut parts = Vec::new();
+        for _ in 0..depth {
+            parts.push(NAMES[(n()? % 3) as usize]);
+        }
+        Some(parts.join("/"))
+    };
+    let mut layers: Vec<LayerIndex> = Vec::new();
+    let mut probes: Vec<String> = Vec::new();
+    'outer: while layers.len() < 4 {
+        let Some(count) = next() else { break };
+        let mut entries = Vec::new();
+        for _ in 0..count % 8 + 1 {
+            let (Some(k), Some(path)) = (next(), pick_path(&mut next)) else {
+                layers.push(LayerIndex {
+                    entries,
+                    seek: None,
+                });
+                break 'outer;
+            };
+            let kind = [
+                Kind::Dir,
+                Kind::File,
+                Kind::Symlink,
+                Kind::Hardlink,
+                Kind::Whiteout,
+                Kind::Opaque,
+            ][(k % 6) as usize];
+            let link = match kind {
+                Kind::Symlink => {
+                    let t = match next().unwrap_or(0) % 4 {
+                        0 => NAMES[(next().unwrap_or(0) % 4) as usize].to_string(),
+                        1 => format!("/{}", NAMES[(next().unwrap_or(0) % 4) as usize]),
+                        2 => format!("../{}", NAMES[(next().unwrap_or(0) % 4) as usize]),
+                        _ => ".".to_string(),
+                    };
+                    Some(BString::from(t))
+                }
+                Kind::Hardlink => Some(BString::from(pick_path(&mut next).unwrap_or_default())),
+                _ => None,
+            };
+            probes.push(path.clone());
+            entries.push(Entry {
+                path: path.into(),
+                kind,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                mtime: 0,
+                link,
+                dev_major: 0,
+                dev_minor: 0,
+                xattrs: Vec::new(),
+                offset: 0,
+                sparse: Vec::new(),
+            });
+        }
+        layers.push(LayerIndex {
+            entries,
+            seek: None,
+        });
+    }
+    let refs: Vec<&LayerIndex> = layers.iter().collect();
+    let Ok(full) = crate::tree::merge(&refs, &[]) else {
+        return;
+    };
+    for n in NAMES {
+        probes.push(n.to_string());
+    }
+    let what = |t: &crate::tree::Tree, p: &str| {
+        t.lookup(p.as_bytes()).map(|d| {
+            let i = t.inode_of(d);
+            (i.meta.kind, i.meta.link.clone(), i.data)
+        })
+    };
+    for p in &probes {
+        let Some(alone) = crate::tree::merge_for_path(&refs, &[], p.as_bytes()) else {
+            continue;
+        };
+        let alone = alone.unwrap_or_else(|e| panic!("{p}: the full merge worked, alone: {e}"));
+        assert_eq!(
+            what(&alone, p),
+            what(&full, p),
+            "{p:?} differs merged alone and in full: {layers:#?}"
+        );
+    }
 }

@@ -109,7 +109,7 @@ impl LayerData {
         let data_end = index
             .entries
             .iter()
-            .map(|e| e.offset + e.size)
+            .map(|e| e.offset + e.stored_len())
             .max()
             .unwrap_or(0);
         Arc::new(LayerData {
@@ -211,7 +211,7 @@ pub struct ViewOptions {
     pub remote_index: bool,
     /// Only this path (normalised) will be looked at: merge just the entries that decide it,
     /// when that is possible (`cat` of one file in a big image).
-    pub only_path: Option<String>,
+    pub only_path: Option<bstr::BString>,
 }
 
 impl Default for ViewOptions {
@@ -308,7 +308,10 @@ fn build_index(
     compression: Compression,
     limits: index::Limits,
 ) -> Result<LayerIndex> {
-    let buffered = std::io::BufReader::with_capacity(256 << 10, blob);
+    let buffered = std::io::BufReader::with_capacity(
+        256 << 10,
+        crate::layer::NotEmpty::new(blob, compression),
+    );
     match compression {
         Compression::Gzip => indexed(
             seek::IndexingReader::new(buffered).ctx(|| "starting to decompress".into())?,
@@ -328,9 +331,6 @@ fn build_index(
     }
 }
 
-/// The most bytes accepted after a layer's tar end marker.
-const TRAILING_MAX: u64 = 64 << 20;
-
 /// Index the tar an indexing reader produces, then take its seek points.
 fn indexed<R: std::io::Read>(
     mut r: R,
@@ -338,21 +338,6 @@ fn indexed<R: std::io::Read>(
     limits: index::Limits,
 ) -> Result<LayerIndex> {
     let mut idx = index::build(&mut r, limits, |_, _, _| Ok(()))?;
-    // Read what follows the tar's end marker too, so that the checks at the end run and the
-    // last span digest covers the blob to its end (a few KiB of zeros from real producers;
-    // capped, not a second allowance of the layer's size limit).
-    let cap = limits.max_uncompressed.min(TRAILING_MAX);
-    let trailing = std::io::copy(
-        &mut std::io::Read::take(&mut r, cap.saturating_add(1)),
-        &mut std::io::sink(),
-    )
-    .map_err(|e| Error::malformed("layer", e))?;
-    if trailing > cap {
-        return Err(Error::malformed(
-            "layer",
-            format!("more than {cap} bytes follow the end of its tar"),
-        ));
-    }
     idx.seek = Some(seek_points(r));
     Ok(idx)
 }
@@ -1045,7 +1030,7 @@ impl ImageView {
         let scoped = opts
             .only_path
             .as_deref()
-            .and_then(|p| tree::merge_for_path(&refs, &names, p));
+            .and_then(|p| tree::merge_for_path(&refs, &names, p.as_slice()));
         let merged = match scoped {
             Some(t) => t,
             None => tree::merge(&refs, &names),
@@ -1181,27 +1166,64 @@ impl ImageView {
                     cause: e,
                 });
         }
-        let start = entry.offset + offset;
         let fail = |e: std::io::Error| Error::Io {
-            context: format!("reading {} from layer {}", entry.path, layer.digest),
+            context: format!("reading {:?} from layer {}", entry.path, layer.digest),
             cause: e,
         };
+        let li = data.layer as usize;
+        let file_end = entry.offset + entry.stored_len();
+        if entry.sparse.is_empty() {
+            return self
+                .read_stored_data(li, layer, entry.offset + offset, len, file_end, exact)
+                .map_err(fail);
+        }
+        // A sparse file: its regions' bytes are stored one after another; holes are zeros.
+        let end = offset + len as u64;
+        let mut out = Vec::with_capacity(len);
+        let mut stored_before = 0u64;
+        for r in &entry.sparse {
+            let r_end = r.offset + r.len;
+            if r_end > offset && r.offset < end && r.len > 0 {
+                let from = r.offset.max(offset);
+                out.resize((from - offset) as usize, 0);
+                let take = (r_end.min(end) - from) as usize;
+                let at = entry.offset + stored_before + (from - r.offset);
+                let bytes = self
+                    .read_stored_data(li, layer, at, take, file_end, exact)
+                    .map_err(fail)?;
+                out.extend_from_slice(&bytes);
+            }
+            stored_before += r.len;
+        }
+        out.resize(len, 0);
+        Ok(out.into())
+    }
+
+    /// `len` bytes of a layer's uncompressed stream at `start`, for a file whose stored data
+    /// ends at `file_end`: from the local blob where there is one, else by span.
+    fn read_stored_data(
+        &self,
+        li: usize,
+        layer: &Arc<LayerData>,
+        start: u64,
+        len: usize,
+        file_end: u64,
+        exact: bool,
+    ) -> std::io::Result<Bytes> {
         if layer.compression == Compression::None
             && let Some(f) = layer.local.get()
         {
             let mut buf = vec![0u8; len];
-            f.read_exact_at(&mut buf, start).map_err(fail)?;
+            f.read_exact_at(&mut buf, start)?;
             return Ok(buf.into());
         }
         if layer.compression == Compression::Gzip
             && let Some(f) = layer.local.get()
-            && let Some(bytes) = layer.read_stored(f, start, len).map_err(fail)?
+            && let Some(bytes) = layer.read_stored(f, start, len)?
         {
             return Ok(bytes.into());
         }
-        let file_end = entry.offset + entry.size;
-        self.read_spans(data.layer as usize, layer, start, len, file_end, exact)
-            .map_err(fail)
+        self.read_spans(li, layer, start, len, file_end, exact)
     }
 
     fn span(
@@ -1416,7 +1438,9 @@ impl ImageView {
         let layer = &self.layers[li];
         let entry = &layer.index.entries[data.entry as usize];
         let local = layer.local.get().is_some();
+        // Sparse files are rare: their reads are not worth a second mapping here.
         if layer.stargz.is_some()
+            || !entry.sparse.is_empty()
             || (layer.compression == Compression::None && local)
             || (self.prefetch == Prefetch::None && !local)
         {
@@ -1434,7 +1458,7 @@ impl ImageView {
         };
         let next = cur_start + cur_len as u64;
         if start + (len as u64) < cur_start + cur_len as u64 / 2
-            || next >= entry.offset + entry.size
+            || next >= entry.offset + entry.stored_len()
         {
             return;
         }
@@ -1453,7 +1477,7 @@ impl ImageView {
         {
             return;
         }
-        let file_end = entry.offset + entry.size;
+        let file_end = entry.offset + entry.stored_len();
         if let Err(e) = self.span_cached(key, true, || {
             self.make_piece(li, layer, k, piece_start, piece_len, file_end)
         }) {

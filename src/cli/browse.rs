@@ -1,7 +1,9 @@
 //! `imgfs ls` and `imgfs cat`: answer from the image's index and tree, without mounting —
 //! for machines and containers where FUSE is not allowed.
 
+use std::ffi::OsString;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -16,7 +18,7 @@ pub struct LsArgs {
     image: String,
     /// Directory (or file) inside the image
     #[arg(default_value = "/")]
-    path: String,
+    path: OsString,
     /// Long listing: mode, owner, size, mtime, link target
     #[arg(short, long)]
     long: bool,
@@ -31,7 +33,7 @@ pub struct LsArgs {
 pub struct CatArgs {
     image: String,
     /// File inside the image
-    path: String,
+    path: OsString,
     #[command(flatten)]
     read: super::ReadArgs,
 }
@@ -52,10 +54,40 @@ async fn open_view(g: &Global, image: &str, read: &super::ReadArgs) -> Result<Im
     .with_context(|| format!("indexing {}", image.reference))
 }
 
-fn resolve(tree: &Tree, path: &str) -> Result<DentryId> {
-    let norm = crate::index::normalize(path)?;
-    tree.lookup(&norm)
-        .with_context(|| format!("{path}: no such file or directory in the image"))
+fn resolve(tree: &Tree, path: &OsString) -> Result<DentryId> {
+    let norm = crate::index::normalize(path.as_bytes())?;
+    tree.lookup(&norm).with_context(|| {
+        format!(
+            "{}: no such file or directory in the image",
+            escaped(path.as_bytes())
+        )
+    })
+}
+
+/// A name as `ls --quoting-style=escape` shows it: printable text as it is, a backslash
+/// doubled, control characters and bytes that are not UTF-8 as octal escapes (`\377`), so
+/// names that differ in bytes never print alike.
+pub(crate) fn escaped(name: &[u8]) -> String {
+    use bstr::ByteSlice;
+    let mut out = String::with_capacity(name.len());
+    for (start, end, c) in name.char_indices() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\u{FFFD}' if &name[start..end] != "\u{FFFD}".as_bytes() => {
+                for b in &name[start..end] {
+                    out.push_str(&format!("\\{b:03o}"));
+                }
+            }
+            c if c.is_control() => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("\\{b:03o}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn kind_char(k: Kind) -> char {
@@ -100,9 +132,10 @@ fn print_entry(
     out: &mut impl Write,
     tree: &Tree,
     d: DentryId,
-    name: &str,
+    name: &[u8],
     long: bool,
 ) -> Result<()> {
+    let name = escaped(name);
     let m = &tree.inode_of(d).meta;
     if !long {
         writeln!(out, "{name}")?;
@@ -113,7 +146,7 @@ fn print_entry(
         _ => m.size.to_string(),
     };
     let link = match (&m.kind, &m.link) {
-        (Kind::Symlink, Some(l)) => format!(" -> {l}"),
+        (Kind::Symlink, Some(l)) => format!(" -> {}", escaped(l)),
         _ => String::new(),
     };
     writeln!(
@@ -135,7 +168,7 @@ pub async fn ls(g: &Global, args: LsArgs) -> Result<()> {
     let start = resolve(tree, &args.path)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if tree.inode_of(start).meta.kind != Kind::Dir {
-        print_entry(&mut out, tree, start, &args.path, args.long)?;
+        print_entry(&mut out, tree, start, args.path.as_bytes(), args.long)?;
         return Ok(out.flush()?);
     }
     let mut stack = vec![start];
@@ -148,7 +181,7 @@ pub async fn ls(g: &Global, args: LsArgs) -> Result<()> {
             let p = if dir == ROOT {
                 "/".to_string()
             } else {
-                format!("/{}", tree.path(dir))
+                format!("/{}", escaped(&tree.path(dir)))
             };
             writeln!(out, "{p}:")?;
         }
@@ -182,33 +215,23 @@ pub async fn cat(g: &Global, args: CatArgs) -> Result<()> {
         image,
     } = g.open(&args.image).await?;
     let opts = ViewOptions {
-        only_path: Some(crate::index::normalize(&args.path)?),
+        only_path: Some(crate::index::normalize(args.path.as_bytes())?),
         ..args.read.view_options(g)
     };
     let view = ImageView::open(&cache, std::sync::Arc::new(source), &image, &opts)
         .await
         .with_context(|| format!("indexing {}", image.reference))?;
     let tree = &view.tree;
-    let mut d = resolve(tree, &args.path)?;
-    // Follow symlinks as `cat` would, inside the image.
-    for _ in 0..40 {
-        let m = &tree.inode_of(d).meta;
-        if m.kind != Kind::Symlink {
-            break;
-        }
-        let target = m.link.clone().unwrap_or_default();
-        let joined = if target.starts_with('/') {
-            target
-        } else {
-            let parent = tree.path(tree.dentries[d as usize].parent);
-            format!("{parent}/{target}")
-        };
-        d = resolve(tree, &joined)?;
-    }
+    let shown = escaped(args.path.as_bytes());
+    // Symlinks are followed as `cat` would, inside the image.
+    let norm = crate::index::normalize(args.path.as_bytes())?;
+    let d = tree
+        .lookup_following(&norm)
+        .map_err(|why| anyhow::anyhow!("{shown}: {why}"))?;
     let ino = tree.dentries[d as usize].inode;
     let m = &tree.inodes[ino as usize].meta;
     if m.kind != Kind::File {
-        bail!("{}: not a regular file", args.path);
+        bail!("{shown}: not a regular file");
     }
     let size = m.size;
     let view = std::sync::Arc::new(view);
@@ -223,9 +246,9 @@ pub async fn cat(g: &Global, args: CatArgs) -> Result<()> {
             } else {
                 view.read(ino, off, 1 << 20)
             }
-            .with_context(|| format!("reading {}", args.path))?;
+            .with_context(|| format!("reading {shown}"))?;
             if chunk.is_empty() {
-                bail!("{}: layer data ends early", args.path);
+                bail!("{shown}: layer data ends early");
             }
             out.write_all(&chunk)?;
             off += chunk.len() as u64;

@@ -94,9 +94,14 @@ fn not_root_warning(w: &Warnings) {
     });
 }
 
+/// One warning per namespace and reason, not per name: an image may carry thousands.
 fn xattr_warning(w: &Warnings, name: &str, e: rustix::io::Errno) {
-    w.once(&format!("xattr {name}"), || {
-        format!("the target filesystem refused xattr {name} ({e}); continuing without it")
+    let namespace = name.split_once('.').map_or(name, |(ns, _)| ns);
+    w.once(&format!("xattr {namespace} {e}"), || {
+        format!(
+            "the target filesystem refused xattr {name} ({e}); continuing without it and \
+             without any other {namespace}.* xattr it refuses so"
+        )
     });
 }
 
@@ -206,7 +211,7 @@ pub fn materialize(
         let p = paths[de.parent as usize]
             .as_ref()
             .expect("parents come first")
-            .join(&de.name);
+            .join(crate::index::as_path(&de.name));
         let inode = &tree.inodes[de.inode as usize];
         let m = &inode.meta;
         if m.kind != Kind::Dir
@@ -234,7 +239,8 @@ pub fn materialize(
                 .ctx(|| format!("placing {}", p.display()))?;
             }
             Kind::Symlink => {
-                std::os::unix::fs::symlink(m.link.as_deref().unwrap_or(""), &p)
+                let target = m.link.as_deref().map_or(&b""[..], |l| l);
+                std::os::unix::fs::symlink(crate::index::as_path(target), &p)
                     .ctx(|| format!("creating symlink {}", p.display()))?;
                 path_meta(&p, m, m.mode, w)?;
             }

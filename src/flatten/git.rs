@@ -107,7 +107,7 @@ pub fn commit_layers(
             return Err(Error::Unsupported {
                 what: "image for --git (it contains a .git of its own, which git cannot record)"
                     .into(),
-                value: t.path(d),
+                value: t.path(d).to_string(),
             });
         }
         // Materialise next to the repository, then swap the contents in: `materialize`

@@ -448,6 +448,7 @@ fn extract_layer(
             .open(&path)
             .ctx(|| format!("creating {}", path.display()))?;
         let mut written = 0u64;
+        let sparse = !entry.sparse.is_empty();
         loop {
             let n = match data.read(&mut buf) {
                 Ok(0) => break,
@@ -460,9 +461,18 @@ fn extract_layer(
                     ));
                 }
             };
-            std::io::Write::write_all(&mut f, &buf[..n])
-                .ctx(|| format!("writing {}", path.display()))?;
+            // A sparse file's zeros stay holes (a hole reads as one run of zeros).
+            if sparse && buf[..n].iter().all(|&b| b == 0) {
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Current(n as i64))
+            } else {
+                std::io::Write::write_all(&mut f, &buf[..n]).map(|()| 0)
+            }
+            .ctx(|| format!("writing {}", path.display()))?;
             written += n as u64;
+        }
+        if sparse {
+            f.set_len(written)
+                .ctx(|| format!("writing {}", path.display()))?;
         }
         if written != entry.size {
             return Err(Error::malformed(

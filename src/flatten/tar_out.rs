@@ -6,24 +6,32 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use crate::error::{IoContext, Result};
-use crate::index::Kind;
+use bstr::BString;
+
+use crate::index::{Kind, as_path};
 use crate::tree::Tree;
 
 pub fn write(tree: &Tree, staging: &[PathBuf], out: Box<dyn Write + Send>) -> Result<()> {
     let mut b = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, out));
-    let mut first: HashMap<u32, String> = HashMap::new();
-    let err = |p: &str| format!("writing {p:?} to the tar stream");
+    let mut first: HashMap<u32, BString> = HashMap::new();
+    let err = |p: &BString| format!("writing {p:?} to the tar stream");
     for d in tree.walk() {
         let path = tree.path(d);
+        let os_path = as_path(&path);
         let ino = tree.dentries[d as usize].inode;
         let inode = &tree.inodes[ino as usize];
         let m = &inode.meta;
-        if !m.xattrs.is_empty() {
-            let pax: Vec<(String, &[u8])> = m
+        // A time before 1970 does not fit the header's field: PAX carries it.
+        let mtime = m.mtime.to_string();
+        if !m.xattrs.is_empty() || m.mtime < 0 {
+            let mut pax: Vec<(String, &[u8])> = m
                 .xattrs
                 .iter()
                 .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice()))
                 .collect();
+            if m.mtime < 0 {
+                pax.push(("mtime".into(), mtime.as_bytes()));
+            }
             b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), *v)))
                 .ctx(|| err(&path))?;
         }
@@ -37,13 +45,16 @@ pub fn write(tree: &Tree, staging: &[PathBuf], out: Box<dyn Write + Send>) -> Re
             && let Some(target) = first.get(&ino)
         {
             h.set_entry_type(tar::EntryType::Link);
-            b.append_link(&mut h, &path, target).ctx(|| err(&path))?;
+            b.append_link(&mut h, os_path, as_path(target))
+                .ctx(|| err(&path))?;
             continue;
         }
         match m.kind {
             Kind::Dir => {
                 h.set_entry_type(tar::EntryType::Directory);
-                b.append_data(&mut h, format!("{path}/"), std::io::empty())
+                let mut dir = path.clone();
+                dir.push(b'/');
+                b.append_data(&mut h, as_path(&dir), std::io::empty())
                     .ctx(|| err(&path))?;
             }
             Kind::File => {
@@ -52,11 +63,12 @@ pub fn write(tree: &Tree, staging: &[PathBuf], out: Box<dyn Write + Send>) -> Re
                 let f = std::fs::File::open(&src).ctx(|| format!("reading {}", src.display()))?;
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(m.size);
-                b.append_data(&mut h, &path, f).ctx(|| err(&path))?;
+                b.append_data(&mut h, os_path, f).ctx(|| err(&path))?;
             }
             Kind::Symlink => {
                 h.set_entry_type(tar::EntryType::Symlink);
-                b.append_link(&mut h, &path, m.link.as_deref().unwrap_or(""))
+                let target = m.link.as_deref().map_or(&b""[..], |l| l);
+                b.append_link(&mut h, os_path, as_path(target))
                     .ctx(|| err(&path))?;
             }
             Kind::Char | Kind::Block | Kind::Fifo => {
@@ -67,7 +79,7 @@ pub fn write(tree: &Tree, staging: &[PathBuf], out: Box<dyn Write + Send>) -> Re
                 });
                 h.set_device_major(m.dev_major).ctx(|| err(&path))?;
                 h.set_device_minor(m.dev_minor).ctx(|| err(&path))?;
-                b.append_data(&mut h, &path, std::io::empty())
+                b.append_data(&mut h, os_path, std::io::empty())
                     .ctx(|| err(&path))?;
             }
             Kind::Hardlink | Kind::Whiteout | Kind::Opaque => unreachable!(),

@@ -100,7 +100,7 @@ impl ImageFs {
         let time = if m.mtime >= 0 {
             UNIX_EPOCH + Duration::from_secs(m.mtime as u64)
         } else {
-            UNIX_EPOCH
+            UNIX_EPOCH - Duration::from_secs(m.mtime.unsigned_abs())
         };
         FileAttr {
             ino: fuse_ino(i),
@@ -133,14 +133,14 @@ impl ImageFs {
 
     /// A directory's entries from listing position `offset` on, as (position of the next
     /// entry, name, inode): `.`, `..`, then children by name.
-    fn entries(&self, d: DentryId, offset: u64) -> impl Iterator<Item = (u64, &str, InodeId)> {
+    fn entries(&self, d: DentryId, offset: u64) -> impl Iterator<Item = (u64, &[u8], InodeId)> {
         let tree = &self.view.tree;
         let de = &tree.dentries[d as usize];
         let parent = tree.dentries[de.parent as usize].inode;
-        let dots = [(".", de.inode), ("..", parent)];
+        let dots = [(&b"."[..], de.inode), (&b".."[..], parent)];
         let children = self.children[de.inode as usize].iter().map(|&c| {
             let cd = &tree.dentries[c as usize];
-            (cd.name.as_str(), cd.inode)
+            (cd.name.as_slice(), cd.inode)
         });
         dots.into_iter()
             .chain(children.skip((offset as usize).saturating_sub(2)))
@@ -195,9 +195,10 @@ impl Filesystem for ImageFs {
             return reply.error(Errno::ENOTDIR);
         };
         let tree = &self.view.tree;
-        let found = std::str::from_utf8(name.as_bytes())
-            .ok()
-            .and_then(|n| tree.dentries[d as usize].children.as_ref()?.get(n).copied());
+        let found = tree.dentries[d as usize]
+            .children
+            .as_ref()
+            .and_then(|c| c.get(bstr::BStr::new(name.as_bytes())).copied());
         match found {
             Some(c) => {
                 let attr = self.attr(tree.dentries[c as usize].inode);
@@ -221,7 +222,7 @@ impl Filesystem for ImageFs {
             .inode(ino)
             .and_then(|i| self.view.tree.inodes[i as usize].meta.link.as_deref())
         {
-            Some(l) => reply.data(l.as_bytes()),
+            Some(l) => reply.data(l),
             None => reply.error(Errno::EINVAL),
         }
     }
@@ -312,7 +313,7 @@ impl Filesystem for ImageFs {
         // The offset handed out with an entry is where the *next* call resumes.
         for (next, name, i) in self.entries(d, offset) {
             let kind = file_type(self.view.tree.inodes[i as usize].meta.kind);
-            if reply.add(fuse_ino(i), next, kind, name) {
+            if reply.add(fuse_ino(i), next, kind, OsStr::from_bytes(name)) {
                 break;
             }
         }
@@ -333,7 +334,14 @@ impl Filesystem for ImageFs {
         };
         for (next, name, i) in self.entries(d, offset) {
             let attr = self.attr(i);
-            if reply.add(fuse_ino(i), next, name, &TTL, &attr, Generation(0)) {
+            if reply.add(
+                fuse_ino(i),
+                next,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
                 break;
             }
         }

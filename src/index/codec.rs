@@ -11,6 +11,7 @@
 //! to another layer's bytes. This is also the format published as an index artifact
 //! (docs/index-artifact.md): change it only with a version bump and a note there.
 
+use bstr::{BString, ByteSlice};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -20,8 +21,8 @@ use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"IMGFSIDX";
 /// Bump when the payload changes shape; older files are then rebuilt.
-/// (6: span digests are BLAKE3, not sha256.)
-pub const VERSION: u32 = 6;
+/// (6: span digests are BLAKE3, not sha256; 7: names are bytes, sparse maps.)
+pub const VERSION: u32 = 7;
 /// Magic, version, layer digest, payload checksum.
 const HEADER: usize = 8 + 4 + 32 + 32;
 
@@ -37,19 +38,22 @@ struct Payload<'a> {
 struct Enc<'a> {
     /// Bytes shared with the previous entry's path.
     shared: u32,
-    #[serde(borrow)]
-    suffix: std::borrow::Cow<'a, str>,
+    #[serde(borrow, with = "serde_bytes")]
+    suffix: std::borrow::Cow<'a, [u8]>,
     kind: u8,
     mode: u32,
     uid: u32,
     gid: u32,
     size: u64,
     mtime: i64,
-    link: Option<String>,
+    #[serde(with = "serde_bytes")]
+    link: Option<Vec<u8>>,
     dev: Option<(u32, u32)>,
     xattrs: Vec<(String, Vec<u8>)>,
     /// Data offset minus the previous entry's (offsets grow through a tar).
     offset_delta: i64,
+    /// A sparse file's data regions: (offset in the file, length).
+    sparse: Vec<(u64, u64)>,
 }
 
 fn kind_code(k: Kind) -> u8 {
@@ -83,22 +87,17 @@ fn code_kind(c: u8) -> Option<Kind> {
 
 /// Serialise the index of `layer`.
 pub fn encode(layer: &Digest, index: &LayerIndex) -> Vec<u8> {
-    let mut prev_path = "";
+    let mut prev_path: &[u8] = b"";
     let mut prev_offset = 0i64;
     let entries = index
         .entries
         .iter()
         .map(|e| {
             let shared = prev_path
-                .bytes()
-                .zip(e.path.bytes())
+                .iter()
+                .zip(e.path.iter())
                 .take_while(|(a, b)| a == b)
                 .count();
-            // Never split a UTF-8 character.
-            let shared = (0..=shared)
-                .rev()
-                .find(|&n| e.path.is_char_boundary(n))
-                .unwrap_or(0);
             let enc = Enc {
                 shared: shared as u32,
                 suffix: std::borrow::Cow::Borrowed(&e.path[shared..]),
@@ -108,11 +107,12 @@ pub fn encode(layer: &Digest, index: &LayerIndex) -> Vec<u8> {
                 gid: e.gid,
                 size: e.size,
                 mtime: e.mtime,
-                link: e.link.clone(),
+                link: e.link.as_ref().map(|l| l.to_vec()),
                 dev: matches!(e.kind, Kind::Char | Kind::Block)
                     .then_some((e.dev_major, e.dev_minor)),
                 xattrs: e.xattrs.clone(),
                 offset_delta: e.offset as i64 - prev_offset,
+                sparse: e.sparse.iter().map(|r| (r.offset, r.len)).collect(),
             };
             prev_path = &e.path;
             prev_offset = e.offset as i64;
@@ -203,9 +203,9 @@ pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
     let mut entries: Vec<Entry> = Vec::with_capacity(p.entries.len());
     let mut prev_offset = 0i64;
     for enc in p.entries {
-        let prev_path = entries.last().map_or("", |e| e.path.as_str());
+        let prev_path: &[u8] = entries.last().map_or(b"", |e| e.path.as_slice());
         let shared = enc.shared as usize;
-        if shared > prev_path.len() || !prev_path.is_char_boundary(shared) {
+        if shared > prev_path.len() {
             return Err(bad("path prefix out of range"));
         }
         let len = shared + enc.suffix.len();
@@ -213,17 +213,32 @@ pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
             return Err(bad("paths longer than any layer's"));
         }
         path_budget -= len;
-        let mut path = String::with_capacity(len);
-        path.push_str(&prev_path[..shared]);
-        path.push_str(&enc.suffix);
-        // What the indexer writes: normalised, whiteouts decoded. Anything else was not
-        // written by it (an index from a registry is not trusted to be well-formed).
+        let mut path = Vec::with_capacity(len);
+        path.extend_from_slice(&prev_path[..shared]);
+        path.extend_from_slice(&enc.suffix);
+        let path = BString::from(path);
+        let kind = code_kind(enc.kind).ok_or_else(|| bad("unknown entry kind"))?;
+        // What the indexer writes: normalised, whiteouts decoded (a directory `.wh.x/` is a
+        // whiteout, but `.wh.x/y` puts `y` in a directory of that name). Anything else was
+        // not written by it (an index from a registry is not trusted to be well-formed).
         let normal = path.is_empty()
             || path
-                .split('/')
-                .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".wh."));
-        if !normal {
+                .split_str("/")
+                .all(|c| !c.is_empty() && c != b"." && c != b"..");
+        let decoded = matches!(kind, Kind::Whiteout | Kind::Opaque)
+            || !crate::index::split(&path).1.starts_with(b".wh.");
+        if !normal || !decoded {
             return Err(bad(&format!("entry path {path:?} is not normalised")));
+        }
+        let mut sparse = Vec::with_capacity(enc.sparse.len());
+        let mut end = 0u64;
+        for (offset, len) in enc.sparse {
+            let r_end = offset.checked_add(len).filter(|e| *e <= enc.size);
+            if kind != Kind::File || offset < end || r_end.is_none() {
+                return Err(bad(&format!("entry {path:?}: inconsistent sparse map")));
+            }
+            end = r_end.unwrap_or(0);
+            sparse.push(crate::index::Region { offset, len });
         }
         let offset = prev_offset + enc.offset_delta;
         if offset < 0 {
@@ -232,17 +247,18 @@ pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
         let (dev_major, dev_minor) = enc.dev.unwrap_or((0, 0));
         entries.push(Entry {
             path,
-            kind: code_kind(enc.kind).ok_or_else(|| bad("unknown entry kind"))?,
+            kind,
             mode: enc.mode,
             uid: enc.uid,
             gid: enc.gid,
             size: enc.size,
             mtime: enc.mtime,
-            link: enc.link,
+            link: enc.link.map(BString::from),
             dev_major,
             dev_minor,
             xattrs: enc.xattrs,
             offset: offset as u64,
+            sparse,
         });
         prev_offset = offset;
     }
@@ -261,19 +277,24 @@ mod tests {
     }
 
     fn sample() -> LayerIndex {
-        let e = |path: &str, kind: Kind, offset: u64| Entry {
-            path: path.into(),
+        let e = |path: &[u8], kind: Kind, offset: u64| Entry {
+            path: BString::from(path),
             kind,
             mode: 0o4755,
             uid: 1000,
             gid: 50,
             size: 12,
             mtime: -5,
-            link: (kind == Kind::Symlink).then(|| "../ü/target".to_string()),
+            link: (kind == Kind::Symlink).then(|| BString::from(&b"../\xff/target"[..])),
             dev_major: if kind == Kind::Char { 1 } else { 0 },
             dev_minor: if kind == Kind::Char { 3 } else { 0 },
             xattrs: vec![("user.x".into(), vec![0, 1, 2])],
             offset,
+            sparse: if kind == Kind::File {
+                vec![crate::index::Region { offset: 4, len: 8 }]
+            } else {
+                Vec::new()
+            },
         };
         LayerIndex {
             seek: Some(crate::layer::seek::SeekPoints {
@@ -286,11 +307,13 @@ mod tests {
                 span_digests: vec![crate::digest::SpanDigest::of(b"span")],
             }),
             entries: vec![
-                e("usr", Kind::Dir, 512),
-                e("usr/lib/ü/libé.so", Kind::File, 1536),
-                e("usr/lib/ü/libê.so", Kind::Symlink, 3072),
-                e("dev/null", Kind::Char, 3584),
-                e("opq", Kind::Opaque, 4096),
+                e(b"usr", Kind::Dir, 512),
+                e("usr/lib/ü/libé.so".as_bytes(), Kind::File, 1536),
+                // Latin-1, not UTF-8: kept as the bytes they are.
+                e(b"usr/lib/\xfc/lib\xe9.so", Kind::Symlink, 3072),
+                e(b".wh.d/x", Kind::Fifo, 3100),
+                e(b"dev/null", Kind::Char, 3584),
+                e(b"opq", Kind::Opaque, 4096),
             ],
         }
     }
@@ -365,7 +388,7 @@ mod tests {
             (&"x".repeat(5000), "longer"),
         ] {
             let mut idx = sample();
-            idx.entries[1].path = path.to_string();
+            idx.entries[1].path = path.into();
             let e = decode(&layer(), &encode(&layer(), &idx))
                 .unwrap_err()
                 .to_string();
@@ -376,7 +399,7 @@ mod tests {
         let long = "p/".repeat(2000);
         idx.entries = (0..8_000)
             .map(|i| Entry {
-                path: format!("{long}{i}"),
+                path: format!("{long}{i}").into(),
                 ..sample().entries[1].clone()
             })
             .collect();

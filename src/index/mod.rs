@@ -6,11 +6,13 @@
 //! `..` that would climb out of the image root is refused), so no later stage sees them raw.
 
 pub mod codec;
-pub mod guard;
+pub mod tarstream;
 
-pub use guard::Limits;
+pub use tarstream::{Limits, Region};
 
 use std::io::Read;
+
+use bstr::{BString, ByteSlice};
 
 use crate::error::{Error, Result};
 
@@ -31,26 +33,42 @@ pub enum Kind {
     Opaque,
 }
 
-/// One tar entry.
+/// One tar entry. Names are bytes, as tar and Linux have them: nothing forces UTF-8.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     /// Normalised: relative, `/`-separated, no `.`/`..`/empty components; `""` is the root.
-    pub path: String,
+    pub path: BString,
     pub kind: Kind,
     /// Permission bits including setuid, setgid and sticky.
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// The file's size (for a sparse file, with its holes).
     pub size: u64,
     /// Seconds since the epoch.
     pub mtime: i64,
     /// Symlink target as written, or the normalised path a hardlink points at.
-    pub link: Option<String>,
+    pub link: Option<BString>,
     pub dev_major: u32,
     pub dev_minor: u32,
     pub xattrs: Vec<(String, Vec<u8>)>,
     /// Where the entry's data starts in the uncompressed tar stream.
     pub offset: u64,
+    /// For a sparse file, the regions that hold data, stored one after another from
+    /// `offset`; the rest of the file reads as zeros (one empty region at the end when none
+    /// holds data). Empty for every other entry.
+    pub sparse: Vec<Region>,
+}
+
+impl Entry {
+    /// Bytes of the tar stream that hold this entry's data, from `offset`.
+    pub fn stored_len(&self) -> u64 {
+        if self.sparse.is_empty() {
+            self.size
+        } else {
+            self.sparse.iter().map(|r| r.len).sum()
+        }
+    }
 }
 
 /// All entries of a layer, in tar order, and (for gzip layers indexed for mounting) the seek
@@ -62,8 +80,8 @@ pub struct LayerIndex {
     pub seek: Option<crate::layer::seek::SeekPoints>,
 }
 
-/// Normalise a tar path. `what` names the entry in errors.
-pub fn normalize(raw: &str) -> Result<String> {
+/// Normalise a tar path.
+pub fn normalize(raw: &[u8]) -> Result<BString> {
     // Linux's PATH_MAX; longer names can only be hostile, and depth costs the tree work.
     if raw.len() > 4096 {
         return Err(Error::malformed(
@@ -71,66 +89,86 @@ pub fn normalize(raw: &str) -> Result<String> {
             format!("entry name of {} bytes (longer than 4096)", raw.len()),
         ));
     }
-    let mut parts: Vec<&str> = Vec::new();
-    for comp in raw.split('/') {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for comp in raw.split_str("/") {
         match comp {
-            "" | "." => {}
-            ".." => {
+            b"" | b"." => {}
+            b".." => {
                 if parts.pop().is_none() {
                     return Err(Error::malformed(
                         "layer",
-                        format!("entry {raw:?} climbs out of the image root"),
+                        format!("entry {:?} climbs out of the image root", raw.as_bstr()),
                     ));
                 }
             }
             c => parts.push(c),
         }
     }
-    Ok(parts.join("/"))
+    Ok(BString::from(bstr::join("/", parts)))
+}
+
+/// A name or path of the image as the OS takes it: on Linux, the same bytes.
+pub fn as_path(name: &[u8]) -> &std::path::Path {
+    use std::os::unix::ffi::OsStrExt;
+    std::path::Path::new(std::ffi::OsStr::from_bytes(name))
+}
+
+/// Split a normalised path into its parent and last component.
+pub fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.rfind_byte(b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
 }
 
 /// Normalise an entry's path and decode whiteouts: `.wh..wh..opq` marks its directory opaque,
 /// `.wh.NAME` deletes NAME. Returns the path the entry acts on and what it is.
-pub fn classify(raw_path: &str, kind: Kind) -> Result<(String, Kind)> {
+pub fn classify(raw_path: &[u8], kind: Kind) -> Result<(BString, Kind)> {
     let path = normalize(raw_path)?;
-    let (dir, name) = match path.rsplit_once('/') {
-        Some((d, n)) => (d, n),
-        None => ("", path.as_str()),
-    };
-    if name == ".wh..wh..opq" {
-        return Ok((dir.to_string(), Kind::Opaque));
+    let (dir, name) = split(&path);
+    if name == b".wh..wh..opq" {
+        return Ok((BString::from(dir), Kind::Opaque));
     }
-    if let Some(target) = name.strip_prefix(".wh.") {
-        if target.is_empty() || target == "." || target == ".." {
+    if let Some(target) = name.strip_prefix(b".wh.") {
+        if target.is_empty() || target == b"." || target == b".." {
             return Err(Error::malformed(
                 "layer tar",
-                format!("entry {raw_path:?}: whiteout names nothing"),
+                format!("entry {:?}: whiteout names nothing", raw_path.as_bstr()),
             ));
         }
-        let path = if dir.is_empty() {
-            target.to_string()
-        } else {
-            format!("{dir}/{target}")
-        };
+        let mut path = BString::from(dir);
+        if !dir.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(target);
         return Ok((path, Kind::Whiteout));
     }
     Ok((path, kind))
 }
 
-/// Stream `tar` once and index it. `on_file` is called for each regular file with its entry,
-/// its position in the index, and a reader of exactly its data (unread data is skipped).
-/// A stream that breaks `limits` (or the caps of [`guard`]) fails, naming what it broke.
+/// Whether an image's xattr is kept. Linux has no empty xattr name; `trusted.overlay.*`
+/// would change what overlayfs does with the tree (opacity, redirects) — images say that with
+/// whiteouts, and umoci refuses them too.
+pub fn keep_xattr(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with("trusted.overlay.")
+}
+
+/// Stream `tar` once and index it, reading it as Go's `archive/tar` does ([`tarstream`]).
+/// `on_file` is called for each regular file with its entry, its position in the index, and
+/// a reader of exactly its contents (holes of sparse files as zeros; unread data is skipped).
+/// A stream that breaks `limits` fails, naming what it broke. What follows the archive's end
+/// is read too (and must decompress), so every command gives a damaged stream one verdict.
 pub fn build(
     tar: impl Read,
     limits: Limits,
     mut on_file: impl FnMut(&Entry, usize, &mut dyn Read) -> Result<()>,
 ) -> Result<LayerIndex> {
     let bad = |reason: String| Error::malformed("layer tar", reason);
-    let mut archive = tar::Archive::new(guard::TarGuard::new(tar, limits));
+    let mut reader = tarstream::TarReader::new(tar, limits);
     let mut entries = Vec::new();
-    let mut last = String::new();
-    for item in archive.entries().map_err(|e| bad(e.to_string()))? {
-        let mut item = item.map_err(|e| {
+    let mut last = BString::default();
+    loop {
+        let header = reader.next_entry().map_err(|e| {
             let n = entries.len();
             bad(if e.kind() == std::io::ErrorKind::UnexpectedEof && n > 0 {
                 format!("the stream ends inside entry {last:?} (truncated)")
@@ -140,16 +178,18 @@ pub fn build(
                 e.to_string()
             })
         })?;
-        let raw_path = String::from_utf8_lossy(&item.path_bytes()).into_owned();
-        last.clone_from(&raw_path);
-        let Some(entry) = decode(&mut item, &raw_path)? else {
+        let Some(header) = header else { break };
+        last = BString::from(header.name.clone());
+        let Some(entry) = decode(header)? else {
             continue;
         };
         if entry.kind == Kind::File {
-            on_file(&entry, entries.len(), &mut item)?;
+            let mut data = reader.data();
+            on_file(&entry, entries.len(), &mut data)?;
         }
         entries.push(entry);
     }
+    reader.finish().map_err(|e| bad(e.to_string()))?;
     Ok(LayerIndex {
         entries,
         seek: None,
@@ -157,90 +197,77 @@ pub fn build(
 }
 
 /// Decode one tar entry; `None` for entries that carry no file (PAX globals and the like).
-fn decode<R: Read>(item: &mut tar::Entry<'_, R>, raw_path: &str) -> Result<Option<Entry>> {
+fn decode(h: tarstream::Header) -> Result<Option<Entry>> {
+    let raw_path = h.name.as_bstr();
     let bad =
         |reason: String| Error::malformed("layer tar", format!("entry {raw_path:?}: {reason}"));
-    let header = item.header();
-    use tar::EntryType as T;
-    let kind = match header.entry_type() {
-        T::Directory => Kind::Dir,
-        T::Regular | T::Continuous | T::GNUSparse => Kind::File,
-        T::Symlink => Kind::Symlink,
-        T::Link => Kind::Hardlink,
-        T::Char => Kind::Char,
-        T::Block => Kind::Block,
-        T::Fifo => Kind::Fifo,
-        T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => return Ok(None),
+    let kind = match h.typeflag {
+        b'5' => Kind::Dir,
+        b'0' | b'7' => Kind::File,
+        b'2' => Kind::Symlink,
+        b'1' => Kind::Hardlink,
+        b'3' => Kind::Char,
+        b'4' => Kind::Block,
+        b'6' => Kind::Fifo,
+        b'g' => return Ok(None),
         other => {
-            return Err(bad(format!(
-                "unsupported entry type {:?}",
-                other.as_byte() as char
-            )));
+            return Err(bad(format!("unsupported entry type {:?}", other as char)));
         }
     };
-    let (path, kind) = classify(raw_path, kind)?;
-    // An all-NUL numeric field (some writers leave uid/gid unset) reads as 0, as GNU tar has it.
-    let raw = header.as_old();
-    let blank = |f: &[u8]| f.iter().all(|b| *b == 0 || *b == b' ');
-    let num = |r: std::io::Result<u64>, field: &[u8], what: &str| match r {
-        Err(_) if blank(field) => Ok(0),
-        r => r.map_err(|e| bad(format!("bad {what}: {e}"))),
+    let (path, kind) = classify(&h.name, kind)?;
+    if path.is_empty() && !matches!(kind, Kind::Dir | Kind::Opaque) {
+        return Err(bad(format!(
+            "names the image root, which must be a directory, as a {kind:?}"
+        )));
+    }
+    // Linux ids are 32 bits, and (uid_t)-1 means "leave unchanged" to chown: an id Linux
+    // cannot hold is refused rather than truncated (Go's chown would make 2^32 root).
+    let id = |v: i64, what: &str| {
+        u32::try_from(v)
+            .ok()
+            .filter(|v| *v != u32::MAX)
+            .ok_or_else(|| bad(format!("{what} {v} is not a Linux id")))
     };
-    let mut mode = num(header.mode().map(u64::from), &raw.mode, "mode")? as u32 & 0o7777;
-    let mut uid = num(header.uid(), &raw.uid, "uid")?;
-    let mut gid = num(header.gid(), &raw.gid, "gid")?;
-    let mut mtime = num(header.mtime(), &raw.mtime, "mtime")? as i64;
-    let dev_major = header.device_major().ok().flatten().unwrap_or(0);
-    let dev_minor = header.device_minor().ok().flatten().unwrap_or(0);
+    let (uid, gid) = (id(h.uid, "uid")?, id(h.gid, "gid")?);
+    // Only permission bits matter; some writers put type bits in the mode field.
+    let mode = (h.mode as u64 & 0o7777) as u32;
+    let dev = |v: i64| u32::try_from(v).unwrap_or(0);
     let link = match kind {
-        Kind::Symlink => Some(
-            item.link_name_bytes()
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .ok_or_else(|| bad("symlink without a target".into()))?,
-        ),
+        Kind::Symlink => {
+            if h.link.is_empty() {
+                return Err(bad("symlink without a target".into()));
+            }
+            Some(BString::from(h.link))
+        }
         Kind::Hardlink => {
-            let raw = item
-                .link_name_bytes()
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .ok_or_else(|| bad("hardlink without a target".into()))?;
-            Some(normalize(&raw).map_err(|_| {
+            if h.link.is_empty() {
+                return Err(bad("hardlink without a target".into()));
+            }
+            Some(normalize(&h.link).map_err(|_| {
                 bad(format!(
-                    "hardlink target {raw:?} climbs out of the image root"
+                    "hardlink target {:?} climbs out of the image root",
+                    h.link.as_bstr()
                 ))
             })?)
         }
         _ => None,
     };
     let mut xattrs = Vec::new();
-    if let Some(exts) = item.pax_extensions().map_err(|e| bad(e.to_string()))? {
-        for ext in exts {
-            let ext = ext.map_err(|e| bad(e.to_string()))?;
-            let Ok(key) = ext.key() else { continue };
-            let value = ext.value_bytes();
-            let text = || std::str::from_utf8(value).ok().map(str::trim);
-            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                xattrs.push((name.to_string(), value.to_vec()));
-            } else if key == "uid" {
-                uid = text().and_then(|t| t.parse().ok()).unwrap_or(uid);
-            } else if key == "gid" {
-                gid = text().and_then(|t| t.parse().ok()).unwrap_or(gid);
-            } else if key == "mtime" {
-                mtime = text()
-                    .and_then(|t| t.split('.').next())
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or(mtime);
+    for (name, value) in h.xattrs {
+        // Linux has no empty or non-UTF-8 xattr names in any namespace it accepts.
+        match String::from_utf8(name) {
+            Ok(name) if keep_xattr(&name) => xattrs.push((name, value)),
+            Ok(name) => tracing::debug!("entry {raw_path:?}: xattr {name:?} dropped"),
+            Err(_) => {
+                tracing::debug!("entry {raw_path:?}: an xattr whose name is not UTF-8 dropped")
             }
         }
     }
-    if kind == Kind::Dir || kind == Kind::Symlink {
-        // Some writers put type bits in the mode field; only permissions matter.
-        mode &= 0o7777;
-    }
-    let size = if kind == Kind::File { item.size() } else { 0 };
-    let (uid, gid) = (
-        u32::try_from(uid).map_err(|_| bad(format!("uid {uid} out of range")))?,
-        u32::try_from(gid).map_err(|_| bad(format!("gid {gid} out of range")))?,
-    );
+    let size = if kind == Kind::File {
+        h.size.max(0) as u64
+    } else {
+        0
+    };
     Ok(Some(Entry {
         path,
         kind,
@@ -248,12 +275,22 @@ fn decode<R: Read>(item: &mut tar::Entry<'_, R>, raw_path: &str) -> Result<Optio
         uid,
         gid,
         size,
-        mtime,
+        mtime: h.mtime,
         link,
-        dev_major,
-        dev_minor,
+        dev_major: dev(h.dev_major),
+        dev_minor: dev(h.dev_minor),
         xattrs,
-        offset: item.raw_file_position(),
+        offset: h.data_offset,
+        sparse: match h.sparse {
+            // A file that is all hole keeps one empty region at its end, so that it stays
+            // apart from a dense file.
+            Some(r) if r.is_empty() => vec![Region {
+                offset: size,
+                len: 0,
+            }],
+            Some(r) if kind == Kind::File => r,
+            _ => Vec::new(),
+        },
     }))
 }
 
@@ -263,11 +300,11 @@ mod tests {
 
     #[test]
     fn paths_normalise_and_never_climb_out() {
-        assert_eq!(normalize("./a//b/./c/").unwrap(), "a/b/c");
-        assert_eq!(normalize("/etc/passwd").unwrap(), "etc/passwd");
-        assert_eq!(normalize("a/../b").unwrap(), "b");
-        assert_eq!(normalize("./").unwrap(), "");
-        let e = normalize("a/../../etc").unwrap_err().to_string();
+        assert_eq!(normalize(b"./a//b/./c/").unwrap(), "a/b/c");
+        assert_eq!(normalize(b"/etc/passwd").unwrap(), "etc/passwd");
+        assert_eq!(normalize(b"a/../b").unwrap(), "b");
+        assert_eq!(normalize(b"./").unwrap(), "");
+        let e = normalize(b"a/../../etc").unwrap_err().to_string();
         assert!(e.contains("a/../../etc") && e.contains("climbs out"), "{e}");
     }
 
@@ -292,14 +329,14 @@ mod tests {
         let idx = build(&tar[..], Limits::default(), |e, i, r| {
             let mut s = String::new();
             r.read_to_string(&mut s).unwrap();
-            seen.push((e.path.clone(), i, s));
+            seen.push((e.path.to_string(), i, s));
             Ok(())
         })
         .unwrap();
         let kinds: Vec<(&str, Kind)> = idx
             .entries
             .iter()
-            .map(|e| (e.path.as_str(), e.kind))
+            .map(|e| (e.path.to_str().unwrap(), e.kind))
             .collect();
         assert_eq!(
             kinds,

@@ -251,7 +251,7 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<StargzLayer> {
     };
 
     let mut out = StargzLayer::default();
-    let mut by_name: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_name: BTreeMap<bstr::BString, usize> = BTreeMap::new();
     let mut landmark_seen = false;
     for e in &toc.entries {
         let raw = e.name.trim_start_matches("./").trim_start_matches('/');
@@ -274,7 +274,7 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<StargzLayer> {
             Digest::parse(d).map_err(|_| bad(format!("{:?}: bad chunk digest {d:?}", e.name)))
         };
         if e.kind == "chunk" {
-            let path = index::normalize(raw)?;
+            let path = index::normalize(raw.as_bytes())?;
             let &i = by_name
                 .get(&path)
                 .ok_or_else(|| bad(format!("chunk of {:?} before its file", e.name)))?;
@@ -303,15 +303,17 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<StargzLayer> {
             "fifo" => Kind::Fifo,
             other => return Err(bad(format!("{:?}: unknown entry type {other:?}", e.name))),
         };
-        let (path, kind) = index::classify(raw, kind)?;
+        let (path, kind) = index::classify(raw.as_bytes(), kind)?;
         let link = match kind {
-            Kind::Symlink => Some(e.link_name.clone()),
-            Kind::Hardlink => Some(index::normalize(&e.link_name)?),
+            Kind::Symlink => Some(e.link_name.clone().into()),
+            Kind::Hardlink => Some(index::normalize(e.link_name.as_bytes())?),
             _ => None,
         };
         let mut xattrs = Vec::new();
         for (k, v) in &e.xattrs {
-            xattrs.push((k.clone(), base64_decode(v)?));
+            if index::keep_xattr(k) {
+                xattrs.push((k.clone(), base64_decode(v)?));
+            }
         }
         let entry = Entry {
             path: path.clone(),
@@ -326,6 +328,7 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<StargzLayer> {
             dev_minor: e.dev_minor,
             xattrs,
             offset: 0,
+            sparse: Vec::new(),
         };
         let i = out.index.entries.len();
         let mut chunks = Vec::new();
@@ -452,7 +455,7 @@ mod tests {
             .index
             .entries
             .iter()
-            .map(|e| (e.path.as_str(), e.kind))
+            .map(|e| (std::str::from_utf8(&e.path).unwrap(), e.kind))
             .collect();
         assert_eq!(
             paths,

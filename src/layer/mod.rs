@@ -1,5 +1,6 @@
-//! Layer blobs as tar streams: undo gzip or zstd (or nothing) on a verified blob from the cache.
-//! Random access into compressed layers (seek points) arrives with the mount work.
+//! Layer blobs as tar streams: undo gzip or zstd (or nothing) on a verified blob, as one
+//! stream (`decompress`) or with seek points for random access (`seek`, `zstd_seek`,
+//! `estargz`).
 
 pub mod estargz;
 pub mod seek;
@@ -54,12 +55,48 @@ pub fn decompress(
     blob: impl Read + Send + 'static,
     compression: Compression,
 ) -> std::io::Result<Box<dyn Read + Send>> {
-    let buffered = BufReader::with_capacity(256 << 10, blob);
+    let buffered = BufReader::with_capacity(256 << 10, NotEmpty::new(blob, compression));
     Ok(match compression {
         Compression::None => Box::new(buffered),
         Compression::Gzip => Box::new(GzipMembers::new(buffered)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
     })
+}
+
+/// A compressed blob that must hold something: an empty file is no gzip or zstd stream (Go's
+/// gzip reader refuses it too), while an empty plain tar is an empty layer. Every reader of
+/// layer blobs (`pull`'s and the indexer's) starts with it, so that all commands agree.
+pub struct NotEmpty<R> {
+    inner: R,
+    compression: Compression,
+    seen: bool,
+}
+
+impl<R> NotEmpty<R> {
+    pub fn new(inner: R, compression: Compression) -> NotEmpty<R> {
+        NotEmpty {
+            inner,
+            compression,
+            seen: compression == Compression::None,
+        }
+    }
+}
+
+impl<R: Read> Read for NotEmpty<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !self.seen && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the layer blob is empty (no {} stream)",
+                    format!("{:?}", self.compression).to_lowercase()
+                ),
+            ));
+        }
+        self.seen = true;
+        Ok(n)
+    }
 }
 
 /// A gzip stream of one or more members (pigz and eStargz write many), decompressed without

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{BlobStream, file_range_stream, missing_blob};
+use bstr::ByteSlice;
+
 use crate::digest::{Digest, Hasher};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{self, Compression, ConfigProbe, Image, Layer, media};
@@ -101,7 +103,9 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
                         .unwrap_or_default();
                     let target = if entry.header().entry_type() == tar::EntryType::Symlink {
                         let dir = key.rsplit_once('/').map_or("", |(d, _)| d);
-                        crate::index::normalize(&format!("{dir}/{target}")).unwrap_or_default()
+                        crate::index::normalize(format!("{dir}/{target}").as_bytes())
+                            .map(|p| p.to_str_lossy().into_owned())
+                            .unwrap_or_default()
                     } else {
                         normalize(&target)
                     };

@@ -11,8 +11,10 @@
 
 use std::collections::BTreeMap;
 
+use bstr::{BStr, BString, ByteSlice};
+
 use crate::error::{Error, Result};
-use crate::index::{Entry, Kind, LayerIndex};
+use crate::index::{Entry, Kind, LayerIndex, split};
 
 pub type DentryId = u32;
 pub type InodeId = u32;
@@ -33,7 +35,7 @@ pub struct Meta {
     pub mtime: i64,
     pub size: u64,
     /// Symlink target.
-    pub link: Option<String>,
+    pub link: Option<BString>,
     pub dev_major: u32,
     pub dev_minor: u32,
     pub xattrs: Vec<(String, Vec<u8>)>,
@@ -93,11 +95,11 @@ pub struct Inode {
 
 #[derive(Clone, Debug)]
 pub struct Dentry {
-    pub name: String,
+    pub name: BString,
     pub parent: DentryId,
     pub inode: InodeId,
     /// Children by name, for directories.
-    pub children: Option<BTreeMap<String, DentryId>>,
+    pub children: Option<BTreeMap<BString, DentryId>>,
 }
 
 /// The merged tree. Dead entries (deleted by later layers) stay in `dentries` but are
@@ -112,7 +114,7 @@ impl Tree {
     fn new() -> Tree {
         Tree {
             dentries: vec![Dentry {
-                name: String::new(),
+                name: BString::default(),
                 parent: ROOT,
                 inode: 0,
                 children: Some(BTreeMap::new()),
@@ -141,14 +143,14 @@ impl Tree {
     }
 
     /// The path of a live entry, relative to the root.
-    pub fn path(&self, mut d: DentryId) -> String {
-        let mut parts = Vec::new();
+    pub fn path(&self, mut d: DentryId) -> BString {
+        let mut parts: Vec<&[u8]> = Vec::new();
         while d != ROOT {
-            parts.push(self.dentries[d as usize].name.as_str());
+            parts.push(&self.dentries[d as usize].name);
             d = self.dentries[d as usize].parent;
         }
         parts.reverse();
-        parts.join("/")
+        BString::from(bstr::join("/", parts))
     }
 
     /// Every live entry below the root, parents before children, siblings by name.
@@ -166,7 +168,7 @@ impl Tree {
     }
 
     /// Look up a path without following a symlink in its last component.
-    pub fn lookup(&self, path: &str) -> Option<DentryId> {
+    pub fn lookup(&self, path: &[u8]) -> Option<DentryId> {
         if path.is_empty() {
             return Some(ROOT);
         }
@@ -175,11 +177,42 @@ impl Tree {
         self.child(dir, name)
     }
 
-    fn add(&mut self, parent: DentryId, name: &str, inode: InodeId) -> DentryId {
+    /// Look up a path following symlinks in every component, the last one too, as `open`
+    /// does — scoped to the image root. The error says why, for a user.
+    pub fn lookup_following(&self, path: &[u8]) -> Result<DentryId, String> {
+        let why = |e: Unresolved| match e {
+            Unresolved::Missing { .. } => "no such file or directory in the image".to_string(),
+            Unresolved::Other(why) => why,
+        };
+        let mut depth = 0;
+        let (mut base, mut path) = (ROOT, BString::from(path));
+        loop {
+            let (parent, name) = split(&path);
+            if matches!(name, b"" | b"." | b"..") {
+                return self.resolve_dir(base, &path, &mut depth).map_err(why);
+            }
+            let dir = self.resolve_dir(base, parent, &mut depth).map_err(why)?;
+            let d = self
+                .child(dir, name)
+                .ok_or_else(|| "no such file or directory in the image".to_string())?;
+            if self.kind(d) != Kind::Symlink {
+                return Ok(d);
+            }
+            depth += 1;
+            if depth > MAX_SYMLINKS {
+                return Err("too many levels of symbolic links".into());
+            }
+            let target = self.inode_of(d).meta.link.clone().unwrap_or_default();
+            base = if target.starts_with(b"/") { ROOT } else { dir };
+            path = target;
+        }
+    }
+
+    fn add(&mut self, parent: DentryId, name: &[u8], inode: InodeId) -> DentryId {
         let id = self.dentries.len() as DentryId;
         let is_dir = self.inodes[inode as usize].meta.kind == Kind::Dir;
         self.dentries.push(Dentry {
-            name: name.to_string(),
+            name: BString::from(name),
             parent,
             inode,
             children: is_dir.then(BTreeMap::new),
@@ -188,7 +221,7 @@ impl Tree {
             .children
             .as_mut()
             .expect("parent is a directory")
-            .insert(name.to_string(), id);
+            .insert(BString::from(name), id);
         id
     }
 
@@ -206,16 +239,16 @@ impl Tree {
     fn resolve_dir(
         &self,
         start: DentryId,
-        path: &str,
+        path: &[u8],
         depth: &mut u32,
     ) -> Result<DentryId, Unresolved> {
-        let comps: Vec<&str> = path.split('/').collect();
-        let rest_after = |i: usize| comps[i + 1..].join("/");
+        let comps: Vec<&[u8]> = path.split_str("/").collect();
+        let rest_after = |i: usize| BString::from(bstr::join("/", &comps[i + 1..]));
         let mut cur = start;
         for (i, comp) in comps.iter().enumerate() {
             match *comp {
-                "" | "." => continue,
-                ".." => {
+                b"" | b"." => continue,
+                b".." => {
                     cur = self.dentries[cur as usize].parent;
                     continue;
                 }
@@ -224,7 +257,7 @@ impl Tree {
             let Some(c) = self.child(cur, comp) else {
                 return Err(Unresolved::Missing {
                     dir: cur,
-                    name: comp.to_string(),
+                    name: BString::from(*comp),
                     rest: rest_after(i),
                 });
             };
@@ -237,19 +270,32 @@ impl Tree {
                             "too many levels of symbolic links".into(),
                         ));
                     }
-                    let target = self.inode_of(c).meta.link.as_deref().unwrap_or_default();
-                    let base = if target.starts_with('/') { ROOT } else { cur };
+                    let target: &[u8] = self.inode_of(c).meta.link.as_deref().map_or(b"", |l| l);
+                    let base = if target.starts_with(b"/") { ROOT } else { cur };
                     // Something missing inside the target: what follows it here comes after.
                     self.resolve_dir(base, target, depth).map_err(|e| match e {
-                        Unresolved::Missing { dir, name, rest } => Unresolved::Missing {
+                        Unresolved::Missing {
                             dir,
                             name,
-                            rest: format!("{rest}/{}", rest_after(i)),
+                            mut rest,
+                        } => Unresolved::Missing {
+                            dir,
+                            name,
+                            rest: {
+                                rest.push(b'/');
+                                rest.extend_from_slice(&rest_after(i));
+                                rest
+                            },
                         },
                         other => other,
                     })?
                 }
-                _ => return Err(Unresolved::Other(format!("{comp:?} is not a directory"))),
+                _ => {
+                    return Err(Unresolved::Other(format!(
+                        "{:?} is not a directory",
+                        comp.as_bstr()
+                    )));
+                }
             };
         }
         Ok(cur)
@@ -257,8 +303,8 @@ impl Tree {
 
     /// [`Tree::resolve_dir`], making missing directories (also inside symlink targets). Each
     /// one is made where resolution stopped, and resolution goes on from there.
-    fn resolve_or_create_dir(&mut self, path: &str) -> Result<DentryId, String> {
-        let (mut start, mut path) = (ROOT, path.to_string());
+    fn resolve_or_create_dir(&mut self, path: &[u8]) -> Result<DentryId, String> {
+        let (mut start, mut path) = (ROOT, BString::from(path));
         let mut depth = 0;
         loop {
             match self.resolve_dir(start, &path, &mut depth) {
@@ -281,11 +327,11 @@ impl Tree {
         }
     }
 
-    fn child(&self, dir: DentryId, name: &str) -> Option<DentryId> {
+    fn child(&self, dir: DentryId, name: &[u8]) -> Option<DentryId> {
         self.dentries[dir as usize]
             .children
             .as_ref()?
-            .get(name)
+            .get(BStr::new(name))
             .copied()
     }
 }
@@ -295,14 +341,10 @@ enum Unresolved {
     /// `name` is missing in `dir`; `rest` is what was still to resolve after it.
     Missing {
         dir: DentryId,
-        name: String,
-        rest: String,
+        name: BString,
+        rest: BString,
     },
     Other(String),
-}
-
-fn split(path: &str) -> (&str, &str) {
-    path.rsplit_once('/').unwrap_or(("", path))
 }
 
 /// Apply `layers` bottom first. `names[i]` names layer `i` in errors (its digest).
@@ -311,43 +353,46 @@ pub fn merge(layers: &[&LayerIndex], names: &[String]) -> Result<Tree> {
 }
 
 /// The tree as far as `path` is concerned: only the entries that decide what `path` is (it,
-/// its ancestors, whiteouts and opaque markers on them), so that one file can be looked up
-/// without merging a whole image. `None` when a symlink or hard link is among them — those
-/// need other entries to resolve — and the whole merge is needed.
+/// its ancestors and what lies below it, whiteouts and opaque markers on them), so that one file can be looked up
+/// without merging a whole image. `None` when a link is among them or when any entry is
+/// written through one — those need other entries to resolve — and the whole merge is
+/// needed. Links are symlinks and hard links alike: a hard link to a symlink is a symlink.
 pub fn merge_for_path(
     layers: &[&LayerIndex],
     names: &[String],
-    path: &str,
+    path: &[u8],
 ) -> Option<Result<Tree>> {
+    // Entries below `path` count too: one inside a directory no layer lists makes it.
+    let below = |a: &[u8], b: &[u8]| a.strip_prefix(b).is_some_and(|r| r.starts_with(b"/"));
     let on_path = |e: &Entry| {
         e.path.is_empty()
-            || path == e.path
-            || path
-                .strip_prefix(e.path.as_str())
-                .is_some_and(|r| r.starts_with('/'))
+            || path == e.path.as_slice()
+            || below(path, &e.path)
+            || below(&e.path, path)
     };
     let all = || layers.iter().flat_map(|l| &l.entries);
-    if all().any(|e| on_path(e) && matches!(e.kind, Kind::Symlink | Kind::Hardlink)) {
+    let is_link = |e: &Entry| matches!(e.kind, Kind::Symlink | Kind::Hardlink);
+    if all().any(|e| on_path(e) && is_link(e)) {
         return None;
     }
-    // An entry written through a symlink (`lib/x` with `lib -> usr/lib`) lands elsewhere than
+    // An entry written through a link (`lib/x` with `lib -> usr/lib`) lands elsewhere than
     // its name says, maybe on this path: then only the whole merge knows.
-    // Symlinks by their first path component: one lookup per entry instead of one per
+    // Links by their first path component: one lookup per entry instead of one per
     // ancestor (this check is most of a scoped merge's cost).
-    let first = |p: &str| p.split('/').next().unwrap_or("").len();
-    let mut symlinks: std::collections::HashMap<&str, Vec<&str>> = std::collections::HashMap::new();
-    for e in all().filter(|e| e.kind == Kind::Symlink) {
-        symlinks
+    let first = |p: &[u8]| p.find_byte(b'/').unwrap_or(p.len());
+    let mut links: std::collections::HashMap<&[u8], Vec<&[u8]>> = std::collections::HashMap::new();
+    for e in all().filter(|e| is_link(e)) {
+        links
             .entry(&e.path[..first(&e.path)])
             .or_default()
             .push(&e.path);
     }
-    if !symlinks.is_empty() {
-        let through = |p: &str| {
-            symlinks.get(&p[..first(p)]).is_some_and(|links| {
+    if !links.is_empty() {
+        let through = |p: &[u8]| {
+            links.get(&p[..first(p)]).is_some_and(|links| {
                 links
                     .iter()
-                    .any(|l| p.len() > l.len() && p.starts_with(l) && p.as_bytes()[l.len()] == b'/')
+                    .any(|l| p.len() > l.len() && p.starts_with(l) && p[l.len()] == b'/')
             })
         };
         if all().any(|e| through(&e.path)) {
@@ -373,7 +418,7 @@ fn merge_where(
                     li + 1,
                     names.get(li).map(String::as_str).unwrap_or("?")
                 ),
-                format!("entry {:?}: {reason}", e.path),
+                format!("entry {:?}: {reason}", e.path.as_bstr()),
             )
         };
         // Whiteouts first: they hide lower layers only, wherever they sit in this layer's tar.
@@ -406,7 +451,7 @@ fn merge_where(
         // Parents resolved in this layer, by path: most entries share a parent with many
         // others. Forgotten whenever an entry replaces something that is not a plain file —
         // the only way a resolved path can come to mean another directory.
-        let mut parents: std::collections::HashMap<&str, DentryId> =
+        let mut parents: std::collections::HashMap<&[u8], DentryId> =
             std::collections::HashMap::new();
         for (ei, e) in layer.entries.iter().enumerate() {
             if matches!(e.kind, Kind::Whiteout | Kind::Opaque) || !keep(e) {
@@ -450,7 +495,7 @@ fn merge_where(
                     }
                 },
                 Kind::Hardlink => {
-                    let target_path = e.link.as_deref().unwrap_or("");
+                    let target_path = e.link.as_deref().map_or(&b""[..], |l| l.as_slice());
                     let (tp, tn) = split(target_path);
                     let target = t
                         .resolve_dir(ROOT, tp, &mut 0)
@@ -459,11 +504,17 @@ fn merge_where(
                         .ok_or_else(|| {
                             fail(
                                 e,
-                                format!("hardlink to {target_path:?}, which does not exist"),
+                                format!(
+                                    "hardlink to {:?}, which does not exist",
+                                    target_path.as_bstr()
+                                ),
                             )
                         })?;
                     if t.kind(target) == Kind::Dir {
-                        return Err(fail(e, format!("hardlink to directory {target_path:?}")));
+                        return Err(fail(
+                            e,
+                            format!("hardlink to directory {:?}", target_path.as_bstr()),
+                        ));
                     }
                     if existing == Some(target) {
                         continue;
