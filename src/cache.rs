@@ -118,6 +118,9 @@ pub struct Cache {
     stored_here: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>>,
 }
 
+/// How long an unlocked temporary file may be idle before it counts as abandoned.
+const TMP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Cache {
     /// `$XDG_CACHE_HOME/imgfs`, else `~/.cache/imgfs`.
     pub fn default_dir() -> PathBuf {
@@ -326,6 +329,24 @@ impl Cache {
         out
     }
 
+    /// Temporary files no download is writing: a download holds a lock on its file for as
+    /// long as it runs (the kernel drops it when the process dies, however it dies). Small
+    /// files being written unlocked (an index, a chunk) take milliseconds: a file untouched
+    /// for a minute is not one of them.
+    pub fn abandoned_tmp(&self) -> Vec<CacheEntry> {
+        let now = std::time::SystemTime::now();
+        self.entries(Kind::Tmp)
+            .into_iter()
+            .filter(|e| now.duration_since(e.used).unwrap_or_default() > TMP_GRACE)
+            .filter(|e| {
+                std::fs::File::open(&e.path).is_ok_and(|f| {
+                    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                        .is_ok()
+                })
+            })
+            .collect()
+    }
+
     /// Bytes in the chunk store.
     pub fn chunk_usage(&self) -> u64 {
         self.entries(Kind::Chunk).iter().map(|e| e.size).sum()
@@ -413,10 +434,13 @@ impl Cache {
         let what = || format!("blob {} from {}", desc.digest, src.name());
         let tmp_dir = self.root.join("tmp");
         let mut tmp = if keep {
-            Some(
-                tempfile::NamedTempFile::new_in(&tmp_dir)
-                    .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?,
-            )
+            let f = tempfile::NamedTempFile::new_in(&tmp_dir)
+                .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
+            // Held while the download runs: `cache prune` leaves locked files alone.
+            rustix::fs::flock(f.as_file(), rustix::fs::FlockOperation::LockShared)
+                .map_err(std::io::Error::from)
+                .ctx(|| format!("locking {}", f.path().display()))?;
+            Some(f)
         } else {
             None
         };

@@ -52,6 +52,10 @@ pub enum Error {
     #[error("cannot reach registry {host}: {detail}")]
     Unreachable { host: String, detail: String },
 
+    /// The work was cancelled (Ctrl-C, SIGTERM) and what it had made is gone.
+    #[error("interrupted")]
+    Interrupted,
+
     // The cause is in the message, not also a `#[source]`: the CLI prints the whole chain,
     // which would say it twice.
     #[error("{context}: {cause}")]

@@ -229,6 +229,20 @@ impl ImageRef {
             });
         }
         let bare = input.strip_prefix("docker://").unwrap_or(input);
+        if let Some((scheme, rest)) = bare.split_once("://") {
+            return Err(Error::Reference {
+                input: input.to_string(),
+                reason: format!(
+                    "references have no scheme: write {rest:?}{}",
+                    if scheme == "http" {
+                        " (a registry on another host than loopback is reached over plain \
+                         HTTP with --insecure-registry HOST[:PORT])"
+                    } else {
+                        ""
+                    }
+                ),
+            });
+        }
         Ok(ImageRef::Registry(RegistryRef::parse(bare)?))
     }
 }

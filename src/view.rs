@@ -212,6 +212,37 @@ pub struct ViewOptions {
     /// Only this path (normalised) will be looked at: merge just the entries that decide it,
     /// when that is possible (`cat` of one file in a big image).
     pub only_path: Option<bstr::BString>,
+    /// Told as layers are indexed here (a cold mount can take a while).
+    pub progress: Option<ProgressSink>,
+}
+
+/// What a view tells its [`ProgressSink`] while it opens.
+#[derive(Clone, Debug)]
+pub enum IndexProgress {
+    /// Layer `layer` (1-based, of `of`) is being indexed here: streamed once, `bytes` long.
+    Indexing {
+        layer: usize,
+        of: usize,
+        digest: Digest,
+        bytes: u64,
+    },
+    /// It is indexed: `entries` tar entries, in `elapsed`.
+    Indexed {
+        layer: usize,
+        of: usize,
+        entries: usize,
+        elapsed: std::time::Duration,
+    },
+}
+
+/// Where progress goes: the caller (the cli) decides how to show it.
+#[derive(Clone)]
+pub struct ProgressSink(pub Arc<dyn Fn(&IndexProgress) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressSink")
+    }
 }
 
 impl Default for ViewOptions {
@@ -226,6 +257,7 @@ impl Default for ViewOptions {
             remote_index: true,
             limits: index::Limits::default(),
             only_path: None,
+            progress: None,
         }
     }
 }
@@ -956,6 +988,20 @@ impl ImageView {
                     .map_err(joined)?
                 };
                 let fresh = cached.is_none();
+                let started = std::time::Instant::now();
+                let tell = |p: IndexProgress| {
+                    if let Some(sink) = &opts.progress {
+                        (sink.0)(&p);
+                    }
+                };
+                if fresh {
+                    tell(IndexProgress::Indexing {
+                        layer: i + 1,
+                        of: n,
+                        digest: digest.clone(),
+                        bytes: layer.descriptor.size,
+                    });
+                }
                 let (blob, index) = match cached {
                     Some(idx) => {
                         let blob = cache.blob_path(digest);
@@ -998,8 +1044,16 @@ impl ImageView {
                         }
                     },
                 };
-                if fresh && let Err(e) = cache.store_index(digest, &index) {
-                    tracing::warn!("not caching the index of {digest}: {e}");
+                if fresh {
+                    tell(IndexProgress::Indexed {
+                        layer: i + 1,
+                        of: n,
+                        entries: index.entries.len(),
+                        elapsed: started.elapsed(),
+                    });
+                    if let Err(e) = cache.store_index(digest, &index) {
+                        tracing::warn!("not caching the index of {digest}: {e}");
+                    }
                 }
                 let data = LayerData::new(layer, index, None);
                 if let Some(blob) = blob {

@@ -1,6 +1,6 @@
 //! `imgfs cache du|ls|prune`: see what the cache holds and trim it. Pruning is safe next to
 //! running mounts: they keep their blobs open, hold their indexes in memory and refetch a
-//! span whose chunk is gone; downloads in progress (recent files in `tmp/`) are left alone.
+//! span whose chunk is gone; downloads in progress (their `tmp/` files are locked) are left alone.
 
 use std::time::{Duration, SystemTime};
 
@@ -41,8 +41,6 @@ struct PruneArgs {
     dry_run: bool,
 }
 
-/// Temporary files untouched this long belong to no download in progress.
-const STALE_TMP: Duration = Duration::from_secs(3600);
 /// Mount logs untouched this long are old news.
 const STALE_LOG: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -103,12 +101,7 @@ fn prune(cache: &crate::cache::Cache, p: &PruneArgs) {
     let now = SystemTime::now();
     let idle = |e: &CacheEntry| now.duration_since(e.used).unwrap_or_default();
     let mut doomed: Vec<CacheEntry> = Vec::new();
-    doomed.extend(
-        cache
-            .entries(Kind::Tmp)
-            .into_iter()
-            .filter(|e| idle(e) > STALE_TMP),
-    );
+    doomed.extend(cache.abandoned_tmp());
     doomed.extend(
         cache
             .entries(Kind::Log)

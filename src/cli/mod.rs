@@ -127,9 +127,22 @@ struct FetchArgs {
     jobs: usize,
 }
 
+/// The arguments the process runs with, after [`helper_args`]: the mount daemon is started
+/// with these, not with the raw ones.
+static ARGS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let args = match helper_args(&raw) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("imgfs: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(&args);
+    let _ = ARGS.set(args);
     if let Command::Mount(args) = &cli.command {
         mount::before_threads(args);
     }
@@ -146,12 +159,158 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => {
+            // `imgfs cat … | head`: the reader has all it wanted. Quiet, and the status a
+            // tool killed by SIGPIPE has, as `cat` would.
+            ExitCode::from(128 + libc::SIGPIPE as u8)
+        }
         Err(e) => {
+            if let Some(Interrupted(sig)) = e.downcast_ref::<Interrupted>() {
+                eprintln!("imgfs: interrupted");
+                // The shell's convention: 128 + the signal's number.
+                return ExitCode::from(128 + *sig as u8);
+            }
             // `{:#}` prints the whole context chain on one line.
             eprintln!("imgfs: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command stopped by a signal (its number), after cleaning up.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted(i32);
+
+/// Output went to a pipe whose reader is gone.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The signal that cancelled a command, once one has.
+#[derive(Clone, Default)]
+struct Signalled(std::sync::Arc<std::sync::atomic::AtomicI32>);
+
+impl Signalled {
+    fn signal(&self) -> i32 {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => libc::SIGINT,
+            s => s,
+        }
+    }
+}
+
+/// Cancel `token` on the first SIGINT or SIGTERM (the command then cleans up and reports
+/// [`Interrupted`]); a second one ends the process at once.
+fn cancel_on_signal(token: tokio_util::sync::CancellationToken) -> Result<Signalled> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let signalled = Signalled::default();
+    let seen = signalled.clone();
+    tokio::spawn(async move {
+        let sig = tokio::select! {
+            _ = int.recv() => libc::SIGINT,
+            _ = term.recv() => libc::SIGTERM,
+        };
+        seen.0.store(sig, std::sync::atomic::Ordering::Relaxed);
+        token.cancel();
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        std::process::exit(128 + sig);
+    });
+    Ok(signalled)
+}
+
+/// Mounts made by mount(8) and /etc/fstab: `mount -t fuse.imgfs IMAGE DIR -o OPTS` runs
+/// fuse3's helper, which runs `imgfs IMAGE DIR -o OPTS`; a `mount.fuse.imgfs` link to this
+/// program is run as `mount.fuse.imgfs IMAGE DIR [-sfnv] -o OPTS`. Both become
+/// `imgfs mount IMAGE DIR …`, with fstab's own options (noauto, nofail, _netdev, …) dropped
+/// and `cache_dir=DIR` for the cache (at boot there is no $HOME). Anything else is as given.
+fn helper_args(raw: &[std::ffi::OsString]) -> Result<Vec<std::ffi::OsString>> {
+    use std::ffi::OsString;
+    let program = raw.first().cloned().unwrap_or_else(|| "imgfs".into());
+    let called = std::path::Path::new(&program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    let as_helper = called.starts_with("mount.");
+    let subcommands = [
+        "inspect", "fetch", "pull", "mount", "umount", "ls", "cat", "cache", "index", "help",
+    ];
+    let first = raw.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    let fuse_form = !as_helper
+        && raw.len() >= 3
+        && !first.starts_with('-')
+        && !subcommands.contains(&first)
+        && std::path::Path::new(&raw[2]).is_dir();
+    if !as_helper && !fuse_form {
+        return Ok(raw.to_vec());
+    }
+    let mut out: Vec<OsString> = vec![program, "mount".into()];
+    let mut positional = Vec::new();
+    let mut mount_opts: Vec<String> = Vec::new();
+    let mut it = raw[1..].iter();
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("-o") => {
+                let opts = it.next().context("-o needs options")?;
+                let opts = opts.to_str().context("mount options are not UTF-8")?;
+                for o in opts.split(',').filter(|o| !o.is_empty()) {
+                    match o.split_once('=') {
+                        Some(("cache_dir", dir)) => {
+                            out.extend(["--cache-dir".into(), dir.into()]);
+                        }
+                        Some(("platform", p)) => out.extend(["--platform".into(), p.into()]),
+                        // fstab's and mount(8)'s own, or fuse3's helper's.
+                        Some(("comment" | "subtype" | "fsname", _)) => {}
+                        Some((k, _)) if k.starts_with("x-") => {}
+                        // What fstab's `defaults` and the helpers add: the mount is read-only,
+                        // nosuid and nodev whatever they say.
+                        None if matches!(
+                            o,
+                            "defaults"
+                                | "auto"
+                                | "noauto"
+                                | "user"
+                                | "users"
+                                | "nouser"
+                                | "nofail"
+                                | "_netdev"
+                                | "exec"
+                                | "noexec"
+                                | "nosuid"
+                                | "nodev"
+                                | "suid"
+                                | "dev"
+                                | "rw"
+                                | "async"
+                                | "atime"
+                                | "noatime"
+                                | "relatime"
+                        ) => {}
+                        _ => mount_opts.push(o.to_string()),
+                    }
+                }
+            }
+            // mount(8)'s -s (sloppy), -f (fake), -n (no mtab), -v (verbose).
+            Some("-s" | "-f" | "-n" | "-v") if as_helper => {}
+            Some("-t") if as_helper => {
+                it.next();
+            }
+            _ => positional.push(a.clone()),
+        }
+    }
+    out.extend(positional);
+    if !mount_opts.is_empty() {
+        out.extend(["-o".into(), mount_opts.join(",").into()]);
+    }
+    Ok(out)
 }
 
 fn init_logging(verbose: u8) {
@@ -162,9 +321,12 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("IMGFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for a person: not in a daemon's log file, nor in a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }

@@ -26,7 +26,8 @@ pub struct MountArgs {
     /// Stay attached and log to stderr; Ctrl-C or SIGTERM unmounts
     #[arg(long, short)]
     foreground: bool,
-    /// Mount options: allow_other, allow_root
+    /// Mount options: allow_other (other users may use the mount; the image's modes and
+    /// owners are enforced), allow_root, ro (the default and only way)
     #[arg(short = 'o', value_name = "OPTION", value_delimiter = ',')]
     options: Vec<String>,
     #[command(flatten)]
@@ -37,21 +38,38 @@ pub struct MountArgs {
 pub struct UmountArgs {
     /// A directory an imgfs mount is on
     dir: PathBuf,
+    /// Detach the mount now even if it is busy; it goes when nothing uses it any more
+    #[arg(long, short = 'l')]
+    lazy: bool,
 }
 
-/// Is `dir` a mount point? (From /proc/self/mountinfo, whose paths escape space as \040.)
-pub fn is_mount_point(dir: &Path) -> bool {
-    let Ok(canon) = dir.canonicalize() else {
-        return false;
-    };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = canon.to_string_lossy().replace(' ', "\\040");
+/// The filesystem type of what is mounted on `dir` (the topmost mount there), from
+/// /proc/self/mountinfo; `None` if `dir` is not a mount point.
+pub fn mounted_type(dir: &Path) -> Option<String> {
+    let canon = dir.canonicalize().ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Paths escape space, tab, newline and backslash in octal.
+    let want = canon
+        .to_string_lossy()
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
     info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| m == want)
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .and_then(|l| l.split_once(" - "))
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .map(str::to_string)
 }
+
+/// Is `dir` a mount point?
+pub fn is_mount_point(dir: &Path) -> bool {
+    mounted_type(dir).is_some()
+}
+
+/// The type an imgfs mount has in /proc/self/mountinfo.
+const IMGFS_TYPE: &str = "fuse.imgfs";
 
 fn check_mount_dir(dir: &Path) -> Result<()> {
     // A FUSE mount whose daemon died (killed, crashed) answers ENOTCONN to whatever the
@@ -123,20 +141,57 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
         match o.as_str() {
             "allow_other" => acl = fuser::SessionACL::All,
             "allow_root" => acl = fuser::SessionACL::RootAndOwner,
-            other => bail!("unknown mount option {other:?} (imgfs takes allow_other, allow_root)"),
+            // Read-only it is, always; the kernel enforces modes on shared mounts anyway.
+            "ro" | "default_permissions" => {}
+            "rw" => bail!("imgfs mounts are read-only: drop the rw option"),
+            other => {
+                bail!("unknown mount option {other:?} (imgfs takes allow_other, allow_root, ro)")
+            }
         }
     }
     if !args.foreground {
         return spawn_daemon(g, &args).await;
     }
     let t0 = std::time::Instant::now();
+    // The parent (`imgfs mount` without --foreground) waits on this socket: progress lines,
+    // then "ready".
+    let parent: Option<Arc<std::sync::Mutex<std::fs::File>>> = std::env::var("IMGFS_READY_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(|fd| {
+            use std::os::fd::FromRawFd;
+            // SAFETY: the parent passed us this descriptor, and nothing else owns it.
+            Arc::new(std::sync::Mutex::new(unsafe {
+                std::fs::File::from_raw_fd(fd)
+            }))
+        });
+    let tell_parent = |line: &str| {
+        if let Some(p) = &parent {
+            use std::io::Write;
+            let _ = writeln!(p.lock().unwrap(), "{line}");
+        }
+    };
     let Opened {
         cache,
         source,
         image,
     } = g.open(&args.image).await?;
     tracing::info!("resolved {} in {:.1?}", image.reference, t0.elapsed());
-    let view = ImageView::open(&cache, Arc::new(source), &image, &args.read.view_options(g))
+    let mut opts = args.read.view_options(g);
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if parent.is_some() || terminal {
+        let parent = parent.clone();
+        opts.progress = Some(crate::view::ProgressSink(Arc::new(move |p| {
+            let line = describe_progress(p);
+            if let Some(p) = &parent {
+                use std::io::Write;
+                let _ = writeln!(p.lock().unwrap(), "progress {line}");
+            } else {
+                eprintln!("imgfs: {line}");
+            }
+        })));
+    }
+    let view = ImageView::open(&cache, Arc::new(source), &image, &opts)
         .await
         .with_context(|| format!("indexing {}", image.reference))?;
     tracing::info!("indexes loaded and merged at {:.1?}", t0.elapsed());
@@ -148,25 +203,30 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     config.mount_options = vec![
         fuser::MountOption::RO,
         fuser::MountOption::FSName(image.reference.clone()),
-        fuser::MountOption::Subtype("imgfs".into()),
+        // Shown as the type `fuse.imgfs`, by which `imgfs umount` knows its own mounts. fuser
+        // gives the subtype only to fusermount3; as root the kernel needs it as an option.
+        if rustix::process::geteuid().is_root() {
+            fuser::MountOption::CUSTOM("subtype=imgfs".into())
+        } else {
+            fuser::MountOption::Subtype("imgfs".into())
+        },
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
     ];
+    if acl != fuser::SessionACL::Owner {
+        // Other users see the mount: the kernel enforces the image's modes and owners, as
+        // on any filesystem (another user must not read an image's /etc/shadow).
+        config
+            .mount_options
+            .push(fuser::MountOption::DefaultPermissions);
+    }
     config.acl = acl;
     config.n_threads = Some(2);
     let session = fuser::spawn_mount(fs, &args.dir, &config)
         .with_context(|| format!("mounting on {}", args.dir.display()))?;
     raise_readahead(&args.dir);
-    if let Some(fd) = std::env::var("IMGFS_READY_FD")
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-    {
-        use std::io::Write;
-        use std::os::fd::FromRawFd;
-        // SAFETY: the parent passed us this descriptor for exactly this one write.
-        let mut ready = unsafe { std::fs::File::from_raw_fd(fd) };
-        let _ = ready.write_all(b"1");
-    }
+    tell_parent("ready");
+    drop(parent);
     tracing::info!(
         "{} mounted on {} at {:.1?}",
         image.reference,
@@ -205,6 +265,15 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
             .with_context(|| format!("unmounting {}", args.dir.display()))?;
     }
     tracing::info!("{} unmounted", args.dir.display());
+    if std::env::var_os("IMGFS_READY_FD").is_some()
+        && let Ok(cache) = g.cache()
+    {
+        // A daemon that had nothing to say leaves no log behind.
+        let log = daemon_log(&cache.root().join("logs"), std::process::id());
+        if std::fs::metadata(&log).is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(&log);
+        }
+    }
     Ok(())
 }
 
@@ -238,14 +307,47 @@ fn raise_readahead(dir: &Path) {
     }
 }
 
+/// A progress line for a person.
+fn describe_progress(p: &crate::view::IndexProgress) -> String {
+    use crate::view::IndexProgress as P;
+    match p {
+        P::Indexing {
+            layer,
+            of,
+            digest,
+            bytes,
+        } => format!(
+            "indexing layer {layer}/{of} ({}, {}): streaming it once",
+            digest.short(),
+            bytesize::ByteSize(*bytes)
+        ),
+        P::Indexed {
+            layer,
+            of,
+            entries,
+            elapsed,
+        } => format!("indexed layer {layer}/{of}: {entries} entries in {elapsed:.1?}"),
+    }
+}
+
+/// The log of the mount daemon with process id `pid`.
+fn daemon_log(logs: &Path, pid: u32) -> PathBuf {
+    logs.join(format!("mount-{pid}.log"))
+}
+
 /// Run the daemon and wait until the mount is up (or the daemon has failed).
 async fn spawn_daemon(g: &Global, args: &MountArgs) -> Result<()> {
     let logs = g.cache()?.root().join("logs");
     std::fs::create_dir_all(&logs)?;
-    let log_path = logs.join(format!("mount-{}.log", std::process::id()));
-    let log = std::fs::File::create(&log_path)?;
+    // Named after the daemon once it has a pid (the open file follows the rename).
+    let starting = logs.join(format!("mount-starting-{}.log", std::process::id()));
+    let log = std::fs::File::create(&starting)?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(std::env::args_os().skip(1))
+    let argv = super::ARGS
+        .get()
+        .cloned()
+        .unwrap_or_else(|| std::env::args_os().collect());
+    cmd.args(argv.iter().skip(1))
         .arg("--foreground")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -266,17 +368,45 @@ async fn spawn_daemon(g: &Global, args: &MountArgs) -> Result<()> {
             rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty()).map_err(Into::into)
         });
     }
-    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let spawned = cmd.spawn().context("starting the mount daemon");
+    let log_path = match &spawned {
+        Ok(child) => {
+            let named = daemon_log(&logs, child.id());
+            std::fs::rename(&starting, &named)?;
+            named
+        }
+        Err(_) => starting,
+    };
+    let mut child = spawned?;
     drop(child_end);
-    // One byte when the mount is up; end of stream if the daemon dies first.
+    // Progress lines, then "ready" when the mount is up; end of stream if the daemon dies
+    // first. Progress is shown to a person only.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let ready = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut b = [0u8; 1];
-        matches!((&parent_end).read(&mut b), Ok(1))
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(&parent_end).lines() {
+            let Ok(line) = line else { return false };
+            if line == "ready" {
+                return true;
+            }
+            if let Some(p) = line.strip_prefix("progress ")
+                && terminal
+            {
+                eprintln!("imgfs: {p}");
+            }
+        }
+        false
     })
     .await?;
     if ready && is_mount_point(&args.dir) {
         println!("{}", child.id());
+        eprintln!(
+            "imgfs: {} mounted on {} (daemon {}, log {})",
+            args.image,
+            args.dir.display(),
+            child.id(),
+            log_path.display()
+        );
         return Ok(());
     }
     let status = child.wait()?;
@@ -291,21 +421,46 @@ async fn spawn_daemon(g: &Global, args: &MountArgs) -> Result<()> {
 }
 
 pub fn umount(args: UmountArgs) -> Result<()> {
-    if !is_mount_point(&args.dir) {
-        bail!("{}: not mounted", args.dir.display());
+    let dir = args.dir.display();
+    match mounted_type(&args.dir) {
+        None => bail!("{dir}: not mounted"),
+        Some(t) if t != IMGFS_TYPE => {
+            bail!("{dir}: what is mounted there is not an imgfs mount ({t}); use umount(8)")
+        }
+        Some(_) => {}
     }
+    let busy = || {
+        anyhow::anyhow!(
+            "{dir}: the mount is busy (a process has a file or its working directory in it): \
+             close them, or `imgfs umount --lazy {dir}` to detach it now"
+        )
+    };
     if rustix::process::geteuid().is_root() {
-        rustix::mount::unmount(&args.dir, rustix::mount::UnmountFlags::empty())
-            .map_err(std::io::Error::from)
-            .with_context(|| format!("unmounting {}", args.dir.display()))?;
+        let flags = if args.lazy {
+            rustix::mount::UnmountFlags::DETACH
+        } else {
+            rustix::mount::UnmountFlags::empty()
+        };
+        match rustix::mount::unmount(&args.dir, flags) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::BUSY) => return Err(busy()),
+            Err(e) => {
+                return Err(std::io::Error::from(e)).with_context(|| format!("unmounting {dir}"));
+            }
+        }
     } else {
-        let st = Command::new("fusermount3")
-            .arg("-u")
+        let out = Command::new("fusermount3")
+            .arg(if args.lazy { "-uz" } else { "-u" })
             .arg(&args.dir)
-            .status()
+            .stderr(Stdio::piped())
+            .output()
             .context("running fusermount3 (install fuse3)")?;
-        if !st.success() {
-            bail!("fusermount3 -u {} failed", args.dir.display());
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("busy") {
+                return Err(busy());
+            }
+            bail!("fusermount3 -u {dir} failed: {}", err.trim());
         }
     }
     Ok(())

@@ -48,6 +48,8 @@ pub async fn run(g: &Global, args: PullArgs) -> Result<()> {
         _ => bail!("give either DIR or --tar FILE"),
     };
     let started = std::time::Instant::now();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let signalled = super::cancel_on_signal(cancel.clone())?;
     let report = flatten::pull(
         &cache,
         &source,
@@ -57,10 +59,19 @@ pub async fn run(g: &Global, args: PullArgs) -> Result<()> {
             jobs: args.jobs,
             progress: !args.quiet,
             limits: g.limits(),
+            cancel,
         },
     )
-    .await
-    .with_context(|| format!("pulling {} to {what}", image.reference));
+    .await;
+    if let Err(crate::error::Error::Interrupted) = report {
+        if let Some(t) = &args.tar
+            && t.as_os_str() != "-"
+        {
+            let _ = std::fs::remove_file(t);
+        }
+        return Err(super::Interrupted(signalled.signal()).into());
+    }
+    let report = report.with_context(|| format!("pulling {} to {what}", image.reference));
     if report.is_err()
         && let Some(t) = &args.tar
         && t.as_os_str() != "-"

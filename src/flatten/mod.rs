@@ -51,6 +51,9 @@ pub struct PullOptions {
     pub progress: bool,
     /// Limits on each layer's uncompressed stream.
     pub limits: index::Limits,
+    /// Cancelled, the pull stops, removes what it built and fails with
+    /// [`Error::Interrupted`].
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 /// What a pull did, for the closing summary.
@@ -131,23 +134,25 @@ pub async fn pull(
     let warnings = Warnings::new();
     apply::init();
     let started = std::time::Instant::now();
-    let result = pull_in(
-        cache,
-        src,
-        image,
-        out,
-        opts,
-        build.path(),
-        &warnings,
-        started,
-    )
-    .await;
-    if result.is_err() && !rustix::process::geteuid().is_root() {
-        // Without root, directories an image made read-only would keep their contents.
-        git::make_writable(build.path());
-    }
+    // Cancelled, the work is dropped where it waits: downloads stop at once, and threads
+    // extracting or writing stop at their next buffer (they check the token).
+    let result = tokio::select! {
+        r = pull_in(
+            cache,
+            src,
+            image,
+            out,
+            opts,
+            build.path(),
+            &warnings,
+            started,
+        ) => r,
+        () = opts.cancel.cancelled() => Err(Error::Interrupted),
+    };
+    let interrupted = matches!(result, Err(Error::Interrupted));
     // Leftover staging files (deleted or replaced by later layers) go with the build dir.
-    tokio::task::spawn_blocking(move || drop(build))
+    let build = build.keep();
+    tokio::task::spawn_blocking(move || remove_build(&build, interrupted))
         .await
         .map_err(join_error)?;
     tracing::info!("staging removed: {:.2?}", started.elapsed());
@@ -155,6 +160,24 @@ pub async fn pull(
         entries: result?,
         warnings: warnings.take(),
     })
+}
+
+/// Remove a build directory. After an interruption, a worker thread may still be finishing
+/// its current buffer there: removal is tried again until it stops.
+fn remove_build(build: &Path, interrupted: bool) {
+    for _ in 0..if interrupted { 50 } else { 1 } {
+        if !rustix::process::geteuid().is_root() {
+            // Without root, directories an image made read-only would keep their contents.
+            git::make_writable(build);
+        }
+        match std::fs::remove_dir_all(build) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) if interrupted => std::thread::sleep(std::time::Duration::from_millis(100)),
+            Err(e) => return tracing::warn!("cannot remove {}: {e}", build.display()),
+        }
+    }
+    tracing::warn!("cannot remove {}", build.display());
 }
 
 /// The work of [`pull`] inside its build directory; returns the number of entries written.
@@ -307,6 +330,7 @@ async fn extract_all(
         .map(|(i, layer)| {
             let dir = staging[i].clone();
             let limits = opts.limits;
+            let cancel = opts.cancel.clone();
             let w = warnings.clone();
             let needed = needed.as_ref().map(|n| n[i].clone());
             let bar = bars.insert_before(
@@ -336,7 +360,15 @@ async fn extract_all(
                     bar.set_message("extracting");
                     tokio::task::spawn_blocking(move || {
                         let tar = crate::layer::open_tar_stream(&blob, compression)?;
-                        extract_layer(tar, &dir, needed.as_ref(), staging_meta, &w, limits)
+                        extract_layer(
+                            tar,
+                            &dir,
+                            needed.as_ref(),
+                            staging_meta,
+                            &w,
+                            limits,
+                            &cancel,
+                        )
                     })
                     .await
                     .map_err(join_error)?
@@ -348,13 +380,22 @@ async fn extract_all(
                         // per layer.
                         let (tx, rx) = tokio::sync::mpsc::channel(8);
                         let (d, needed, w) = (dir.clone(), needed.clone(), w.clone());
+                        let cancel = cancel.clone();
                         let extraction = tokio::task::spawn_blocking(move || {
                             let tar = crate::layer::decompress(
                                 crate::layer::ChannelReader::new(rx),
                                 compression,
                             )
                             .ctx(|| "starting to decompress".into())?;
-                            extract_layer(tar, &d, needed.as_ref(), staging_meta, &w, limits)
+                            extract_layer(
+                                tar,
+                                &d,
+                                needed.as_ref(),
+                                staging_meta,
+                                &w,
+                                limits,
+                                &cancel,
+                            )
                         });
                         let fetched = cache
                             .fetch_into(src, &layer.descriptor, &progress, Some(&tx))
@@ -436,6 +477,7 @@ fn extract_layer(
     with_meta: bool,
     warnings: &Warnings,
     limits: index::Limits,
+    cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<LayerIndex> {
     std::fs::create_dir(dir).ctx(|| format!("creating {}", dir.display()))?;
     let mut buf = vec![0u8; 256 << 10];
@@ -450,6 +492,9 @@ fn extract_layer(
         let mut written = 0u64;
         let sparse = !entry.sparse.is_empty();
         loop {
+            if cancel.is_cancelled() {
+                return Err(Error::Interrupted);
+            }
             let n = match data.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,

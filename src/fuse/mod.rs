@@ -14,8 +14,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
 };
 
 mod colocate;
@@ -31,8 +32,6 @@ pub struct ImageFs {
     view: Arc<ImageView>,
     /// The directory entry of each directory inode (directories have exactly one).
     dir_dentry: Vec<DentryId>,
-    /// Subdirectory counts, for directories' link counts.
-    subdirs: Vec<u32>,
     /// Each directory's entries in listing order, by directory inode: made once, so that a
     /// `readdir` continuing at offset k costs only the entries it returns.
     children: Vec<Box<[DentryId]>>,
@@ -53,13 +52,11 @@ impl ImageFs {
     pub fn new(view: ImageView, rt: tokio::runtime::Handle) -> ImageFs {
         let tree = &view.tree;
         let mut dir_dentry = vec![DentryId::MAX; tree.inodes.len()];
-        let mut subdirs = vec![0u32; tree.inodes.len()];
         dir_dentry[0] = ROOT;
         for d in tree.walk() {
             let de = &tree.dentries[d as usize];
             if tree.inodes[de.inode as usize].meta.kind == Kind::Dir {
                 dir_dentry[de.inode as usize] = d;
-                subdirs[tree.dentries[de.parent as usize].inode as usize] += 1;
             }
         }
         let children = dir_dentry
@@ -75,7 +72,6 @@ impl ImageFs {
         ImageFs {
             view: Arc::new(view),
             dir_dentry,
-            subdirs,
             children,
             rt,
             no_opendir: false,
@@ -93,8 +89,7 @@ impl ImageFs {
         let m = &inode.meta;
         let kind = file_type(m.kind);
         let size = match m.kind {
-            Kind::File => m.size,
-            Kind::Symlink => m.link.as_ref().map_or(0, |l| l.len() as u64),
+            Kind::File | Kind::Symlink => m.size,
             _ => 0,
         };
         let time = if m.mtime >= 0 {
@@ -112,11 +107,7 @@ impl ImageFs {
             crtime: time,
             kind,
             perm: (m.mode & 0o7777) as u16,
-            nlink: if m.kind == Kind::Dir {
-                2 + self.subdirs[i as usize]
-            } else {
-                inode.nlink.max(1)
-            },
+            nlink: inode.nlink.max(1),
             uid: m.uid,
             gid: m.gid,
             rdev: rustix::fs::makedev(m.dev_major, m.dev_minor) as u32,
@@ -392,6 +383,23 @@ impl Filesystem for ImageFs {
         reply_xattr(reply, size, &names);
     }
 
+    /// No ioctl applies to an image's files: "not a typewriter", as a plain file answers
+    /// (tar, cp and editors probe with them; fuser's default logs a warning for each).
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         colocate::note(req.pid());
         if self.inode(ino).is_none() {
@@ -399,6 +407,14 @@ impl Filesystem for ImageFs {
         }
         if mask.contains(AccessFlags::W_OK) {
             return reply.error(Errno::EROFS);
+        }
+        // Only mounts without `default_permissions` (the owner's own) get here: they show
+        // the image as its root would see it, so reading is allowed, and executing as for
+        // root: a directory, or a file with an execute bit.
+        let i = self.inode(ino).expect("checked above");
+        let m = &self.view.tree.inodes[i as usize].meta;
+        if mask.contains(AccessFlags::X_OK) && m.kind != Kind::Dir && m.mode & 0o111 == 0 {
+            return reply.error(Errno::EACCES);
         }
         reply.ok();
     }

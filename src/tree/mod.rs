@@ -48,11 +48,20 @@ impl Meta {
     fn from_entry(e: &Entry) -> Meta {
         Meta {
             kind: e.kind,
-            mode: e.mode,
+            // Linux shows every symlink as rwxrwxrwx, whatever its tar header said.
+            mode: if e.kind == Kind::Symlink {
+                0o777
+            } else {
+                e.mode
+            },
+            // A symlink's size is its target's length, as lstat(2) gives it.
+            size: match &e.link {
+                Some(l) if e.kind == Kind::Symlink => l.len() as u64,
+                _ => e.size,
+            },
             uid: e.uid,
             gid: e.gid,
             mtime: e.mtime,
-            size: e.size,
             link: e.link.clone(),
             dev_major: e.dev_major,
             dev_minor: e.dev_minor,
@@ -89,7 +98,8 @@ pub struct DataRef {
 pub struct Inode {
     pub meta: Meta,
     pub data: Option<DataRef>,
-    /// Live directory entries naming this inode (hardlink count), set by [`merge`].
+    /// Link count as Linux gives it, set by [`merge`]: the names of a file (hard links); for
+    /// a directory, 2 and one per subdirectory.
     pub nlink: u32,
 }
 
@@ -312,6 +322,15 @@ impl Tree {
                 Err(Unresolved::Missing { dir, name, rest }) => {
                     let ino = self.new_inode(Meta::implicit_dir(), None);
                     start = self.add(dir, &name, ino);
+                    // Below a directory just made nothing exists: the rest is made in one
+                    // pass (resolving it again per component would be quadratic in depth).
+                    if !rest.split_str("/").any(|c| c == b"." || c == b"..") {
+                        for c in rest.split_str("/").filter(|c| !c.is_empty()) {
+                            let ino = self.new_inode(Meta::implicit_dir(), None);
+                            start = self.add(start, c, ino);
+                        }
+                        return Ok(start);
+                    }
                     path = rest;
                 }
                 Err(Unresolved::Other(why)) => return Err(why),
@@ -539,13 +558,24 @@ fn merge_where(
             }
         }
     }
+    // Link counts as Linux has them: a name each for a file; for a directory its entry, its
+    // own `.` and each subdirectory's `..`.
     for ino in &mut t.inodes {
         ino.nlink = 0;
     }
-    t.inodes[0].nlink = 1;
+    t.inodes[0].nlink = 2;
     for d in t.walk() {
-        let ino = t.dentries[d as usize].inode;
-        t.inodes[ino as usize].nlink += 1;
+        let de = &t.dentries[d as usize];
+        let (ino, parent) = (
+            de.inode as usize,
+            t.dentries[de.parent as usize].inode as usize,
+        );
+        if t.inodes[ino].meta.kind == Kind::Dir {
+            t.inodes[ino].nlink += 2;
+            t.inodes[parent].nlink += 1;
+        } else {
+            t.inodes[ino].nlink += 1;
+        }
     }
     Ok(t)
 }
