@@ -441,6 +441,12 @@ impl Cache {
                 let mut chunk = match chunk {
                     Ok(c) => c,
                     Err(e) => {
+                        // A stall that got the registry refused is final; one before that
+                        // is resumed like a cut.
+                        if crate::registry::pace::stall_refused(&e) == Some(true) {
+                            return Err(crate::registry::pace::into_stall(e)
+                                .expect("a stall carries its error"));
+                        }
                         cut = Some(e.to_string());
                         break;
                     }

@@ -52,6 +52,19 @@ pub enum Error {
     #[error("cannot reach registry {host}: {detail}")]
     Unreachable { host: String, detail: String },
 
+    /// An attempt broke the stall or low-speed rule (`registry::pace`); `attempts` is how
+    /// many did so in a row at this host.
+    #[error(
+        "registry {host}: {what} stalled: {reason} ({attempts} attempt{})",
+        if *attempts == 1 { "" } else { "s" }
+    )]
+    Stalled {
+        host: String,
+        what: String,
+        reason: String,
+        attempts: u32,
+    },
+
     // The cause is in the message, not also a `#[source]`: the CLI prints the whole chain,
     // which would say it twice.
     #[error("{context}: {cause}")]

@@ -202,10 +202,13 @@ impl Source {
                     out.extend_from_slice(&chunk[..take]);
                 }
                 Some(Err(e)) => {
-                    return Err(Error::Io {
-                        context: format!("reading bytes {start}-{end} of {}", desc.digest),
-                        cause: e,
-                    });
+                    // A stall is reported as the registry client words it (host, object).
+                    return Err(crate::registry::pace::into_stall(e).unwrap_or_else(|e| {
+                        Error::Io {
+                            context: format!("reading bytes {start}-{end} of {}", desc.digest),
+                            cause: e,
+                        }
+                    }));
                 }
                 None => break,
             }
