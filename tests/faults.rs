@@ -1,14 +1,15 @@
 //! A registry reached through a misbehaving proxy: cut downloads resume with `Range` and still
 //! verify, a registry that ignores `Range` is handled, and 5xx answers are retried with backoff.
 //! A registry that stalls (never answers, trickles manifests or blobs) fails the command
-//! within a bound, naming the host and what stalled.
+//! within a bound, naming the host and what stalled; bodies that are not the blob (an HTML
+//! page, a blob shorter than its descriptor) are named for what they are.
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Proxy, Stall, Target};
+use common::proxy::{Fault, Proxy, Stall, Target};
 use common::*;
 
 /// Stall rules short enough for tests: no byte for 1 s, or under 200 bytes/s over 1.5 s.
@@ -207,6 +208,72 @@ fn a_trickled_blob_is_resumed_then_fails_clearly_and_leaves_nothing() {
     let tries: Vec<_> = gets.iter().filter(|l| l.contains(layer.hex())).collect();
     assert_eq!(tries.len(), 3, "{gets:?}");
     assert!(tries[1].contains("bytes=1-"), "{gets:?}");
+    assert_nothing_kept(cache.path(), layer.hex());
+}
+
+#[test]
+fn an_html_page_for_a_blob_is_named_not_called_an_interruption() {
+    let (img, name) = big_image("test/portal", 8);
+    let layer = img.layers[0].digest();
+    let proxy = Proxy::start(&registry().host);
+    let image = format!("{}/{name}", proxy.host);
+    let cache = tempfile::tempdir().unwrap();
+    // The config is fetched (and kept) by inspect; the page then stands for the layer.
+    imgfs_ok(cache.path(), &["inspect", &image]);
+    proxy.reset_counts();
+    proxy.fault_next_blobs(100, Fault::Html);
+    let err = imgfs_err(cache.path(), &["fetch", &image]);
+    assert!(
+        err.contains(&format!(
+            "{layer}: digest mismatch: received 70 bytes of content-type text/html"
+        )) && err.contains(&format!(
+            "the descriptor says {} bytes",
+            img.layers[0].blob.len()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("interrupted"), "{err}");
+    assert_eq!(blob_requests(&proxy).len(), 2, "{:?}", proxy.log());
+    assert_nothing_kept(cache.path(), layer.hex());
+}
+
+#[test]
+fn a_descriptor_larger_than_its_blob_is_named_not_called_416() {
+    let reg = registry();
+    let (img, _) = big_image("test/short", 9);
+    let layer = img.layers[0].digest();
+    let size = img.layers[0].blob.len();
+    // The same image, its layer descriptor claiming 1,000 bytes more.
+    let mut manifest: serde_json::Value = serde_json::from_slice(&img.manifest).unwrap();
+    manifest["layers"][0]["size"] = (size + 1000).into();
+    let bytes = serde_json::to_vec(&manifest).unwrap();
+    rt().block_on(async {
+        imgfs::registry::Client::new(Default::default())
+            .unwrap()
+            .push_manifest(
+                &reg.host,
+                "test/short",
+                "longer",
+                img.manifest_media_type,
+                bytes.into(),
+            )
+            .await
+            .unwrap()
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let err = imgfs_err(
+        cache.path(),
+        &["fetch", &format!("{}/test/short:longer", reg.host)],
+    );
+    assert!(
+        err.contains(&format!(
+            "{layer}: the registry's blob is shorter than the manifest's descriptor claims: it \
+             has {size} bytes (and they match the digest), the descriptor says {}",
+            size + 1000
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("416"), "{err}");
     assert_nothing_kept(cache.path(), layer.hex());
 }
 

@@ -670,6 +670,13 @@ impl Client {
                 },
             )
             .await?;
+        if resp.status() == StatusCode::RANGE_NOT_SATISFIABLE && offset > 0 {
+            return Err(Error::BlobEndsBefore {
+                host: registry.to_string(),
+                digest: digest.clone(),
+                offset,
+            });
+        }
         self.check_status(registry, resp, "blob", || {
             format!("{digest} in {registry}/{repository}")
         })
@@ -709,10 +716,16 @@ impl Client {
             0
         };
         let ranged = resp.status() == StatusCode::PARTIAL_CONTENT;
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let stream = self.watch(registry, &format!("blob {digest}"), resp);
         Ok(BlobStream {
             start,
             ranged,
+            content_type,
             stream: Box::pin(stream),
         })
     }

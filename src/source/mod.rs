@@ -30,6 +30,8 @@ pub struct BlobStream {
     /// The source honoured the range asked for (always true for local files; for a registry,
     /// it answered 206).
     pub ranged: bool,
+    /// The response's `Content-Type`, if any: for errors about what was received.
+    pub content_type: Option<String>,
     pub stream: Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>,
 }
 
@@ -283,6 +285,7 @@ async fn file_range_stream(path: &std::path::Path, start: u64, len: u64) -> io::
     Ok(BlobStream {
         start: 0,
         ranged: true,
+        content_type: None,
         stream: Box::pin(stream),
     })
 }

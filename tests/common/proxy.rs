@@ -1,7 +1,8 @@
 //! A loopback HTTP proxy between imgfs and the real registry that can misbehave on purpose:
 //! cut blob downloads mid-body, ignore `Range`, flip a byte of ranged blob responses, answer
 //! with errors, and apply a [`Fault`] to the next blob downloads (delay, flipped byte, a
-//! `Content-Length` that lies either way, 429/503 with `Retry-After`); [`Stall`] the next requests of a kind (accept and never answer, trickle the
+//! `Content-Length` that lies either way, 429/503 with `Retry-After`, an HTML page with
+//! status 200); [`Stall`] the next requests of a kind (accept and never answer, trickle the
 //! body a byte at a time); and count what it served. One request per connection (it forces
 //! `Connection: close`), which keeps it small and its cuts exact.
 
@@ -27,6 +28,9 @@ pub enum Fault {
     /// Send the body 16 KiB at a time, waiting this long between pieces (a slow network, to
     /// kill a process mid-download).
     Trickle(std::time::Duration),
+    /// Answer 200 with a small HTML page, without asking the registry (a captive portal or a
+    /// CDN's error page).
+    Html,
 }
 
 /// A way of stopping to send, for [`Proxy::stall_next`].
@@ -250,6 +254,19 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
             )
             .as_bytes(),
         )?;
+        return c.shutdown(Shutdown::Both);
+    }
+    if let Some(Fault::Html) = fault {
+        let page = b"<html><body><h1>Please log in to the guest network</h1></body></html>\n";
+        let mut c = client;
+        c.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                page.len()
+            )
+            .as_bytes(),
+        )?;
+        c.write_all(page)?;
         return c.shutdown(Shutdown::Both);
     }
     if let Some(Fault::Delay(d)) = fault {
