@@ -453,7 +453,14 @@ impl Cache {
         };
         let mut cuts = 0;
         loop {
-            let mut blob = src.open_blob(desc, written).await?;
+            let mut blob = match src.open_blob(desc, written).await {
+                // A resume the registry cannot serve: its blob ends where we are.
+                Err(Error::BlobEndsBefore { .. }) if !desc.size_unknown => {
+                    return Err(short_blob(src, desc, &hasher, written, None));
+                }
+                other => other?,
+            };
+            let before = written;
             // A server that ignored Range sends bytes we have: skip them (what we kept was
             // hashed already, and the final digest covers exactly what we keep).
             let mut skip = written.saturating_sub(blob.start);
@@ -465,6 +472,12 @@ impl Cache {
                 let mut chunk = match chunk {
                     Ok(c) => c,
                     Err(e) => {
+                        // A stall that got the registry refused is final; one before that
+                        // is resumed like a cut.
+                        if crate::registry::pace::stall_refused(&e) == Some(true) {
+                            return Err(crate::registry::pace::into_stall(e)
+                                .expect("a stall carries its error"));
+                        }
                         cut = Some(e.to_string());
                         break;
                     }
@@ -503,6 +516,18 @@ impl Cache {
                 break;
             }
             if cut.is_none() && !desc.size_unknown && written < desc.size {
+                // A response that ended whole and brought nothing new, after a first one
+                // that ended early too: the registry has no more to send. (One short whole
+                // response alone may be a lying `Content-Length`: it is resumed.)
+                if written == before && cuts > 0 {
+                    return Err(short_blob(
+                        src,
+                        desc,
+                        &hasher,
+                        written,
+                        blob.content_type.as_deref(),
+                    ));
+                }
                 cut = Some(format!("stream ended at byte {written} of {}", desc.size));
             }
             let Some(reason) = cut else { break };
@@ -579,5 +604,35 @@ async fn feed_from_file(path: &Path, sink: &tokio::sync::mpsc::Sender<bytes::Byt
         if n == 0 || sink.send(buf.freeze()).await.is_err() {
             return Ok(());
         }
+    }
+}
+
+/// The error for blob `desc` when the registry has no bytes past `received` though the
+/// descriptor claims more: either the bytes are the blob and the descriptor's size is wrong,
+/// or they are something else (an HTML error page with status 200, say), named by its type.
+fn short_blob(
+    src: &Source,
+    desc: &Descriptor,
+    hasher: &Hasher,
+    received: u64,
+    content_type: Option<&str>,
+) -> Error {
+    let actual = hasher.clone().finish();
+    let what = format!("blob from {}", src.name());
+    if actual == desc.digest {
+        return Error::BlobShorter {
+            what,
+            digest: desc.digest.clone(),
+            expected: desc.size,
+            actual: received,
+        };
+    }
+    Error::NotTheBlob {
+        what,
+        expected: desc.digest.clone(),
+        actual,
+        received,
+        size: desc.size,
+        content_type: content_type.map_or("no stated type".into(), |t| format!("content-type {t}")),
     }
 }

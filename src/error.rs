@@ -27,6 +27,42 @@ pub enum Error {
         actual: u64,
     },
 
+    /// The registry has no bytes of blob `digest` from `offset` on (416 to a resume).
+    #[error("registry {host}: blob {digest} has no bytes from offset {offset} (416)")]
+    BlobEndsBefore {
+        host: String,
+        digest: Digest,
+        offset: u64,
+    },
+
+    /// A blob's bytes came whole, and hash to its digest, but are fewer than its
+    /// descriptor says.
+    #[error(
+        "{what} {digest}: the registry's blob is shorter than the manifest's descriptor \
+         claims: it has {actual} bytes (and they match the digest), the descriptor says {expected}"
+    )]
+    BlobShorter {
+        what: String,
+        digest: Digest,
+        expected: u64,
+        actual: u64,
+    },
+
+    /// What came for a blob ended, whole, before its descriptor's size and is not the blob
+    /// (an HTML error page with status 200, say).
+    #[error(
+        "{what} {expected}: digest mismatch: received {received} bytes of {content_type}, \
+         hashing to {actual}, where the descriptor says {size} bytes"
+    )]
+    NotTheBlob {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+        received: u64,
+        size: u64,
+        content_type: String,
+    },
+
     #[error("malformed {what}: {reason}")]
     Malformed { what: String, reason: String },
 
@@ -55,6 +91,18 @@ pub enum Error {
     /// The work was cancelled (Ctrl-C, SIGTERM) and what it had made is gone.
     #[error("interrupted")]
     Interrupted,
+    /// An attempt broke the stall or low-speed rule (`registry::pace`); `attempts` is how
+    /// many did so in a row at this host.
+    #[error(
+        "registry {host}: {what} stalled: {reason} ({attempts} attempt{})",
+        if *attempts == 1 { "" } else { "s" }
+    )]
+    Stalled {
+        host: String,
+        what: String,
+        reason: String,
+        attempts: u32,
+    },
 
     // The cause is in the message, not also a `#[source]`: the CLI prints the whole chain,
     // which would say it twice.

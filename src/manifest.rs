@@ -488,11 +488,28 @@ pub fn select_platform<'a>(
     best.map(|d| **d).ok_or_else(|| Error::NoMatchingPlatform {
         reference: reference.to_string(),
         wanted: wanted.to_string(),
-        available: images
-            .iter()
-            .filter_map(|d| d.platform.as_ref().map(|p| p.to_string()))
-            .collect(),
+        available: offered_platforms(images.iter().filter_map(|d| d.platform.as_ref())),
     })
+}
+
+/// How many platforms a "no image for platform" error lists.
+const OFFERED_MAX: usize = 20;
+
+/// The distinct platforms an index offers, in its order, for an error message: at most
+/// [`OFFERED_MAX`] and then "and N more" — an index of thousands of entries once made a
+/// one-line error of 31 KB.
+fn offered_platforms<'a>(platforms: impl Iterator<Item = &'a Platform>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let distinct: Vec<String> = platforms
+        .map(|p| p.to_string())
+        .filter(|p| seen.insert(p.clone()))
+        .collect();
+    let more = distinct.len().saturating_sub(OFFERED_MAX);
+    let mut shown: Vec<String> = distinct.into_iter().take(OFFERED_MAX).collect();
+    if more > 0 {
+        shown.push(format!("and {more} more"));
+    }
+    shown
 }
 
 /// The fields of an image config imgfs reads.
@@ -674,6 +691,35 @@ mod tests {
         assert!(err.contains("linux/s390x"), "{err}");
         assert!(err.contains("linux/amd64, linux/arm64/v8"), "{err}");
         assert!(!err.contains("unknown"), "{err}");
+    }
+
+    #[test]
+    fn a_huge_index_lists_a_few_distinct_platforms() {
+        // 2,000 entries over 50 platforms, each listed 40 times.
+        let entries: Vec<String> = (0..2000)
+            .map(|i| {
+                format!(
+                    r#"{{"mediaType":"{}","digest":"sha256:{i:064x}","size":1,"platform":{{"os":"linux","architecture":"arch{}"}}}}"#,
+                    media::OCI_MANIFEST,
+                    i % 50
+                )
+            })
+            .collect();
+        let raw = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{}]}}"#,
+            media::OCI_INDEX,
+            entries.join(",")
+        );
+        let Parsed::Index { manifests } = parse(raw.as_bytes(), None).unwrap() else {
+            panic!("not an index")
+        };
+        let err = select_platform("x", &manifests, &Platform::parse("linux/s390x").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 600, "{} bytes: {err}", err.len());
+        assert!(err.contains("linux/arch0, linux/arch1, "), "{err}");
+        assert!(err.contains("linux/arch19, and 30 more"), "{err}");
+        assert!(!err.contains("linux/arch20"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Lazy reads: with indexes cached and no blobs, `cat` and a mount fetch only the spans they
 //! need, by range, through a loopback proxy in front of the real registry that counts the
-//! bytes it serves and can corrupt a range or ignore `Range`. Wrong bytes are never served;
-//! the cache can be pruned under a running mount.
+//! bytes it serves and can corrupt a range, trickle it, or ignore `Range`. Wrong bytes are
+//! never served; a stalled range fails the read within a bound; the cache can be pruned
+//! under a running mount.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::compare::assert_same_tree;
 use common::layers::Tar;
 use common::mounted::Mounted;
-use common::proxy::Proxy;
+use common::proxy::{Proxy, Stall, Target};
 use common::*;
 
 const MIB: usize = 1 << 20;
@@ -182,6 +183,89 @@ fn wrong_bytes_from_the_registry_are_never_served() {
     );
     assert!(std::fs::read(m.dir.join("big/text.bin")).unwrap() == l.files[2].1);
     m.unmount(&cache);
+}
+
+/// Stall rules short enough for tests: no byte for 1 s, or under 200 bytes/s over 1.5 s.
+const FAST_STALLS: &[(&str, &str)] = &[
+    ("IMGFS_STALL_TIMEOUT", "1"),
+    ("IMGFS_LOW_SPEED_LIMIT", "200"),
+    ("IMGFS_LOW_SPEED_TIME", "1.5"),
+];
+
+#[test]
+fn a_read_whose_range_trickles_fails_within_a_bound() {
+    let l = lazy_image("lazy/trickle");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    let layer = inspect_json(&cache, &l.image, &[]);
+    let layer = layer_digests(&layer)[0].clone();
+
+    // A byte every 0.3 s: never 1 s without data, far under 200 bytes/s.
+    l.proxy.reset_counts();
+    l.proxy.stall_next(
+        Target::Ranged("/blobs/".into()),
+        1000,
+        Stall::Trickle(Duration::from_millis(300)),
+    );
+    let t = Instant::now();
+    let out = imgfs_env(&cache, &["cat", &l.image, "mid/small.txt"], FAST_STALLS);
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served through a trickle");
+    assert!(out.stdout.is_empty(), "nothing served");
+    // Three attempts of 1.5 s; before the rule this waited for the whole trickle (200 s).
+    assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
+    assert!(
+        err.contains(&format!(
+            "registry {}: blob {layer} stalled: ",
+            l.proxy.host
+        )) && err.contains("under the minimum of 200 bytes/s")
+            && err.contains("(3 attempts)"),
+        "{err}"
+    );
+    assert_eq!(ranged_gets(&l.proxy), 3, "{:?}", l.proxy.log());
+    assert_eq!(
+        count_files(&cache.join("chunks/blake3")),
+        0,
+        "no chunk stored"
+    );
+    assert_eq!(count_files(&cache.join("tmp")), 0, "no temporary file");
+
+    // A mount: the read is EIO within the bound, and the mount keeps answering.
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = imgfs_env(
+        &cache,
+        &[
+            "mount",
+            &l.image,
+            mnt.to_str().unwrap(),
+            "--prefetch",
+            "none",
+        ],
+        FAST_STALLS,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = Mounted {
+        dir: mnt.clone(),
+        pid: String::from_utf8_lossy(&out.stdout).trim().parse().unwrap(),
+    };
+    let t = Instant::now();
+    let err = std::fs::read(mnt.join("mid/small.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(std::fs::read_dir(mnt.join("big")).unwrap().count(), 2);
+    m.unmount(&cache);
+    assert_eq!(
+        count_files(&cache.join("chunks/blake3")),
+        0,
+        "no chunk stored"
+    );
 }
 
 #[test]

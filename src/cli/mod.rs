@@ -387,6 +387,7 @@ impl Global {
             registry: ClientOptions {
                 insecure: self.insecure.clone(),
                 mirrors,
+                pace: pace_from_env()?,
                 ..Default::default()
             },
         };
@@ -403,6 +404,37 @@ impl Global {
             image,
         })
     }
+}
+
+/// The stall and low-speed rules (`registry::pace`), from the environment:
+/// `IMGFS_STALL_TIMEOUT` (seconds without a byte), `IMGFS_LOW_SPEED_LIMIT` (bytes a second;
+/// 0 turns the rule off) and `IMGFS_LOW_SPEED_TIME` (seconds it is averaged over).
+/// Environment variables rather than flags: a mount's daemon inherits them.
+fn pace_from_env() -> Result<crate::registry::Pace> {
+    fn var(name: &str) -> Result<Option<f64>> {
+        let Ok(v) = std::env::var(name) else {
+            return Ok(None);
+        };
+        let n: f64 = v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+            .with_context(|| format!("{name}={v:?} is not a number of seconds or bytes"))?;
+        Ok(Some(n))
+    }
+    let mut pace = crate::registry::Pace::default();
+    if let Some(s) = var("IMGFS_STALL_TIMEOUT")? {
+        anyhow::ensure!(s > 0.0, "IMGFS_STALL_TIMEOUT must be more than 0 seconds");
+        pace.stall = std::time::Duration::from_secs_f64(s);
+    }
+    if let Some(n) = var("IMGFS_LOW_SPEED_LIMIT")? {
+        pace.low_speed_limit = n as u64;
+    }
+    if let Some(s) = var("IMGFS_LOW_SPEED_TIME")? {
+        pace.low_speed_time = std::time::Duration::from_secs_f64(s);
+    }
+    Ok(pace)
 }
 
 async fn fetch(g: &Global, args: FetchArgs) -> Result<()> {

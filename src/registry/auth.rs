@@ -147,13 +147,7 @@ impl Auth {
                     return Ok(Some(bearer_header(&t.value)));
                 }
                 let token = self
-                    .fetch_token(
-                        &client.http_for(&realm)?,
-                        host,
-                        &realm,
-                        service.as_deref(),
-                        scope,
-                    )
+                    .fetch_token(client, host, &realm, service.as_deref(), scope)
                     .await?;
                 let header = bearer_header(&token.value);
                 self.tokens.lock().unwrap().insert(key, token);
@@ -201,7 +195,7 @@ impl Auth {
 
     async fn fetch_token(
         &self,
-        http: &reqwest::Client,
+        client: &super::Client,
         host: &str,
         realm: &str,
         service: Option<&str>,
@@ -211,6 +205,19 @@ impl Auth {
             host: host.to_string(),
             detail,
         };
+        let http = client.http_for(realm)?;
+        // Stalls are booked under the token server's own host: it may not be the registry.
+        let realm_host = reqwest::Url::parse(realm)
+            .ok()
+            .and_then(|u| {
+                let h = u.host_str()?.to_string();
+                Some(match u.port() {
+                    Some(p) => format!("{h}:{p}"),
+                    None => h,
+                })
+            })
+            .unwrap_or_else(|| host.to_string());
+        let what = format!("token for {scope} from {realm}");
         let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
         if let Some(s) = service {
             query.push(("service", s));
@@ -231,10 +238,15 @@ impl Auth {
             ),
             None => http.get(realm).query(&query),
         };
-        let resp = req
-            .send()
+        let resp = client
+            .execute(&realm_host, &what, req)
             .await
-            .map_err(|e| fail(format!("token server {realm}: {}", super::error_chain(&e))))?;
+            .map_err(|e| match e {
+                super::SendError::Stalled(e) => e,
+                super::SendError::Http(e) => {
+                    fail(format!("token server {realm}: {}", super::error_chain(&e)))
+                }
+            })?;
         let status = resp.status();
         if !status.is_success() {
             return Err(fail(format!(
@@ -246,11 +258,15 @@ impl Auth {
                 }
             )));
         }
-        let raw = super::read_capped(resp, 1 << 20).await.map_err(|_| {
-            fail(format!(
-                "token server {realm}: unreadable or oversized answer"
-            ))
-        })?;
+        let raw = client
+            .read_capped(&realm_host, &what, resp, 1 << 20)
+            .await
+            .map_err(|e| match e {
+                super::CappedError::Stalled(e) => e,
+                _ => fail(format!(
+                    "token server {realm}: unreadable or oversized answer"
+                )),
+            })?;
         let body: TokenResponse = serde_json::from_slice(&raw)
             .map_err(|e| fail(format!("token server {realm} sent no usable token: {e}")))?;
         let value = body

@@ -6,14 +6,17 @@
 //! comes back against the digest asked for, retries with backoff for 429/5xx honouring
 //! `Retry-After`, resuming a cut blob with `Range`, re-authenticating when a token expires
 //! mid-session, and per-host plain HTTP. reqwest's redirect policy drops `Authorization`
-//! when a redirect leaves the host, which is what blob storage redirects need.
+//! when a redirect leaves the host, which is what blob storage redirects need. Every request
+//! and body is under the stall and low-speed rules of [`pace`].
 
 pub mod auth;
+pub mod pace;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Deserialize;
@@ -22,6 +25,8 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::{self, media};
 use crate::source::BlobStream;
+pub use pace::Pace;
+use pace::{STALL_ATTEMPTS, StallBook, Watched, secs};
 
 /// How many times a request is sent before a 429, 5xx or network failure is final.
 const MAX_ATTEMPTS: u32 = 5;
@@ -40,6 +45,8 @@ pub struct ClientOptions {
     /// digest, so a mirror can make a fetch fail but never change what is served. Tags are
     /// always resolved at the registry itself.
     pub mirrors: std::collections::HashMap<String, Vec<String>>,
+    /// When a registry that stopped sending fails an attempt.
+    pub pace: Pace,
 }
 
 /// A registry client shared by all requests of one command.
@@ -54,6 +61,8 @@ pub struct Client {
     /// Mirrors not to ask: until the instant given (they failed to answer), or for the
     /// client's life (`None`: they sent bytes that did not match their digest).
     dead_mirrors: std::sync::Mutex<std::collections::HashMap<String, Option<std::time::Instant>>>,
+    /// Stalls per host (shared with the bodies being read).
+    book: Arc<StallBook>,
 }
 
 /// A manifest as the registry sent it.
@@ -117,6 +126,7 @@ impl Client {
             auth: auth::Auth::with_credentials(opts.credentials.clone()),
             opts,
             dead_mirrors: Default::default(),
+            book: Default::default(),
         })
     }
 
@@ -132,9 +142,10 @@ impl Client {
         }
         let mut b = reqwest::Client::builder()
             .user_agent(concat!("imgfs/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(15))
-            // A stalled body is a cut connection: resume it rather than wait forever.
-            .read_timeout(Duration::from_secs(60));
+            .connect_timeout(Duration::from_secs(15).min(self.opts.pace.stall))
+            // A backstop for the bodies nobody reads through `Watched` (push responses):
+            // longer than the stall rule, which it must not pre-empt.
+            .read_timeout(self.opts.pace.stall * 2);
         if plain {
             b = b.tls_certs_only(Vec::new());
         }
@@ -160,12 +171,100 @@ impl Client {
         format!("{scheme}://{host}")
     }
 
+    /// How many stalls in a row make `host` refused: one for a mirror (the registry can
+    /// answer instead), [`STALL_ATTEMPTS`] otherwise.
+    fn stall_limit(&self, host: &str) -> u32 {
+        if self.is_mirror(host) {
+            1
+        } else {
+            STALL_ATTEMPTS
+        }
+    }
+
+    /// Send one request, under the stall rule: its headers must come within `pace.stall` of
+    /// sending it, unless it uploads more than a little (an upload lasts as long as the
+    /// link takes, and the backstop `read_timeout` covers the answer). `what` names the
+    /// object in errors. An error is a stall (already recorded) or reqwest's.
+    pub(crate) async fn execute(
+        &self,
+        host: &str,
+        what: &str,
+        req: RequestBuilder,
+    ) -> Result<Response, SendError> {
+        const SMALL_UPLOAD: usize = 64 << 10;
+        let (http, req) = req.build_split();
+        let req = req.map_err(SendError::Http)?;
+        let bounded = req
+            .body()
+            .is_none_or(|b| b.as_bytes().is_some_and(|b| b.len() <= SMALL_UPLOAD));
+        let stall = self.opts.pace.stall;
+        let sent = tokio::time::Instant::now();
+        let answer = http.execute(req);
+        let mut resp = if bounded {
+            match tokio::time::timeout(stall, answer).await {
+                Ok(r) => r.map_err(SendError::Http)?,
+                Err(_) => {
+                    let reason = format!("no response for {}", secs(stall));
+                    let limit = self.stall_limit(host);
+                    return Err(SendError::Stalled(
+                        self.book.stalled(host, what, reason, limit),
+                    ));
+                }
+            }
+        } else {
+            answer.await.map_err(SendError::Http)?
+        };
+        resp.extensions_mut().insert(pace::Sent(sent));
+        Ok(resp)
+    }
+
+    /// `resp`'s body under the stall and low-speed rules.
+    pub(crate) fn watch(&self, host: &str, what: &str, resp: Response) -> Watched {
+        Watched::new(
+            resp,
+            self.opts.pace,
+            self.stall_limit(host),
+            self.is_mirror(host),
+            self.book.clone(),
+            host,
+            what,
+        )
+    }
+
+    /// Whether `host` stalled too often lately to be asked now.
+    fn refusing(&self, host: &str) -> bool {
+        self.book.refusing(host, self.opts.pace.stall)
+    }
+
+    /// Run `attempt` (one request and the reading of its body) again when its body stalls,
+    /// up to [`STALL_ATTEMPTS`] times in all and only while the host is not refused; stalls
+    /// waiting for headers are retried inside [`Client::send`].
+    async fn retrying_stalls<T, F, Fut>(&self, host: &str, attempt: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut n = 0;
+        loop {
+            n += 1;
+            match attempt().await {
+                Err(e @ Error::Stalled { .. }) if n < STALL_ATTEMPTS && !self.refusing(host) => {
+                    tracing::debug!("{e} - retrying");
+                    tokio::time::sleep(backoff(n)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Send a request built by `make`, authenticating as the registry asks and retrying
-    /// transient failures. Returns any response that is not 401, 429 or 5xx.
+    /// transient failures (stalls included). Returns any response that is not 401, 429 or
+    /// 5xx. `what` names the object asked for, in errors.
     async fn send(
         &self,
         registry: &str,
         scope: &str,
+        what: &str,
         make: &(dyn Fn() -> RequestBuilder + Sync),
     ) -> Result<Response> {
         // A mirror that fails is skipped for the origin at once, not retried for seconds.
@@ -178,12 +277,15 @@ impl Client {
         let mut reauthenticated = false;
         loop {
             attempt += 1;
+            if let Some(e) = self.book.refuse(registry, what, self.opts.pace.stall) {
+                return Err(e);
+            }
             let auth = self.auth.header(self, registry, scope).await?;
             let mut req = make();
             if let Some(h) = &auth {
                 req = req.header(header::AUTHORIZATION, h.clone());
             }
-            let outcome = req.send().await;
+            let outcome = self.execute(registry, what, req).await;
             let retry_after = match outcome {
                 Ok(resp) if resp.status() == StatusCode::UNAUTHORIZED => {
                     if reauthenticated {
@@ -191,7 +293,7 @@ impl Client {
                             host: registry.to_string(),
                             detail: format!(
                                 "access denied to {scope} ({})",
-                                registry_error_text(resp).await
+                                self.registry_error_text(registry, resp).await
                             ),
                         });
                     }
@@ -213,7 +315,7 @@ impl Client {
                             detail: format!(
                                 "{} after {attempt} attempts ({})",
                                 resp.status(),
-                                registry_error_text(resp).await
+                                self.registry_error_text(registry, resp).await
                             ),
                         });
                     }
@@ -221,7 +323,14 @@ impl Client {
                     wait
                 }
                 Ok(resp) => return Ok(resp),
-                Err(e) => {
+                Err(SendError::Stalled(e)) => {
+                    if attempt >= max_attempts || self.refusing(registry) {
+                        return Err(e);
+                    }
+                    tracing::debug!("{e} - retrying");
+                    None
+                }
+                Err(SendError::Http(e)) => {
                     let text = error_chain(&e);
                     // A name that does not resolve will not resolve on retry either.
                     let permanent = text.contains("dns error") || text.contains("failed to lookup");
@@ -264,7 +373,10 @@ impl Client {
             }
             match f(m.clone()).await {
                 Ok(v) => return Ok(v),
-                Err(e @ (Error::Unreachable { .. } | Error::Registry { .. })) => {
+                Err(
+                    e
+                    @ (Error::Unreachable { .. } | Error::Registry { .. } | Error::Stalled { .. }),
+                ) => {
                     tracing::warn!(
                         "mirror {m} of {registry} is not used for {}s: {e}",
                         MIRROR_REST.as_secs()
@@ -345,11 +457,6 @@ impl Client {
         );
         let accept = media::ACCEPT_MANIFESTS.join(", ");
         let http = self.http_for(&url)?;
-        let resp = self
-            .send(registry, &Self::scope_pull(repository), &|| {
-                http.get(&url).header(header::ACCEPT, &accept)
-            })
-            .await?;
         let what = || {
             if reference.starts_with("sha256:") {
                 format!("{registry}/{repository}@{reference}")
@@ -357,29 +464,17 @@ impl Client {
                 format!("tag {reference:?} in {registry}/{repository}")
             }
         };
-        let resp = check_status(registry, resp, "manifest", what).await?;
-        let content_type = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let announced = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| Digest::parse(v).ok());
-        // Manifests are small; a registry that sends megabytes is not sending a manifest.
-        const MAX_MANIFEST: usize = 8 << 20;
-        let bytes = read_capped(resp, MAX_MANIFEST).await.map_err(|e| match e {
-            CappedError::TooLarge => Error::malformed(
-                "manifest",
-                format!("{} is larger than {MAX_MANIFEST} bytes", what()),
-            ),
-            CappedError::Http(e) => Error::Unreachable {
-                host: registry.to_string(),
-                detail: format!("reading manifest {}: {}", what(), error_chain(&e)),
-            },
-        })?;
+        let object = format!("manifest {}", what());
+        let (bytes, content_type, announced) = self
+            .retrying_stalls(registry, || async {
+                let resp = self
+                    .send(registry, &Self::scope_pull(repository), &object, &|| {
+                        http.get(&url).header(header::ACCEPT, &accept)
+                    })
+                    .await?;
+                self.manifest_body(registry, &object, resp, what).await
+            })
+            .await?;
         let expected = match Digest::parse(reference) {
             Ok(d) => Some(d),
             Err(_) => announced,
@@ -392,6 +487,44 @@ impl Client {
             bytes,
             content_type,
         })
+    }
+
+    /// A manifest response's bytes, content type and announced digest.
+    async fn manifest_body(
+        &self,
+        registry: &str,
+        object: &str,
+        resp: Response,
+        what: impl Fn() -> String,
+    ) -> Result<(Vec<u8>, Option<String>, Option<Digest>)> {
+        let resp = self.check_status(registry, resp, "manifest", &what).await?;
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let announced = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        // Manifests are small; a registry that sends megabytes is not sending a manifest.
+        const MAX_MANIFEST: usize = 8 << 20;
+        let bytes = self
+            .read_capped(registry, object, resp, MAX_MANIFEST)
+            .await
+            .map_err(|e| match e {
+                CappedError::TooLarge => Error::malformed(
+                    "manifest",
+                    format!("{} is larger than {MAX_MANIFEST} bytes", what()),
+                ),
+                CappedError::Stalled(e) => e,
+                CappedError::Cut(e) => Error::Unreachable {
+                    host: registry.to_string(),
+                    detail: format!("reading manifest {}: {}", what(), error_chain(&e)),
+                },
+            })?;
+        Ok((bytes, content_type, announced))
     }
 
     /// Stream a blob from byte `offset` on (from a mirror if one answers). The returned
@@ -421,19 +554,29 @@ impl Client {
         max: usize,
     ) -> Result<Vec<u8>> {
         self.mirrored(registry, |host| async move {
-            let resp = self
-                .blob_response(&host, repository, digest, 0, None)
+            let object = format!("blob {digest}");
+            let bytes = self
+                .retrying_stalls(&host, || async {
+                    let resp = self
+                        .blob_response(&host, repository, digest, 0, None)
+                        .await?;
+                    self.read_capped(&host, &object, resp, max)
+                        .await
+                        .map_err(|e| match e {
+                            CappedError::TooLarge => Error::malformed(
+                                "blob",
+                                format!(
+                                    "{digest} in {host}/{repository} is larger than {max} bytes"
+                                ),
+                            ),
+                            CappedError::Stalled(e) => e,
+                            CappedError::Cut(e) => Error::Unreachable {
+                                host: host.clone(),
+                                detail: format!("reading blob {digest}: {}", error_chain(&e)),
+                            },
+                        })
+                })
                 .await?;
-            let bytes = read_capped(resp, max).await.map_err(|e| match e {
-                CappedError::TooLarge => Error::malformed(
-                    "blob",
-                    format!("{digest} in {host}/{repository} is larger than {max} bytes"),
-                ),
-                CappedError::Http(e) => Error::Unreachable {
-                    host: host.clone(),
-                    detail: format!("reading blob {digest}: {}", error_chain(&e)),
-                },
-            })?;
             let actual = Digest::of(&bytes);
             if &actual != digest {
                 return Err(Error::DigestMismatch {
@@ -462,8 +605,9 @@ impl Client {
             self.base_url(registry)
         );
         let http = self.http_for(&url)?;
+        let object = format!("referrers of {subject}");
         let resp = self
-            .send(registry, &Self::scope_pull(repository), &|| {
+            .send(registry, &Self::scope_pull(repository), &object, &|| {
                 http.get(&url).header(header::ACCEPT, media::OCI_INDEX)
             })
             .await?;
@@ -478,13 +622,18 @@ impl Client {
             return Ok(None);
         }
         const MAX_REFERRERS: usize = 4 << 20;
-        match read_capped(resp, MAX_REFERRERS).await {
+        // Not retried when it stalls: the lookup is optional and has its own deadline.
+        match self
+            .read_capped(registry, &object, resp, MAX_REFERRERS)
+            .await
+        {
             Ok(b) => Ok(Some(b)),
             Err(CappedError::TooLarge) => Err(Error::malformed(
                 "referrers list",
                 format!("of {subject} in {registry}/{repository}: over {MAX_REFERRERS} bytes"),
             )),
-            Err(CappedError::Http(e)) => Err(Error::Unreachable {
+            Err(CappedError::Stalled(e)) => Err(e),
+            Err(CappedError::Cut(e)) => Err(Error::Unreachable {
                 host: registry.to_string(),
                 detail: format!("reading the referrers of {subject}: {}", error_chain(&e)),
             }),
@@ -504,19 +653,31 @@ impl Client {
         let url = format!("{}/v2/{repository}/blobs/{digest}", self.base_url(registry));
         let http = self.http_for(&url)?;
         let resp = self
-            .send(registry, &Self::scope_pull(repository), &|| {
-                let r = http.get(&url);
-                match end {
-                    Some(end) => r.header(
-                        header::RANGE,
-                        format!("bytes={offset}-{}", end.saturating_sub(1)),
-                    ),
-                    None if offset > 0 => r.header(header::RANGE, format!("bytes={offset}-")),
-                    None => r,
-                }
-            })
+            .send(
+                registry,
+                &Self::scope_pull(repository),
+                &format!("blob {digest}"),
+                &|| {
+                    let r = http.get(&url);
+                    match end {
+                        Some(end) => r.header(
+                            header::RANGE,
+                            format!("bytes={offset}-{}", end.saturating_sub(1)),
+                        ),
+                        None if offset > 0 => r.header(header::RANGE, format!("bytes={offset}-")),
+                        None => r,
+                    }
+                },
+            )
             .await?;
-        check_status(registry, resp, "blob", || {
+        if resp.status() == StatusCode::RANGE_NOT_SATISFIABLE && offset > 0 {
+            return Err(Error::BlobEndsBefore {
+                host: registry.to_string(),
+                digest: digest.clone(),
+                offset,
+            });
+        }
+        self.check_status(registry, resp, "blob", || {
             format!("{digest} in {registry}/{repository}")
         })
         .await
@@ -555,12 +716,16 @@ impl Client {
             0
         };
         let ranged = resp.status() == StatusCode::PARTIAL_CONTENT;
-        let stream = resp
-            .bytes_stream()
-            .map_err(|e| std::io::Error::other(format!("blob body cut: {}", error_chain(&e))));
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let stream = self.watch(registry, &format!("blob {digest}"), resp);
         Ok(BlobStream {
             start,
             ranged,
+            content_type,
             stream: Box::pin(stream),
         })
     }
@@ -572,17 +737,20 @@ impl Client {
         let base = self.base_url(registry);
         let head_url = format!("{base}/v2/{repository}/blobs/{digest}");
         let http = self.http_for(&base)?;
+        let what = format!("blob upload {digest}");
         let head = self
-            .send(registry, &scope, &|| http.head(&head_url))
+            .send(registry, &scope, &what, &|| http.head(&head_url))
             .await?;
         if head.status().is_success() {
             return Ok(digest);
         }
         let start_url = format!("{base}/v2/{repository}/blobs/uploads/");
         let resp = self
-            .send(registry, &scope, &|| http.post(&start_url))
+            .send(registry, &scope, &what, &|| http.post(&start_url))
             .await?;
-        let resp = check_status(registry, resp, "upload", || repository.to_string()).await?;
+        let resp = self
+            .check_status(registry, resp, "upload", || repository.to_string())
+            .await?;
         let location = resp
             .headers()
             .get(header::LOCATION)
@@ -599,13 +767,14 @@ impl Client {
         put_url.push(if put_url.contains('?') { '&' } else { '?' });
         put_url.push_str(&format!("digest={digest}"));
         let resp = self
-            .send(registry, &scope, &|| {
+            .send(registry, &scope, &what, &|| {
                 http.request(Method::PUT, &put_url)
                     .header(header::CONTENT_TYPE, "application/octet-stream")
                     .body(data.clone())
             })
             .await?;
-        check_status(registry, resp, "upload", || digest.to_string()).await?;
+        self.check_status(registry, resp, "upload", || digest.to_string())
+            .await?;
         Ok(digest)
     }
 
@@ -656,17 +825,19 @@ impl Client {
             self.base_url(registry)
         );
         let http = self.http_for(&url)?;
+        let what = format!("manifest push {repository}:{reference}");
         let resp = self
-            .send(registry, &scope, &|| {
+            .send(registry, &scope, &what, &|| {
                 http.put(&url)
                     .header(header::CONTENT_TYPE, media_type)
                     .body(bytes.clone())
             })
             .await?;
-        let resp = check_status(registry, resp, "manifest push", || {
-            format!("{registry}/{repository}:{reference}")
-        })
-        .await?;
+        let resp = self
+            .check_status(registry, resp, "manifest push", || {
+                format!("{registry}/{repository}:{reference}")
+            })
+            .await?;
         // The registry names the subject it recorded; trust only an exact answer.
         let subject = resp
             .headers()
@@ -704,67 +875,93 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base + jitter)
 }
 
-/// Turn a non-success status into an error that names the object and the registry's code.
-async fn check_status(
-    registry: &str,
-    resp: Response,
-    what: &str,
-    detail: impl FnOnce() -> String,
-) -> Result<Response> {
-    let status = resp.status();
-    if status.is_success() {
-        return Ok(resp);
-    }
-    let text = registry_error_text(resp).await;
-    Err(match status {
-        StatusCode::NOT_FOUND => Error::NotFound {
-            what: what.to_string(),
-            detail: format!("{} ({text})", detail()),
-        },
-        StatusCode::FORBIDDEN => Error::Auth {
-            host: registry.to_string(),
-            detail: format!("access to {} forbidden ({text})", detail()),
-        },
-        _ => Error::Registry {
-            host: registry.to_string(),
-            detail: format!("{what} {}: {status} ({text})", detail()),
-        },
-    })
+/// Why a request got no response: it stalled (the error says what and where) or reqwest
+/// failed.
+pub(crate) enum SendError {
+    Stalled(Error),
+    Http(reqwest::Error),
 }
 
 pub(crate) enum CappedError {
     TooLarge,
-    Http(reqwest::Error),
+    Stalled(Error),
+    Cut(std::io::Error),
 }
 
-/// Read a response body, refusing more than `max` bytes whatever `Content-Length` says (a
-/// chunked response has none).
-pub(crate) async fn read_capped(mut resp: Response, max: usize) -> Result<Vec<u8>, CappedError> {
-    if resp.content_length().is_some_and(|n| n > max as u64) {
-        return Err(CappedError::TooLarge);
+impl Client {
+    /// Turn a non-success status into an error that names the object and the registry's code.
+    async fn check_status(
+        &self,
+        registry: &str,
+        resp: Response,
+        what: &str,
+        detail: impl FnOnce() -> String,
+    ) -> Result<Response> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let text = self.registry_error_text(registry, resp).await;
+        Err(match status {
+            StatusCode::NOT_FOUND => Error::NotFound {
+                what: what.to_string(),
+                detail: format!("{} ({text})", detail()),
+            },
+            StatusCode::FORBIDDEN => Error::Auth {
+                host: registry.to_string(),
+                detail: format!("access to {} forbidden ({text})", detail()),
+            },
+            _ => Error::Registry {
+                host: registry.to_string(),
+                detail: format!("{what} {}: {status} ({text})", detail()),
+            },
+        })
     }
-    let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(CappedError::Http)? {
-        if out.len() + chunk.len() > max {
+
+    /// Read the body of a response from `host` (about `what`) under the stall rules,
+    /// refusing more than `max` bytes whatever `Content-Length` says (a chunked response
+    /// has none).
+    pub(crate) async fn read_capped(
+        &self,
+        host: &str,
+        what: &str,
+        resp: Response,
+        max: usize,
+    ) -> Result<Vec<u8>, CappedError> {
+        if resp.content_length().is_some_and(|n| n > max as u64) {
             return Err(CappedError::TooLarge);
         }
-        out.extend_from_slice(&chunk);
+        let mut body = self.watch(host, what, resp);
+        let mut out = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| match pace::into_stall(e) {
+                Ok(stall) => CappedError::Stalled(stall),
+                Err(e) => CappedError::Cut(e),
+            })?;
+            if out.len() + chunk.len() > max {
+                return Err(CappedError::TooLarge);
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
     }
-    Ok(out)
-}
 
-/// The registry's error codes and messages, or the status if the body has none.
-async fn registry_error_text(resp: Response) -> String {
-    let status = resp.status();
-    let body = read_capped(resp, 64 << 10).await.unwrap_or_default();
-    match serde_json::from_slice::<ErrorBody>(&body) {
-        Ok(b) if !b.errors.is_empty() => b
-            .errors
-            .iter()
-            .map(|e| format!("{}: {}", e.code, e.message))
-            .collect::<Vec<_>>()
-            .join("; "),
-        _ => status.to_string(),
+    /// The registry's error codes and messages, or the status if the body has none.
+    async fn registry_error_text(&self, registry: &str, resp: Response) -> String {
+        let status = resp.status();
+        let body = self
+            .read_capped(registry, &format!("{status} answer"), resp, 64 << 10)
+            .await
+            .unwrap_or_default();
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(b) if !b.errors.is_empty() => b
+                .errors
+                .iter()
+                .map(|e| format!("{}: {}", e.code, e.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+            _ => status.to_string(),
+        }
     }
 }
 

@@ -30,6 +30,8 @@ pub struct BlobStream {
     /// The source honoured the range asked for (always true for local files; for a registry,
     /// it answered 206).
     pub ranged: bool,
+    /// The response's `Content-Type`, if any: for errors about what was received.
+    pub content_type: Option<String>,
     pub stream: Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>,
 }
 
@@ -202,10 +204,13 @@ impl Source {
                     out.extend_from_slice(&chunk[..take]);
                 }
                 Some(Err(e)) => {
-                    return Err(Error::Io {
-                        context: format!("reading bytes {start}-{end} of {}", desc.digest),
-                        cause: e,
-                    });
+                    // A stall is reported as the registry client words it (host, object).
+                    return Err(crate::registry::pace::into_stall(e).unwrap_or_else(|e| {
+                        Error::Io {
+                            context: format!("reading bytes {start}-{end} of {}", desc.digest),
+                            cause: e,
+                        }
+                    }));
                 }
                 None => break,
             }
@@ -280,6 +285,7 @@ async fn file_range_stream(path: &std::path::Path, start: u64, len: u64) -> io::
     Ok(BlobStream {
         start: 0,
         ranged: true,
+        content_type: None,
         stream: Box::pin(stream),
     })
 }

@@ -1,14 +1,16 @@
 //! A loopback HTTP proxy between imgfs and the real registry that can misbehave on purpose:
 //! cut blob downloads mid-body, ignore `Range`, flip a byte of ranged blob responses, answer
 //! with errors, and apply a [`Fault`] to the next blob downloads (delay, flipped byte, a
-//! `Content-Length` that lies either way, 429/503 with `Retry-After`); and count what it
-//! served. One request per
-//! connection (it forces `Connection: close`), which keeps it small and its cuts exact.
+//! `Content-Length` that lies either way, 429/503 with `Retry-After`, an HTML page with
+//! status 200); [`Stall`] the next requests of a kind (accept and never answer, trickle the
+//! body a byte at a time); and count what it served. One request per connection (it forces
+//! `Connection: close`), which keeps it small and its cuts exact.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Something to do to a blob download.
 #[derive(Clone, Copy, Debug)]
@@ -26,6 +28,36 @@ pub enum Fault {
     /// Send the body 16 KiB at a time, waiting this long between pieces (a slow network, to
     /// kill a process mid-download).
     Trickle(std::time::Duration),
+    /// Answer 200 with a small HTML page, without asking the registry (a captive portal or a
+    /// CDN's error page).
+    Html,
+}
+
+/// A way of stopping to send, for [`Proxy::stall_next`].
+#[derive(Clone, Copy, Debug)]
+pub enum Stall {
+    /// Accept the request and never answer; the connection stays open until the client
+    /// closes it.
+    Silent,
+    /// Pass the registry's headers on at once, then its body one byte every this long.
+    Trickle(Duration),
+}
+
+/// Which requests a [`Stall`] applies to: those whose request line contains the text, or
+/// only those of them with a `Range` header.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Path(String),
+    Ranged(String),
+}
+
+impl Target {
+    fn matches(&self, request_line: &str, ranged: bool) -> bool {
+        match self {
+            Target::Path(p) => request_line.contains(p.as_str()),
+            Target::Ranged(p) => ranged && request_line.contains(p.as_str()),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -49,6 +81,8 @@ struct State {
     blob_bytes: AtomicU64,
     /// Request lines seen, with their Range header if any.
     log: Mutex<Vec<String>>,
+    /// How many of the coming requests matching the target to stall, and how.
+    stall: Mutex<Option<(Target, usize, Stall)>>,
 }
 
 pub struct Proxy {
@@ -108,6 +142,11 @@ impl Proxy {
     pub fn fault_next_blobs(&self, n: usize, fault: Fault) {
         *self.state.fault.lock().unwrap() = Some(fault);
         self.state.faults_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Stall each of the next `n` requests that `target` matches.
+    pub fn stall_next(&self, target: Target, n: usize, stall: Stall) {
+        *self.state.stall.lock().unwrap() = Some((target, n, stall));
     }
 
     /// Body bytes of blob downloads served so far.
@@ -184,6 +223,23 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
         return c.shutdown(Shutdown::Both);
     }
 
+    let stall = {
+        let mut guard = st.stall.lock().unwrap();
+        match &mut *guard {
+            Some((target, n, how)) if *n > 0 && target.matches(&request_line, range.is_some()) => {
+                *n -= 1;
+                Some(*how)
+            }
+            _ => None,
+        }
+    };
+    if let Some(Stall::Silent) = stall {
+        // Until the client hangs up.
+        let mut sink = [0u8; 1024];
+        while from_client.read(&mut sink).is_ok_and(|n| n > 0) {}
+        return Ok(());
+    }
+
     let is_blob_get = request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
     let fault = if is_blob_get && take(&st.faults_left) {
         *st.fault.lock().unwrap()
@@ -198,6 +254,19 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
             )
             .as_bytes(),
         )?;
+        return c.shutdown(Shutdown::Both);
+    }
+    if let Some(Fault::Html) = fault {
+        let page = b"<html><body><h1>Please log in to the guest network</h1></body></html>\n";
+        let mut c = client;
+        c.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                page.len()
+            )
+            .as_bytes(),
+        )?;
+        c.write_all(page)?;
         return c.shutdown(Shutdown::Both);
     }
     if let Some(Fault::Delay(d)) = fault {
@@ -260,7 +329,18 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
         && length > 0
         && (matches!(fault, Some(Fault::Flip))
             || (range.is_some() && take(&st.corrupt_ranges_left)));
-    let sent = if let Some(Fault::Trickle(pause)) = fault {
+    let sent = if let Some(Stall::Trickle(every)) = stall {
+        // Until the body ends or the client hangs up (a write fails).
+        let mut sent = 0u64;
+        let mut byte = [0u8; 1];
+        while from_up.read(&mut byte)? == 1 {
+            client_w.write_all(&byte)?;
+            client_w.flush()?;
+            sent += 1;
+            std::thread::sleep(every);
+        }
+        sent
+    } else if let Some(Fault::Trickle(pause)) = fault {
         let mut sent = 0u64;
         let mut piece = vec![0u8; 16 << 10];
         loop {
