@@ -342,3 +342,165 @@ fn what_users_type_by_mistake_gets_an_answer() {
     );
     assert!(err.contains("read-only"), "{err}");
 }
+
+#[test]
+fn inspect_shows_the_config_and_pull_takes_a_layer_count() {
+    let reg = registry();
+    let mut second = FixtureLayer::gzip(&[("second", b"2")]);
+    // Named eStargz by its annotation alone: inspect reads no layer.
+    second.annotations.insert(
+        "containerd.io/snapshot/stargz/toc.digest".into(),
+        imgfs::digest::Digest::of(b"toc").to_string().into(),
+    );
+    FixtureImage::new(
+        "amd64",
+        vec![FixtureLayer::gzip(&[("first", b"1")]), second],
+    )
+    .push(&reg.host, "first/inspect", "v1");
+    let image = format!("{}/first/inspect:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let shown = imgfs_ok(&cache, &["inspect", &image]);
+    assert!(shown.contains("Cmd:        [\"/bin/sh\"]"), "{shown}");
+    assert!(shown.contains("Env:        PATH=/usr/bin"), "{shown}");
+    let layers: Vec<&str> = shown.lines().filter(|l| l.contains("sha256:")).collect();
+    assert!(layers.last().unwrap().ends_with("estargz"), "{shown}");
+
+    let target = work.path().join("rootfs");
+    imgfs_ok(
+        &cache,
+        &[
+            "pull",
+            "-q",
+            "--layer",
+            "1",
+            &image,
+            target.to_str().unwrap(),
+        ],
+    );
+    assert!(target.join("first").exists() && !target.join("second").exists());
+    let err = imgfs_err(
+        &cache,
+        &[
+            "pull",
+            "--layer",
+            "3",
+            &image,
+            work.path().join("x").to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("has 2 layers"), "{err}");
+}
+
+/// Restores /dev/fuse's mode when dropped.
+struct DevFuseMode(u32);
+
+impl DevFuseMode {
+    fn set(mode: u32) -> DevFuseMode {
+        use std::os::unix::fs::PermissionsExt;
+        let old = std::fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o777;
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode)).unwrap();
+        DevFuseMode(old)
+    }
+}
+
+impl Drop for DevFuseMode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+#[test]
+fn a_user_mounts_through_fusermount3_where_the_machine_lets_users_use_fuse() {
+    // fusermount3 wants a name for the user.
+    let named = Command::new("getent")
+        .args(["passwd", STRANGER])
+        .output()
+        .unwrap();
+    if !named.status.success() {
+        let st = Command::new("useradd")
+            .args([
+                "-M",
+                "-u",
+                STRANGER,
+                "-s",
+                "/usr/sbin/nologin",
+                "imgfs-test",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success(), "useradd");
+    }
+    let image = system_image("first/user");
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let (mnt, cache) = (work.path().join("mnt"), work.path().join("cache"));
+    for d in [&mnt, &cache] {
+        std::fs::create_dir(d).unwrap();
+        std::os::unix::fs::chown(d, Some(54321), Some(54321)).unwrap();
+    }
+    let as_user = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid",
+                STRANGER,
+                "--regid",
+                STRANGER,
+                "--clear-groups",
+                "--",
+            ])
+            .arg(env!("CARGO_BIN_EXE_imgfs"))
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(args)
+            .env("HOME", work.path())
+            .output()
+            .unwrap()
+    };
+    let mount = [&["mount", &image][..], &[mnt.to_str().unwrap()]].concat();
+    {
+        // Where only root may open the device, fusermount3 cannot help: it opens it as the
+        // user too. The error says what to do.
+        let _mode = DevFuseMode::set(0o600);
+        let out = as_user(&mount);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("only root") && err.contains("chmod 0666"),
+            "{err}"
+        );
+    }
+    let _mode = DevFuseMode::set(0o666);
+    let out = as_user(&mount);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = Command::new("setpriv")
+        .args([
+            "--reuid",
+            STRANGER,
+            "--regid",
+            STRANGER,
+            "--clear-groups",
+            "--",
+            "cat",
+        ])
+        .arg(mnt.join("etc/passwd"))
+        .output()
+        .unwrap();
+    let out = as_user(&["umount", mnt.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(read.stdout.starts_with(b"root:x:0:0"), "{read:?}");
+    assert!(!is_mounted(&mnt));
+}

@@ -15,6 +15,8 @@ use crate::cache::{CacheEntry, Kind};
 pub struct CacheArgs {
     #[command(subcommand)]
     command: CacheCommand,
+    #[command(flatten)]
+    _no_image: super::NoImage,
 }
 
 #[derive(Subcommand)]

@@ -26,6 +26,7 @@ enum IndexCommand {
 
 #[derive(Args)]
 struct ImageArg {
+    /// The image (see `imgfs --help` for the forms it takes)
     image: String,
     /// Layers fetched and indexed at once
     #[arg(long, short = 'j', default_value_t = 4)]

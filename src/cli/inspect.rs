@@ -11,6 +11,7 @@ use crate::manifest::{Descriptor, Layer};
 
 #[derive(Args)]
 pub struct InspectArgs {
+    /// The image (see `imgfs --help` for the forms it takes)
     image: String,
     /// Print JSON for scripts
     #[arg(long, conflicts_with = "raw")]
@@ -70,6 +71,47 @@ pub async fn run(g: &Global, args: InspectArgs) -> Result<()> {
             if let Some(c) = &image.config {
                 writeln!(out, "Config:     {} ({} bytes)", c.digest, c.size)?;
             }
+            // The config's essentials, as the image's author set them (absent ones omitted).
+            if let Ok(cfg) = serde_json::from_slice::<serde_json::Value>(&image.raw_config) {
+                let run = &cfg["config"];
+                let words = |v: &serde_json::Value| {
+                    v.as_array().map(|a| {
+                        let w: Vec<String> = a
+                            .iter()
+                            .map(|x| x.as_str().unwrap_or("?").to_string())
+                            .collect();
+                        serde_json::to_string(&w).unwrap_or_default()
+                    })
+                };
+                if let Some(c) = cfg["created"].as_str() {
+                    writeln!(out, "Created:    {c}")?;
+                }
+                if let Some(e) = words(&run["Entrypoint"]) {
+                    writeln!(out, "Entrypoint: {e}")?;
+                }
+                if let Some(c) = words(&run["Cmd"]) {
+                    writeln!(out, "Cmd:        {c}")?;
+                }
+                if let Some(u) = run["User"].as_str().filter(|u| !u.is_empty()) {
+                    writeln!(out, "User:       {u}")?;
+                }
+                if let Some(w) = run["WorkingDir"].as_str().filter(|w| !w.is_empty()) {
+                    writeln!(out, "WorkingDir: {w}")?;
+                }
+                if let Some(ports) = run["ExposedPorts"].as_object().filter(|p| !p.is_empty()) {
+                    let p: Vec<&str> = ports.keys().map(String::as_str).collect();
+                    writeln!(out, "Ports:      {}", p.join(", "))?;
+                }
+                for (i, e) in run["Env"].as_array().into_iter().flatten().enumerate() {
+                    let label = if i == 0 { "Env:" } else { "" };
+                    writeln!(out, "{label:<12}{}", e.as_str().unwrap_or("?"))?;
+                }
+                let labels = run["Labels"].as_object().into_iter().flatten();
+                for (i, (k, v)) in labels.enumerate() {
+                    let label = if i == 0 { "Labels:" } else { "" };
+                    writeln!(out, "{label:<12}{k}={}", v.as_str().unwrap_or("?"))?;
+                }
+            }
             let total: u64 = image.layers.iter().map(|l| l.descriptor.size).sum();
             writeln!(
                 out,
@@ -83,13 +125,18 @@ pub async fn run(g: &Global, args: InspectArgs) -> Result<()> {
                 } else {
                     human(l.descriptor.size)
                 };
+                let kind = if crate::layer::estargz::toc_digest(&l.descriptor.annotations).is_some()
+                {
+                    "estargz".to_string()
+                } else {
+                    l.compression.to_string()
+                };
                 writeln!(
                     out,
-                    "  {:>3}  {}  {:>10}  {}",
+                    "  {:>3}  {}  {:>10}  {kind}",
                     i + 1,
                     l.descriptor.digest,
                     size,
-                    l.compression
                 )?;
             }
         }

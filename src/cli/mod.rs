@@ -41,7 +41,7 @@ struct Cli {
 #[derive(Args, Clone)]
 struct Global {
     /// Cache directory [default: $XDG_CACHE_HOME/imgfs]
-    #[arg(long, global = true, value_name = "DIR", env = "IMGFS_CACHE_DIR")]
+    #[arg(long, global = true, value_name = "CACHE_DIR", env = "IMGFS_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
     /// Platform to pick from a multi-platform image [default: the host's]
     #[arg(long, global = true, value_name = "OS/ARCH[/VARIANT]")]
@@ -59,6 +59,21 @@ struct Global {
     /// More log output (-v info, -vv debug); IMGFS_LOG=… sets filters directly
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+/// The image options, hidden: `umount` and `cache` open no image, so their help does not
+/// list them (a command's own argument stops clap from adding the global one to its help).
+/// Given anyway, they change nothing.
+#[derive(Args)]
+struct NoImage {
+    #[arg(long, hide = true)]
+    platform: Option<String>,
+    #[arg(long = "insecure-registry", hide = true)]
+    insecure: Vec<String>,
+    #[arg(long = "mirror", hide = true)]
+    mirrors: Vec<String>,
+    #[arg(long, hide = true, default_value = "64GiB")]
+    max_uncompressed_size: bytesize::ByteSize,
 }
 
 /// How `mount`, `ls` and `cat` get file bytes.
@@ -121,6 +136,7 @@ enum Command {
 
 #[derive(Args)]
 struct FetchArgs {
+    /// The image (see `imgfs --help` for the forms it takes)
     image: String,
     /// Downloads in flight at once
     #[arg(long, short = 'j', default_value_t = 4)]

@@ -20,6 +20,7 @@ use crate::view::ImageView;
 
 #[derive(Args)]
 pub struct MountArgs {
+    /// The image (see `imgfs --help` for the forms it takes)
     image: String,
     /// Empty directory to mount on
     dir: PathBuf,
@@ -41,6 +42,8 @@ pub struct UmountArgs {
     /// Detach the mount now even if it is busy; it goes when nothing uses it any more
     #[arg(long, short = 'l')]
     lazy: bool,
+    #[command(flatten)]
+    _no_image: super::NoImage,
 }
 
 /// The filesystem type of what is mounted on `dir` (the topmost mount there), from
@@ -101,8 +104,23 @@ fn check_mount_dir(dir: &Path) -> Result<()> {
     if !Path::new("/dev/fuse").exists() {
         bail!("/dev/fuse is missing: load the fuse module (modprobe fuse), or install fuse3");
     }
-    if !rustix::process::geteuid().is_root() && which("fusermount3").is_none() {
-        bail!("mounting as a user needs fusermount3: install the fuse3 package");
+    if !rustix::process::geteuid().is_root() {
+        if which("fusermount3").is_none() {
+            bail!("mounting as a user needs fusermount3: install the fuse3 package");
+        }
+        // fusermount3 opens the device as the user too (so that its mode decides who may
+        // use FUSE): a device only root may open means no user mounts on this machine.
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+        {
+            bail!(
+                "/dev/fuse: {e}: this machine lets only root use FUSE. Mount as root, or ask \
+                 an administrator to open /dev/fuse to users (chmod 0666 /dev/fuse, Debian's \
+                 default, or a group such as fuse)"
+            );
+        }
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use crate::flatten::{self, Output, PullOptions};
 
 #[derive(Args)]
 pub struct PullArgs {
+    /// The image (see `imgfs --help` for the forms it takes)
     image: String,
     /// New or empty directory to write the root filesystem into
     #[arg(required_unless_present = "tar")]
@@ -26,14 +27,24 @@ pub struct PullArgs {
     /// Print nothing but errors
     #[arg(long, short)]
     quiet: bool,
+    /// The image as of its first N layers
+    #[arg(long, value_name = "N")]
+    layer: Option<usize>,
 }
 
 pub async fn run(g: &Global, args: PullArgs) -> Result<()> {
     let Opened {
         cache,
         source,
-        image,
+        mut image,
     } = g.open(&args.image).await?;
+    if let Some(n) = args.layer {
+        let all = image.layers.len();
+        if n == 0 || n > all {
+            bail!("--layer {n}: the image has {all} layers (1 to {all})");
+        }
+        image.layers.truncate(n);
+    }
     let (out, what) = match (&args.dir, &args.tar) {
         (Some(dir), None) if args.git => (Output::Git(dir.clone()), dir.display().to_string()),
         (Some(dir), None) => (Output::Dir(dir.clone()), dir.display().to_string()),
