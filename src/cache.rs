@@ -1,26 +1,19 @@
-//! The content-addressed store on disk: `blobs/sha256/<hex>`, each file verified before it
-//! got its name; `indexes/sha256/<layer hex>`, the layer indexes built from them; and
-//! `chunks/sha256/<hex>`, compressed spans of layers fetched by range, each named by the
-//! digest it was verified against. Writes go to `tmp/` and are renamed into place, so a
-//! reader never sees a partial file, even after a crash. Any blob or chunk may be deleted at
-//! any time (`imgfs cache prune`): readers keep open files, and a missing chunk is refetched.
+//! The content-addressed store on disk — a store only: it names verified files and finds
+//! them; downloading them is `crate::fetch`'s. `blobs/sha256/<hex>`, each blob verified before
+//! it got its name; `indexes/sha256/<layer hex>`, the layer indexes built from them (and
+//! `.published` ones fetched from registries); `chunks/blake3/<hex>`, compressed spans of
+//! layers fetched by range, named by their span digest; `chunks/sha256/<hex>`, eStargz
+//! chunks and TOCs, named by their sha256. Writes go to `tmp/` and are renamed into place, so
+//! a reader never sees a partial file, even after a crash. Any blob or chunk may be deleted
+//! at any time (`imgfs cache prune`): readers keep open files, and a missing chunk is
+//! refetched.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use futures_util::{StreamExt, TryStreamExt};
-
-use crate::digest::{Digest, Hasher, SpanDigest};
-use crate::error::{Error, IoContext, Result};
+use crate::digest::{Digest, SpanDigest};
+use crate::error::{IoContext, Result};
 use crate::index::LayerIndex;
-use crate::manifest::Descriptor;
-use crate::source::Source;
-
-/// How many times one blob download may be cut and resumed before giving up.
-const MAX_RESUMES: u32 = 5;
-
-/// The most a blob of unknown size (schema 1 layers) may be.
-const MAX_UNKNOWN_SIZE: u64 = 16 << 30;
 
 /// What a cache file is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -368,271 +361,34 @@ impl Cache {
         total
     }
 
-    /// Make sure blob `desc` is in the cache, downloading and verifying it if not. A cut
-    /// download resumes where it stopped (`Range`); nothing unverified is ever stored.
-    pub async fn fetch(&self, src: &Source, desc: &Descriptor) -> Result<PathBuf> {
-        self.fetch_into(src, desc, &|_| {}, None).await
-    }
-
-    /// [`Cache::fetch`], calling `progress` with the bytes stored so far, and sending every
-    /// byte, once and in order, to `sink` as it arrives — so a consumer can work while the
-    /// download runs. The sink sees bytes *before* the whole blob is verified: whoever reads
-    /// it must discard its work unless this returns `Ok`. A closed sink is ignored.
-    pub async fn fetch_into(
-        &self,
-        src: &Source,
-        desc: &Descriptor,
-        progress: &(dyn Fn(u64) + Sync),
-        sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
-    ) -> Result<PathBuf> {
-        let path = self.stream_blob(src, desc, progress, sink, true).await?;
-        Ok(path.expect("kept blobs have a path"))
-    }
-
-    /// Download blob `desc` through `sink` and verify it, storing it only when `keep` (a blob
-    /// already cached is read from the cache). Returns the cached path, if there is one.
-    /// Without a sink, wrong bytes stop the use of the registry's mirrors and the blob is
-    /// fetched again from the registry itself. A caller with a sink has consumed the bytes:
-    /// it decides (`Source::distrust_mirrors`) and starts over itself.
-    pub async fn stream_blob(
-        &self,
-        src: &Source,
-        desc: &Descriptor,
-        progress: &(dyn Fn(u64) + Sync),
-        sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
-        keep: bool,
-    ) -> Result<Option<PathBuf>> {
-        match self.stream_blob_once(src, desc, progress, sink, keep).await {
-            Err(e @ Error::DigestMismatch { .. }) => {
-                if sink.is_none() && src.distrust_mirrors() {
-                    tracing::warn!("{e}; fetching it again from the registry");
-                    return self.stream_blob_once(src, desc, progress, None, keep).await;
-                }
-                Err(e)
-            }
-            other => other,
-        }
-    }
-
-    async fn stream_blob_once(
-        &self,
-        src: &Source,
-        desc: &Descriptor,
-        progress: &(dyn Fn(u64) + Sync),
-        sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
-        keep: bool,
-    ) -> Result<Option<PathBuf>> {
-        let dest = self.blob_path(&desc.digest);
-        if dest.is_file() {
-            tracing::debug!("{} already cached", desc.digest);
-            if let Some(s) = sink {
-                // Stored meanwhile by another process: the consumer still needs the bytes.
-                feed_from_file(&dest, s).await?;
-            }
-            return Ok(Some(dest));
-        }
-        let what = || format!("blob {} from {}", desc.digest, src.name());
+    /// A new temporary file for a blob being downloaded, in `tmp/`, locked for as long as
+    /// the handle lives: `cache prune` leaves locked files alone.
+    pub fn new_blob_file(&self) -> Result<tempfile::NamedTempFile> {
         let tmp_dir = self.root.join("tmp");
-        let mut tmp = if keep {
-            let f = tempfile::NamedTempFile::new_in(&tmp_dir)
-                .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
-            // Held while the download runs: `cache prune` leaves locked files alone.
-            rustix::fs::flock(f.as_file(), rustix::fs::FlockOperation::LockShared)
-                .map_err(std::io::Error::from)
-                .ctx(|| format!("locking {}", f.path().display()))?;
-            Some(f)
-        } else {
-            None
-        };
-        let mut hasher = Hasher::new();
-        let mut written: u64 = 0;
-        let limit = if desc.size_unknown {
-            MAX_UNKNOWN_SIZE
-        } else {
-            desc.size
-        };
-        let mut cuts = 0;
-        loop {
-            let mut blob = match src.open_blob(desc, written).await {
-                // A resume the registry cannot serve: its blob ends where we are.
-                Err(Error::BlobEndsBefore { .. }) if !desc.size_unknown => {
-                    return Err(short_blob(src, desc, &hasher, written, None));
-                }
-                other => other?,
-            };
-            let before = written;
-            // A server that ignored Range sends bytes we have: skip them (what we kept was
-            // hashed already, and the final digest covers exactly what we keep).
-            let mut skip = written.saturating_sub(blob.start);
-            if skip > 0 {
-                tracing::debug!("{}: range ignored; skipping {skip} bytes", desc.digest);
-            }
-            let mut cut: Option<String> = None;
-            while let Some(chunk) = blob.stream.next().await {
-                let mut chunk = match chunk {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // A stall that got the registry refused is final; one before that
-                        // is resumed like a cut.
-                        if crate::registry::pace::stall_refused(&e) == Some(true) {
-                            return Err(crate::registry::pace::into_stall(e)
-                                .expect("a stall carries its error"));
-                        }
-                        cut = Some(e.to_string());
-                        break;
-                    }
-                };
-                if skip > 0 {
-                    let n = skip.min(chunk.len() as u64);
-                    skip -= n;
-                    chunk = chunk.slice(n as usize..);
-                    if chunk.is_empty() {
-                        continue;
-                    }
-                }
-                written += chunk.len() as u64;
-                if written > limit {
-                    return Err(Error::SizeMismatch {
-                        what: "blob".into(),
-                        digest: desc.digest.clone(),
-                        expected: limit,
-                        actual: written,
-                    });
-                }
-                hasher.update(&chunk);
-                // Plain blocking writes: they land in the page cache, and routing every chunk
-                // through tokio's blocking pool costs more than it saves.
-                if let Some(tmp) = &mut tmp {
-                    tmp.write_all(&chunk).ctx(what)?;
-                }
-                progress(written);
-                if let Some(s) = sink {
-                    // A closed sink means its reader gave up; keep downloading for the cache.
-                    let _ = s.send(chunk).await;
-                }
-            }
-            if !desc.size_unknown && written == desc.size {
-                // Everything arrived, even if the connection then broke: verify it.
-                break;
-            }
-            if cut.is_none() && !desc.size_unknown && written < desc.size {
-                // A response that ended whole and brought nothing new, after a first one
-                // that ended early too: the registry has no more to send. (One short whole
-                // response alone may be a lying `Content-Length`: it is resumed.)
-                if written == before && cuts > 0 {
-                    return Err(short_blob(
-                        src,
-                        desc,
-                        &hasher,
-                        written,
-                        blob.content_type.as_deref(),
-                    ));
-                }
-                cut = Some(format!("stream ended at byte {written} of {}", desc.size));
-            }
-            let Some(reason) = cut else { break };
-            if src.is_local() {
-                return Err(Error::malformed(
-                    what(),
-                    format!("{reason} (the local file is damaged or truncated)"),
-                ));
-            }
-            cuts += 1;
-            if cuts > MAX_RESUMES {
-                return Err(Error::Unreachable {
-                    host: src.name(),
-                    detail: format!(
-                        "{}: gave up after {MAX_RESUMES} interrupted downloads ({reason})",
-                        what()
-                    ),
-                });
-            }
-            tracing::info!("{}: {reason}; resuming at byte {written}", desc.digest);
-            tokio::time::sleep(crate::registry::backoff(cuts)).await;
-        }
-        let actual = hasher.finish();
-        if actual != desc.digest {
-            return Err(Error::DigestMismatch {
-                what: format!("blob from {}", src.name()),
-                expected: desc.digest.clone(),
-                actual,
-            });
-        }
-        let Some(tmp) = tmp else { return Ok(None) };
-        tmp.as_file().sync_data().ctx(what)?;
-        tmp.persist(&dest)
+        let f = tempfile::NamedTempFile::new_in(&tmp_dir)
+            .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
+        rustix::fs::flock(f.as_file(), rustix::fs::FlockOperation::LockShared)
+            .map_err(std::io::Error::from)
+            .ctx(|| format!("locking {}", f.path().display()))?;
+        Ok(f)
+    }
+
+    /// Give a downloaded blob its name. Only for bytes whose sha256 the caller has checked
+    /// to be `digest` (and their size the descriptor's): nothing unverified gets a name.
+    pub fn store_blob(
+        &self,
+        verified: tempfile::NamedTempFile,
+        digest: &Digest,
+    ) -> Result<PathBuf> {
+        let dest = self.blob_path(digest);
+        verified
+            .as_file()
+            .sync_data()
+            .ctx(|| format!("writing blob {digest}"))?;
+        verified
+            .persist(&dest)
             .map_err(|e| e.error)
             .ctx(|| format!("storing {}", dest.display()))?;
-        Ok(Some(dest))
-    }
-
-    /// Fetch every blob of `descs` with at most `jobs` downloads in flight. A digest listed
-    /// twice is fetched once. Returns the paths in the order of `descs`.
-    pub async fn fetch_all(
-        &self,
-        src: &Source,
-        descs: &[&Descriptor],
-        jobs: usize,
-    ) -> Result<Vec<PathBuf>> {
-        let mut seen = std::collections::HashSet::new();
-        let unique: Vec<&Descriptor> = descs
-            .iter()
-            .copied()
-            .filter(|d| seen.insert(d.digest.clone()))
-            .collect();
-        futures_util::stream::iter(unique)
-            .map(|d| self.fetch(src, d))
-            .buffer_unordered(jobs.max(1))
-            .try_collect::<Vec<_>>()
-            .await?;
-        Ok(descs.iter().map(|d| self.blob_path(&d.digest)).collect())
-    }
-}
-
-/// Send a cached blob's bytes to a download consumer.
-async fn feed_from_file(path: &Path, sink: &tokio::sync::mpsc::Sender<bytes::Bytes>) -> Result<()> {
-    use tokio::io::AsyncReadExt;
-    let mut f = tokio::fs::File::open(path)
-        .await
-        .ctx(|| format!("opening {}", path.display()))?;
-    loop {
-        let mut buf = bytes::BytesMut::with_capacity(256 << 10);
-        let n = f
-            .read_buf(&mut buf)
-            .await
-            .ctx(|| format!("reading {}", path.display()))?;
-        if n == 0 || sink.send(buf.freeze()).await.is_err() {
-            return Ok(());
-        }
-    }
-}
-
-/// The error for blob `desc` when the registry has no bytes past `received` though the
-/// descriptor claims more: either the bytes are the blob and the descriptor's size is wrong,
-/// or they are something else (an HTML error page with status 200, say), named by its type.
-fn short_blob(
-    src: &Source,
-    desc: &Descriptor,
-    hasher: &Hasher,
-    received: u64,
-    content_type: Option<&str>,
-) -> Error {
-    let actual = hasher.clone().finish();
-    let what = format!("blob from {}", src.name());
-    if actual == desc.digest {
-        return Error::BlobShorter {
-            what,
-            digest: desc.digest.clone(),
-            expected: desc.size,
-            actual: received,
-        };
-    }
-    Error::NotTheBlob {
-        what,
-        expected: desc.digest.clone(),
-        actual,
-        received,
-        size: desc.size,
-        content_type: content_type.map_or("no stated type".into(), |t| format!("content-type {t}")),
+        Ok(dest)
     }
 }

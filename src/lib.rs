@@ -1,5 +1,5 @@
-//! imgfs: use a container image without a container engine — inspect it, fetch it, and (in
-//! later modules) mount it lazily or flatten it to disk. See ARCHITECTURE.md for the codemap.
+//! imgfs: use a container image without a container engine — inspect it, mount it lazily,
+//! flatten it to disk, or answer questions about it. See ARCHITECTURE.md for the codemap.
 
 pub mod artifact;
 pub mod bufpool;
@@ -7,6 +7,7 @@ pub mod cache;
 pub mod cli;
 pub mod digest;
 pub mod error;
+pub mod fetch;
 pub mod flatten;
 pub mod fuse;
 #[doc(hidden)]

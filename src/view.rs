@@ -788,7 +788,11 @@ impl Fetcher {
         self.stats.blob_fallbacks.fetch_add(1, Ordering::Relaxed);
         let path = self
             .rt
-            .block_on(self.cache.fetch(&self.src, &layer.descriptor))
+            .block_on(crate::fetch::blob(
+                &self.cache,
+                &self.src,
+                &layer.descriptor,
+            ))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let f = File::open(&path)?;
         Ok(layer.local.get_or_init(|| f))
@@ -1024,8 +1028,8 @@ impl ImageView {
                         let indexing = tokio::task::spawn_blocking(move || {
                             build_index(crate::layer::ChannelReader::new(rx), compression, limits)
                         });
-                        let fetched = cache
-                            .stream_blob(
+                        let fetched = crate::fetch::stream_blob(
+                                cache,
                                 src_ref,
                                 &layer.descriptor,
                                 &|_| {},

@@ -461,3 +461,26 @@ fn odd_metadata_is_served_as_written_or_dropped_where_linux_cannot_hold_it() {
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.contains("1969-12-31 23:59:55 x"), "{listing}");
 }
+
+#[test]
+fn thousands_of_refused_xattrs_make_one_warning() {
+    let names: Vec<String> = (0..3000)
+        .map(|i| format!("SCHILY.xattr.user.attr{i:04}"))
+        .collect();
+    let records: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "some value")).collect();
+    let mut t = raw_pax(&records);
+    t.extend(raw_file("many", b"x\n"));
+    t.extend([0u8; 1024]);
+    let image = image_of("dialect/xattrs", vec![t]);
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("rootfs");
+    let out = imgfs(
+        &work.path().join("cache"),
+        &["pull", "-q", &image, target.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // The filesystem holds a few of them (ext4: one block); the rest are refused, once.
+    let warned = err.lines().filter(|l| l.contains("xattr")).count();
+    assert!((1..=2).contains(&warned), "{warned} warning lines: {err}");
+}

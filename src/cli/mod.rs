@@ -410,8 +410,7 @@ impl Global {
         let source = Source::open(&reference, &opts)
             .await
             .with_context(|| format!("opening {reference}"))?;
-        let image = source
-            .resolve(&cache, self.platform()?.as_ref())
+        let image = crate::fetch::resolve(&cache, &source, self.platform()?.as_ref())
             .await
             .with_context(|| format!("resolving {reference}"))?;
         Ok(Opened {
@@ -460,8 +459,7 @@ async fn fetch(g: &Global, args: FetchArgs) -> Result<()> {
         image,
     } = g.open(&args.image).await?;
     let layers: Vec<_> = image.layers.iter().map(|l| &l.descriptor).collect();
-    let paths = cache
-        .fetch_all(&source, &layers, args.jobs)
+    let paths = crate::fetch::all(&cache, &source, &layers, args.jobs)
         .await
         .with_context(|| format!("fetching {}", image.reference))?;
     let mut seen = std::collections::HashSet::new();

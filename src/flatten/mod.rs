@@ -397,9 +397,14 @@ async fn extract_all(
                                 &cancel,
                             )
                         });
-                        let fetched = cache
-                            .fetch_into(src, &layer.descriptor, &progress, Some(&tx))
-                            .await;
+                        let fetched = crate::fetch::blob_into(
+                            cache,
+                            src,
+                            &layer.descriptor,
+                            &progress,
+                            Some(&tx),
+                        )
+                        .await;
                         drop(tx);
                         bar.set_message("extracting");
                         let extracted = extraction.await.map_err(join_error)?;

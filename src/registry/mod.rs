@@ -24,7 +24,6 @@ use serde::Deserialize;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::{self, media};
-use crate::source::BlobStream;
 pub use pace::Pace;
 use pace::{STALL_ATTEMPTS, StallBook, Watched, secs};
 
@@ -32,6 +31,19 @@ use pace::{STALL_ATTEMPTS, StallBook, Watched, secs};
 const MAX_ATTEMPTS: u32 = 5;
 /// How long a mirror that failed to answer is left alone before it is asked again.
 const MIRROR_REST: Duration = Duration::from_secs(60);
+
+/// A blob's bytes from `start` on (where a source could not honour the offset asked for,
+/// `start` is 0 and the consumer starts over). Local sources make them too.
+pub struct BlobStream {
+    pub start: u64,
+    /// The source honoured the range asked for (always true for local files; for a registry,
+    /// it answered 206).
+    pub ranged: bool,
+    /// The response's `Content-Type`, if any: for errors about what was received.
+    pub content_type: Option<String>,
+    pub stream:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send>>,
+}
 
 /// Options that shape how hosts are reached.
 #[derive(Clone, Debug, Default)]

@@ -2,7 +2,7 @@
 //! behind one interface that resolves a reference to an [`Image`] and streams its blobs.
 //!
 //! A source only produces bytes; it never trusts them. Manifests are verified here, blobs by
-//! [`crate::cache::Cache::fetch`] as they are stored.
+//! [`crate::fetch`] as they are stored.
 
 mod archive;
 mod layout;
@@ -13,27 +13,15 @@ use std::pin::Pin;
 use bytes::Bytes;
 use futures_util::Stream;
 
-use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::{self, Descriptor, Image, Parsed, Platform};
 use crate::reference::{ImageRef, RegistryRef};
 use crate::registry::{Client, ClientOptions, RawManifest};
 
+pub use crate::registry::BlobStream;
 pub use archive::ArchiveSource;
 pub use layout::LayoutSource;
-
-/// A blob's bytes from `start` on (where a source could not honour the offset asked for,
-/// `start` is 0 and the consumer starts over).
-pub struct BlobStream {
-    pub start: u64,
-    /// The source honoured the range asked for (always true for local files; for a registry,
-    /// it answered 206).
-    pub ranged: bool,
-    /// The response's `Content-Type`, if any: for errors about what was received.
-    pub content_type: Option<String>,
-    pub stream: Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>,
-}
 
 /// Options for opening any source.
 #[derive(Clone, Debug, Default)]
@@ -125,12 +113,17 @@ impl Source {
     }
 
     /// Resolve to one image: follow an index to the entry for `platform` (the host's when
-    /// `None`), verify each manifest, and fetch the config through `cache`. An explicit
+    /// `None`), verify each manifest, and get the config's bytes from `config` (which must
+    /// verify them: `crate::fetch::resolve` fetches them into the cache). An explicit
     /// `platform` that a single-platform image does not match is an error.
-    pub async fn resolve(&self, cache: &Cache, platform: Option<&Platform>) -> Result<Image> {
+    pub async fn resolve(
+        &self,
+        platform: Option<&Platform>,
+        config: impl AsyncFnOnce(&Descriptor) -> Result<Vec<u8>>,
+    ) -> Result<Image> {
         let image = match self {
             Source::Archive(a) => a.image().clone(),
-            _ => self.resolve_manifests(cache, platform).await?,
+            _ => self.resolve_manifests(platform, config).await?,
         };
         if let Some(p) = platform
             && image.index_digest.is_none()
@@ -145,7 +138,11 @@ impl Source {
         Ok(image)
     }
 
-    async fn resolve_manifests(&self, cache: &Cache, platform: Option<&Platform>) -> Result<Image> {
+    async fn resolve_manifests(
+        &self,
+        platform: Option<&Platform>,
+        config: impl AsyncFnOnce(&Descriptor) -> Result<Vec<u8>>,
+    ) -> Result<Image> {
         let mut raw = self.root_manifest().await?;
         let mut parsed = manifest::parse(&raw.bytes, raw.content_type.as_deref())?;
         let mut index_digest = None;
@@ -163,13 +160,7 @@ impl Source {
             }
         }
         let raw_config = match &parsed {
-            Parsed::Image { config, .. } => {
-                let path = cache.fetch(self, config).await?;
-                tokio::fs::read(&path).await.map_err(|e| Error::Io {
-                    context: format!("reading cached config {}", path.display()),
-                    cause: e,
-                })?
-            }
+            Parsed::Image { config: desc, .. } => config(desc).await?,
             _ => Vec::new(),
         };
         manifest::image_from_parts(
