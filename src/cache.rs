@@ -340,6 +340,52 @@ impl Cache {
             .collect()
     }
 
+    /// What `imgfs cache prune` removes: temporary files no download holds, logs idle for a
+    /// week, and blobs and chunks — all of them, or least recently used first until the
+    /// cache holds at most `max_size` bytes; indexes too when `all` (otherwise they stay:
+    /// they are small and costly to rebuild).
+    pub fn prune_plan(&self, max_size: Option<u64>, all: bool) -> Vec<CacheEntry> {
+        const STALE_LOG: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+        let now = std::time::SystemTime::now();
+        let mut doomed = self.abandoned_tmp();
+        doomed.extend(
+            self.entries(Kind::Log)
+                .into_iter()
+                .filter(|e| now.duration_since(e.used).unwrap_or_default() > STALE_LOG),
+        );
+        // Blobs and chunks compete for the space, least recently used first.
+        let mut data = self.entries(Kind::Blob);
+        data.extend(self.entries(Kind::Chunk));
+        data.sort_by_key(|e| e.used);
+        let indexes = self.entries(Kind::Index);
+        let Some(max) = max_size else {
+            doomed.extend(data);
+            if all {
+                doomed.extend(indexes);
+            }
+            return doomed;
+        };
+        let mut total: u64 = data.iter().chain(&indexes).map(|e| e.size).sum();
+        let mut pool = data;
+        if all {
+            pool.extend(indexes);
+            pool.sort_by_key(|e| e.used);
+        }
+        for e in pool {
+            if total <= max {
+                break;
+            }
+            total -= e.size;
+            doomed.push(e);
+        }
+        doomed
+    }
+
+    /// Remove one entry (running readers keep what they have open).
+    pub fn remove(&self, e: &CacheEntry) -> std::io::Result<()> {
+        std::fs::remove_file(&e.path)
+    }
+
     /// Bytes in the chunk store.
     pub fn chunk_usage(&self) -> u64 {
         self.entries(Kind::Chunk).iter().map(|e| e.size).sum()

@@ -54,7 +54,7 @@ const MAX_RANGE: u64 = 64 << 20;
 const RANGE_ATTEMPTS: u32 = 3;
 
 /// What to fetch besides what readers ask for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Prefetch {
     /// Nothing: every byte fetched was asked for by a read.
     None,

@@ -9,7 +9,7 @@ use bytesize::ByteSize;
 use clap::{Args, Subcommand};
 
 use super::Global;
-use crate::cache::{CacheEntry, Kind};
+use crate::cache::Kind;
 
 #[derive(Args)]
 pub struct CacheArgs {
@@ -42,9 +42,6 @@ struct PruneArgs {
     #[arg(long, short = 'n')]
     dry_run: bool,
 }
-
-/// Mount logs untouched this long are old news.
-const STALE_LOG: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub fn run(g: &Global, args: CacheArgs) -> Result<()> {
     let cache = g.cache()?;
@@ -100,51 +97,13 @@ fn age_string(d: Duration) -> String {
 }
 
 fn prune(cache: &crate::cache::Cache, p: &PruneArgs) {
-    let now = SystemTime::now();
-    let idle = |e: &CacheEntry| now.duration_since(e.used).unwrap_or_default();
-    let mut doomed: Vec<CacheEntry> = Vec::new();
-    doomed.extend(cache.abandoned_tmp());
-    doomed.extend(
-        cache
-            .entries(Kind::Log)
-            .into_iter()
-            .filter(|e| idle(e) > STALE_LOG),
-    );
-    // Blobs and chunks compete for the space, least recently used first.
-    let mut data: Vec<CacheEntry> = cache.entries(Kind::Blob);
-    data.extend(cache.entries(Kind::Chunk));
-    data.sort_by_key(|e| e.used);
-    let indexes = cache.entries(Kind::Index);
-    match p.max_size {
-        None => {
-            doomed.extend(data);
-            if p.all {
-                doomed.extend(indexes);
-            }
-        }
-        Some(max) => {
-            let kept_size = |v: &[CacheEntry]| v.iter().map(|e| e.size).sum::<u64>();
-            let mut total = kept_size(&data) + kept_size(&indexes);
-            let mut pool = data;
-            if p.all {
-                pool.extend(indexes);
-                pool.sort_by_key(|e| e.used);
-            }
-            for e in pool {
-                if total <= max.as_u64() {
-                    break;
-                }
-                total -= e.size;
-                doomed.push(e);
-            }
-        }
-    }
+    let doomed = cache.prune_plan(p.max_size.map(|m| m.as_u64()), p.all);
     let mut freed = 0;
     let mut count = 0;
     for e in &doomed {
         if p.dry_run {
             println!("would remove {} {}", e.kind.name(), e.name);
-        } else if let Err(err) = std::fs::remove_file(&e.path) {
+        } else if let Err(err) = cache.remove(e) {
             eprintln!("imgfs: keeping {}: {err}", e.path.display());
             continue;
         }

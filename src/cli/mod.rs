@@ -76,6 +76,17 @@ struct NoImage {
     max_uncompressed_size: bytesize::ByteSize,
 }
 
+/// `--prefetch`: the command line's face of [`Prefetch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PrefetchArg {
+    /// Nothing: every byte fetched was asked for by a read
+    None,
+    /// Spans ahead of sequential readers
+    Auto,
+    /// Everything, in the background after the mount is ready
+    All,
+}
+
 /// How `mount`, `ls` and `cat` get file bytes.
 #[derive(Args, Clone)]
 struct ReadArgs {
@@ -84,8 +95,8 @@ struct ReadArgs {
     keep_blobs: bool,
     /// What to fetch besides what is read: nothing, spans ahead of sequential reads, or
     /// everything in the background
-    #[arg(long, value_enum, default_value_t = Prefetch::Auto)]
-    prefetch: Prefetch,
+    #[arg(long, value_enum, default_value_t = PrefetchArg::Auto)]
+    prefetch: PrefetchArg,
     /// Most disk space for fetched spans in the cache (oldest go first)
     #[arg(long, value_name = "SIZE", default_value = "1GiB")]
     chunk_cache: bytesize::ByteSize,
@@ -104,7 +115,11 @@ impl ReadArgs {
             limits: g.limits(),
             layers: self.layer,
             keep_blobs: self.keep_blobs,
-            prefetch: self.prefetch,
+            prefetch: match self.prefetch {
+                PrefetchArg::None => Prefetch::None,
+                PrefetchArg::Auto => Prefetch::Auto,
+                PrefetchArg::All => Prefetch::All,
+            },
             chunk_cache: self.chunk_cache.as_u64(),
             remote_index: !self.no_remote_index,
             ..ViewOptions::default()

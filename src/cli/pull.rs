@@ -68,7 +68,9 @@ pub async fn run(g: &Global, args: PullArgs) -> Result<()> {
         out,
         &PullOptions {
             jobs: args.jobs,
-            progress: !args.quiet,
+            progress: (!args.quiet).then(|| {
+                std::sync::Arc::new(Bars::default()) as std::sync::Arc<dyn flatten::PullProgress>
+            }),
             limits: g.limits(),
             cancel,
         },
@@ -104,4 +106,64 @@ pub async fn run(g: &Global, args: PullArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Progress bars for a pull: one per layer and one for all (indicatif draws only on a
+/// terminal).
+#[derive(Default)]
+struct Bars {
+    multi: indicatif::MultiProgress,
+    layers: std::sync::Mutex<Vec<(indicatif::ProgressBar, u64)>>,
+    overall: std::sync::OnceLock<indicatif::ProgressBar>,
+}
+
+impl flatten::PullProgress for Bars {
+    fn start(&self, layers: &[(crate::digest::Digest, u64)]) {
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}",
+        )
+        .expect("a valid template");
+        let total = layers.iter().map(|(_, n)| n).sum();
+        let mut bars = self.layers.lock().unwrap();
+        for (digest, size) in layers {
+            let bar = self
+                .multi
+                .add(indicatif::ProgressBar::new(*size).with_style(style.clone()));
+            bar.set_prefix(digest.short().to_string());
+            bars.push((bar, 0));
+        }
+        let overall = self
+            .multi
+            .add(indicatif::ProgressBar::new(total).with_style(style));
+        overall.set_prefix("all layers  ");
+        let _ = self.overall.set(overall);
+    }
+
+    fn bytes(&self, layer: usize, received: u64) {
+        let mut bars = self.layers.lock().unwrap();
+        if let Some((bar, last)) = bars.get_mut(layer) {
+            bar.set_position(received);
+            if let Some(o) = self.overall.get() {
+                o.inc(received.saturating_sub(*last));
+            }
+            *last = received;
+        }
+    }
+
+    fn state(&self, layer: usize, state: &str) {
+        if let Some((bar, _)) = self.layers.lock().unwrap().get(layer) {
+            if state == "done" {
+                bar.finish_with_message("done");
+            } else {
+                bar.set_message(state.to_string());
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(o) = self.overall.get() {
+            o.finish_and_clear();
+        }
+        self.multi.clear().ok();
+    }
 }

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use futures_util::{StreamExt, TryStreamExt};
 
 use crate::cache::Cache;
+use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{self, LayerIndex};
 use crate::manifest::Image;
@@ -43,17 +44,29 @@ pub enum Output {
     Git(PathBuf),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PullOptions {
     /// Layers fetched and extracted at once.
     pub jobs: usize,
-    /// Draw progress bars (they draw only on a terminal in any case).
-    pub progress: bool,
+    /// Told what the pull is doing, layer by layer (the cli draws bars from it).
+    pub progress: Option<Arc<dyn PullProgress>>,
     /// Limits on each layer's uncompressed stream.
     pub limits: index::Limits,
     /// Cancelled, the pull stops, removes what it built and fails with
     /// [`Error::Interrupted`].
     pub cancel: tokio_util::sync::CancellationToken,
+}
+
+/// What a pull tells its caller as it goes. Layers are numbered from 0, in image order.
+pub trait PullProgress: Send + Sync {
+    /// Before anything is fetched: every layer's digest and compressed size.
+    fn start(&self, layers: &[(Digest, u64)]);
+    /// Compressed bytes of layer `layer` received so far.
+    fn bytes(&self, layer: usize, received: u64);
+    /// What layer `layer` is doing now ("extracting", "again, from the registry", "done").
+    fn state(&self, layer: usize, state: &str);
+    /// All layers are in.
+    fn finish(&self);
 }
 
 /// What a pull did, for the closing summary.
@@ -312,17 +325,20 @@ async fn extract_all(
     let staging: Vec<PathBuf> = (0..image.layers.len())
         .map(|i| staging_root.join(i.to_string()))
         .collect();
-    let bars = indicatif::MultiProgress::new();
-    if !opts.progress {
-        bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    let progress = opts.progress.clone();
+    if let Some(p) = &progress {
+        let layers: Vec<(Digest, u64)> = image
+            .layers
+            .iter()
+            .map(|l| (l.descriptor.digest.clone(), l.descriptor.size))
+            .collect();
+        p.start(&layers);
     }
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix} {bar:30} {bytes:>10}/{total_bytes:<10} {msg}",
-    )
-    .expect("a valid template");
-    let total: u64 = image.layers.iter().map(|l| l.descriptor.size).sum();
-    let overall = bars.add(indicatif::ProgressBar::new(total).with_style(style.clone()));
-    overall.set_prefix("all layers  ");
+    let tell = |i: usize, state: &str| {
+        if let Some(p) = &progress {
+            p.state(i, state);
+        }
+    };
     let needed = skip_shadowed
         .then(|| needed_entries(cache, image))
         .flatten();
@@ -333,18 +349,12 @@ async fn extract_all(
             let cancel = opts.cancel.clone();
             let w = warnings.clone();
             let needed = needed.as_ref().map(|n| n[i].clone());
-            let bar = bars.insert_before(
-                &overall,
-                indicatif::ProgressBar::new(layer.descriptor.size).with_style(style.clone()),
-            );
-            bar.set_prefix(layer.descriptor.digest.short().to_string());
-            let overall = overall.clone();
+            let sink = progress.clone();
             async move {
-                let last = std::sync::atomic::AtomicU64::new(0);
                 let progress = |n: u64| {
-                    bar.set_position(n);
-                    let before = last.swap(n, std::sync::atomic::Ordering::Relaxed);
-                    overall.inc(n.saturating_sub(before));
+                    if let Some(p) = &sink {
+                        p.bytes(i, n);
+                    }
                 };
                 let compression = layer.compression;
                 let digest = layer.descriptor.digest.clone();
@@ -357,7 +367,7 @@ async fn extract_all(
                 };
                 let result = if cache.has_blob(&layer.descriptor.digest) {
                     let blob = cache.blob_path(&layer.descriptor.digest);
-                    bar.set_message("extracting");
+                    tell(i, "extracting");
                     tokio::task::spawn_blocking(move || {
                         let tar = crate::layer::open_tar_stream(&blob, compression)?;
                         extract_layer(
@@ -406,7 +416,7 @@ async fn extract_all(
                         )
                         .await;
                         drop(tx);
-                        bar.set_message("extracting");
+                        tell(i, "extracting");
                         let extracted = extraction.await.map_err(join_error)?;
                         match fetched {
                             // Wrong bytes, and a mirror may have sent them: this layer once
@@ -422,7 +432,7 @@ async fn extract_all(
                                 })
                                 .await
                                 .map_err(join_error)??;
-                                bar.set_message("again, from the registry");
+                                tell(i, "again, from the registry");
                             }
                             // A failed download explains a failed extraction, not the reverse.
                             fetched => {
@@ -433,7 +443,7 @@ async fn extract_all(
                     }
                 }
                 .map_err(name_errors);
-                bar.finish_with_message("done");
+                tell(i, "done");
                 let index = result?;
                 // Never over a cached one: it may carry seek points (built by a mount) that this
                 // one lacks, and rewriting an unchanged index is wasted work.
@@ -448,8 +458,9 @@ async fn extract_all(
         .buffered(opts.jobs.max(1))
         .try_collect()
         .await?;
-    overall.finish_and_clear();
-    bars.clear().ok();
+    if let Some(p) = &progress {
+        p.finish();
+    }
     Ok((indexes, staging))
 }
 
