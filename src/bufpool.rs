@@ -11,7 +11,7 @@
 
 use std::sync::Mutex;
 
-use crate::layer::seek::SPAN;
+use crate::index::seek_points::SPAN;
 
 /// The capacity of every pooled buffer: a 4 MiB span with room for its tail (a piece with
 /// its span's short tail, or a compressed span of data deflate could not shrink).

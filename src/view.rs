@@ -28,9 +28,12 @@ use crate::bufpool;
 use crate::cache::Cache;
 use crate::digest::{Digest, SpanDigest};
 use crate::error::{Error, IoContext, Result};
+use crate::index::SeekPoints;
+use crate::index::seek_points::SPAN;
 use crate::index::{self, LayerIndex};
 use crate::layer::estargz::{self, Chunk};
-use crate::layer::seek::{self, SeekPoints, SpanBytes, Stored};
+use crate::layer::gzip::{self, Stored};
+use crate::layer::span::{PlainIndexingReader, SpanBytes};
 use crate::manifest::{Compression, Descriptor, Image};
 use crate::source::Source;
 use crate::tree::{self, InodeId, Tree};
@@ -346,18 +349,18 @@ fn build_index(
     );
     match compression {
         Compression::Gzip => indexed(
-            seek::IndexingReader::new(buffered).ctx(|| "starting to decompress".into())?,
-            seek::IndexingReader::seek_points,
+            gzip::IndexingReader::new(buffered).ctx(|| "starting to decompress".into())?,
+            gzip::IndexingReader::seek_points,
             limits,
         ),
         Compression::Zstd => indexed(
-            crate::layer::zstd_seek::ZstdIndexingReader::new(buffered),
-            crate::layer::zstd_seek::ZstdIndexingReader::seek_points,
+            crate::layer::zstd::ZstdIndexingReader::new(buffered),
+            crate::layer::zstd::ZstdIndexingReader::seek_points,
             limits,
         ),
         Compression::None => indexed(
-            seek::PlainIndexingReader::new(buffered),
-            seek::PlainIndexingReader::seek_points,
+            PlainIndexingReader::new(buffered),
+            PlainIndexingReader::seek_points,
             limits,
         ),
     }
@@ -411,10 +414,8 @@ fn decompress_at(
 ) -> std::io::Result<Vec<u8>> {
     let out = bufpool::take(len);
     match compression {
-        Compression::Zstd => {
-            crate::layer::zstd_seek::read_at(blob, &sp.checkpoints, start, len, out)
-        }
-        Compression::Gzip => seek::read_at(blob, &sp.checkpoints, start, len, out),
+        Compression::Zstd => crate::layer::zstd::read_at(blob, &sp.checkpoints, start, len, out),
+        Compression::Gzip => gzip::read_at(blob, &sp.checkpoints, start, len, out),
         Compression::None => {
             use std::io::Read;
             blob.seek(std::io::SeekFrom::Start(start))?;
@@ -1507,7 +1508,7 @@ impl ImageView {
         let start = entry.offset + offset;
         let prev = layer.last_end.swap(start + len as u64, Ordering::Relaxed);
         // Readahead sends a few reads at once, so "sequential" allows some reordering.
-        if prev.abs_diff(start) > seek::SPAN {
+        if prev.abs_diff(start) > SPAN {
             return;
         }
         let Ok(sp) = layer.seek() else { return };
@@ -1560,13 +1561,13 @@ fn piece_at(sp: &SeekPoints, data_end: u64, pos: u64) -> std::io::Result<(usize,
 
 /// The piece of span `[cp_start, cp_end)` (`None`: to the end of the layer) that holds
 /// uncompressed offset `pos`, as (start, length). Pieces are the unit decompressed and
-/// cached: [`seek::SPAN`] bytes aligned from the seek point, however far apart seek points
+/// cached: [`SPAN`] bytes aligned from the seek point, however far apart seek points
 /// are (a single-frame zstd layer has only one). A span's tail shorter than a quarter piece
 /// is part of the piece before it: as a piece of its own, reaching it would mean
 /// decompressing the whole piece before it again (seek points are a little over SPAN
 /// apart, so every span would cost two decompressions of it).
 fn piece_of(cp_start: u64, cp_end: Option<u64>, pos: u64) -> (u64, usize) {
-    let span = seek::SPAN;
+    let span = SPAN;
     let i = (pos - cp_start) / span;
     let Some(end) = cp_end else {
         return (cp_start + i * span, span as usize);
@@ -1586,7 +1587,7 @@ fn piece_of(cp_start: u64, cp_end: Option<u64>, pos: u64) -> (u64, usize) {
 mod tests {
     use super::{Compression, SeekPoints, decompress_at, piece_of};
     use crate::bufpool;
-    use crate::layer::seek::SPAN;
+    use crate::index::seek_points::SPAN;
 
     #[test]
     fn a_reused_piece_buffer_never_adds_old_bytes() {

@@ -31,7 +31,7 @@ struct Payload<'a> {
     // Borrowed from the decompressed payload: decoding allocates each path once.
     #[serde(borrow)]
     entries: Vec<Enc<'a>>,
-    seek: Option<crate::layer::seek::SeekPoints>,
+    seek: Option<crate::index::SeekPoints>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -297,8 +297,8 @@ mod tests {
             },
         };
         LayerIndex {
-            seek: Some(crate::layer::seek::SeekPoints {
-                checkpoints: vec![crate::layer::seek::Checkpoint {
+            seek: Some(crate::index::SeekPoints {
+                checkpoints: vec![crate::index::seek_points::Checkpoint {
                     in_offset: 10,
                     bits: 3,
                     out_offset: 4 << 20,
@@ -330,7 +330,7 @@ mod tests {
     fn windows_encode_as_the_byte_sequence_they_were_before_serde_bytes() {
         // `serde_bytes` only speeds decoding up: postcard writes bytes and a sequence of
         // u8 alike, so indexes written before it still decode.
-        let cp = crate::layer::seek::Checkpoint {
+        let cp = crate::index::seek_points::Checkpoint {
             in_offset: 300,
             bits: 3,
             out_offset: 70_000,
@@ -341,7 +341,7 @@ mod tests {
             postcard::to_allocvec(&cp).unwrap(),
             postcard::to_allocvec(&as_seq).unwrap()
         );
-        let back: crate::layer::seek::Checkpoint =
+        let back: crate::index::seek_points::Checkpoint =
             postcard::from_bytes(&postcard::to_allocvec(&as_seq).unwrap()).unwrap();
         assert_eq!(back, cp);
     }

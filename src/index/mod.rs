@@ -6,8 +6,10 @@
 //! `..` that would climb out of the image root is refused), so no later stage sees them raw.
 
 pub mod codec;
+pub mod seek_points;
 pub mod tarstream;
 
+pub use seek_points::SeekPoints;
 pub use tarstream::{Limits, Region};
 
 use std::io::Read;
@@ -77,7 +79,7 @@ impl Entry {
 pub struct LayerIndex {
     pub entries: Vec<Entry>,
     /// Gzip seek points and span digests; `None` when not recorded.
-    pub seek: Option<crate::layer::seek::SeekPoints>,
+    pub seek: Option<SeekPoints>,
 }
 
 /// Normalise a tar path.

@@ -1,10 +1,11 @@
 //! Layer blobs as tar streams: undo gzip or zstd (or nothing) on a verified blob, as one
-//! stream (`decompress`) or with seek points for random access (`seek`, `zstd_seek`,
-//! `estargz`).
+//! stream (`decompress`), or with seek points for random access, one module per format
+//! (`gzip`, `zstd`, plain in `span`, `estargz`).
 
 pub mod estargz;
-pub mod seek;
-pub mod zstd_seek;
+pub mod gzip;
+pub mod span;
+pub mod zstd;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -59,7 +60,7 @@ pub fn decompress(
     Ok(match compression {
         Compression::None => Box::new(buffered),
         Compression::Gzip => Box::new(GzipMembers::new(buffered)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
+        Compression::Zstd => Box::new(::zstd::stream::read::Decoder::with_buffer(buffered)?),
     })
 }
 
@@ -161,7 +162,7 @@ impl<R: BufRead> Read for GzipMembers<R> {
                 self.between = Some(r);
                 continue;
             }
-            seek::skip_header(&mut r)?;
+            gzip::skip_header(&mut r)?;
             self.produced = 0;
             self.member = Some(flate2::bufread::DeflateDecoder::new(r));
         }

@@ -4,6 +4,9 @@
 //! checkpoint, a raw inflater primed with those bits and that window decompresses onward, so
 //! any byte range costs at most one span of decompression instead of the whole layer.
 //!
+//! Also the stored-block fast path ([`Stored`]): where deflate kept data verbatim, a read of a
+//! local blob copies it out instead of inflating.
+//!
 //! Written on libz-rs-sys's zlib API because only that exposes what this needs
 //! (`Z_BLOCK`, `inflatePrime`, `inflateSetDictionary`); flate2 hides them.
 
@@ -12,29 +15,11 @@ use std::io::{BufRead, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 
 use libz_rs_sys as z;
-use serde::{Deserialize, Serialize};
 
-use crate::digest::SpanDigest;
+use super::span::SpanHasher;
+use crate::index::seek_points::{Checkpoint, SPAN, SeekPoints, checkpoint_before};
 
-/// Uncompressed bytes between checkpoints: a read decompresses at most this much extra.
-pub const SPAN: u64 = 4 << 20;
 const WINDOW: usize = 32 << 10;
-
-/// A place to resume decompression.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Offset in the compressed blob of the first byte the inflater has not used up.
-    pub in_offset: u64,
-    /// How many bits of the byte before `in_offset` belong to what follows (0–7).
-    pub bits: u8,
-    /// Offset in the uncompressed stream.
-    pub out_offset: u64,
-    /// The output just before `out_offset` (up to 32 KiB; empty at the start of a member).
-    /// As bytes, not a sequence: the same bytes in postcard, decoded in one copy instead of
-    /// one call per byte (that was a third of a `cat`'s CPU on the bench image).
-    #[serde(with = "serde_bytes")]
-    pub window: Vec<u8>,
-}
 
 pub(super) fn err(msg: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, format!("gzip: {msg}"))
@@ -211,81 +196,6 @@ fn at_end(r: &mut impl BufRead, pos: &mut u64) -> std::io::Result<bool> {
     }
 }
 
-/// A `BufRead` that hashes every byte its user consumes, in spans cut by [`Self::cut`].
-pub(super) struct SpanHasher<R: BufRead> {
-    pub(super) inner: R,
-    pub(super) hasher: Option<blake3::Hasher>,
-    pub(super) last: Option<u8>,
-    pub(super) spans: Vec<SpanDigest>,
-}
-
-impl<R: BufRead> SpanHasher<R> {
-    /// End the current span (if any) and start one; `with_last` makes the new span begin
-    /// with the byte consumed last (a checkpoint in the middle of a byte needs it).
-    pub(super) fn cut(&mut self, with_last: bool) {
-        if let Some(h) = self.hasher.take() {
-            self.spans.push(SpanDigest::of_hasher(&h));
-        }
-        let mut h = blake3::Hasher::new();
-        if with_last && let Some(b) = self.last {
-            h.update(&[b]);
-        }
-        self.hasher = Some(h);
-    }
-
-    pub(super) fn new(inner: R) -> SpanHasher<R> {
-        SpanHasher {
-            inner,
-            hasher: None,
-            last: None,
-            spans: Vec::new(),
-        }
-    }
-
-    /// End the last span; with the checkpoints the spans start at, what indexing recorded.
-    pub(super) fn into_seek_points(mut self, checkpoints: Vec<Checkpoint>) -> SeekPoints {
-        if let Some(h) = self.hasher.take() {
-            self.spans.push(SpanDigest::of_hasher(&h));
-        }
-        SeekPoints {
-            checkpoints,
-            span_digests: self.spans,
-        }
-    }
-}
-
-impl<R: BufRead> Read for SpanHasher<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = {
-            let avail = self.fill_buf()?;
-            let n = avail.len().min(buf.len());
-            buf[..n].copy_from_slice(&avail[..n]);
-            n
-        };
-        self.consume(n);
-        Ok(n)
-    }
-}
-
-impl<R: BufRead> BufRead for SpanHasher<R> {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        self.inner.fill_buf()
-    }
-
-    fn consume(&mut self, amt: usize) {
-        if amt > 0
-            && let Ok(buf) = self.inner.fill_buf()
-        {
-            let used = &buf[..amt.min(buf.len())];
-            if let Some(h) = &mut self.hasher {
-                h.update(used);
-            }
-            self.last = used.last().copied().or(self.last);
-        }
-        self.inner.consume(amt);
-    }
-}
-
 /// Decompresses a gzip stream (any number of members) as a `Read`, recording checkpoints
 /// every [`SPAN`] bytes of output. Like [`super::GzipMembers`], it skips the CRC-32 and checks
 /// the length in each trailer.
@@ -303,16 +213,6 @@ pub struct IndexingReader<R: BufRead> {
     ring_next: usize,
     span: u64,
     pub checkpoints: Vec<Checkpoint>,
-}
-
-/// What indexing a gzip stream records besides the tar entries.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SeekPoints {
-    pub checkpoints: Vec<Checkpoint>,
-    /// BLAKE3 of the compressed bytes each checkpoint's span reads: from the checkpoint (one
-    /// byte earlier when it sits mid-byte) to the next checkpoint's `in_offset`, the last one
-    /// to the end of the blob. Range reads check what they fetch against these.
-    pub span_digests: Vec<SpanDigest>,
 }
 
 impl<R: BufRead> IndexingReader<R> {
@@ -457,153 +357,6 @@ impl<R: BufRead> Read for IndexingReader<R> {
             }
         }
     }
-}
-
-/// An uncompressed layer passed through unchanged, recording a seek point every [`SPAN`]
-/// bytes and the BLAKE3 digest of each span, so that range reads of plain layers are verified the
-/// same way as those of compressed ones.
-pub struct PlainIndexingReader<R: BufRead> {
-    src: SpanHasher<R>,
-    pos: u64,
-    span: u64,
-    checkpoints: Vec<Checkpoint>,
-}
-
-impl<R: BufRead> PlainIndexingReader<R> {
-    pub fn new(src: R) -> PlainIndexingReader<R> {
-        Self::with_span(src, SPAN)
-    }
-
-    pub fn with_span(src: R, span: u64) -> PlainIndexingReader<R> {
-        PlainIndexingReader {
-            src: SpanHasher::new(src),
-            pos: 0,
-            span: span.max(1),
-            checkpoints: Vec::new(),
-        }
-    }
-
-    /// The seek points and span digests; call after reading to the end.
-    pub fn seek_points(self) -> SeekPoints {
-        self.src.into_seek_points(self.checkpoints)
-    }
-}
-
-impl<R: BufRead> Read for PlainIndexingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let avail = self.src.fill_buf()?.len();
-        if avail == 0 || buf.is_empty() {
-            return Ok(0);
-        }
-        // A span starts only where there is data for it: no empty last span.
-        if self.pos.is_multiple_of(self.span)
-            && self
-                .checkpoints
-                .last()
-                .is_none_or(|c| c.out_offset < self.pos)
-        {
-            self.src.cut(false);
-            self.checkpoints.push(Checkpoint {
-                in_offset: self.pos,
-                bits: 0,
-                out_offset: self.pos,
-                window: Vec::new(),
-            });
-        }
-        let to_boundary = self.span - self.pos % self.span;
-        let n = avail.min(buf.len()).min(to_boundary as usize);
-        let got = self.src.read(&mut buf[..n])?;
-        self.pos += got as u64;
-        Ok(got)
-    }
-}
-
-impl SeekPoints {
-    /// The compressed bytes `[start, end)` that span `k` reads: what `span_digests[k]`
-    /// covers. `blob_size` ends the last span.
-    pub fn span_range(&self, k: usize, blob_size: u64) -> (u64, u64) {
-        let cp = &self.checkpoints[k];
-        // Saturating: a checkpoint at 0 with bits is malformed; its span then fails its digest.
-        let start = cp.in_offset.saturating_sub(u64::from(cp.bits > 0));
-        let end = self
-            .checkpoints
-            .get(k + 1)
-            .map_or(blob_size, |next| next.in_offset);
-        (start, end)
-    }
-
-    /// The uncompressed bytes span `k` yields: `[out_offset, next out_offset)`, or to the
-    /// end of the stream for the last span.
-    pub fn span_output(&self, k: usize) -> (u64, Option<u64>) {
-        (
-            self.checkpoints[k].out_offset,
-            self.checkpoints.get(k + 1).map(|c| c.out_offset),
-        )
-    }
-
-    /// The index of the span holding uncompressed offset `pos`.
-    pub fn span_at(&self, pos: u64) -> Option<usize> {
-        self.checkpoints
-            .partition_point(|c| c.out_offset <= pos)
-            .checked_sub(1)
-    }
-}
-
-/// Some compressed bytes of a blob held in memory — one span fetched by range — readable
-/// with the blob's own offsets, so [`read_at`] works on them as on the whole blob. Reading
-/// past them is end of file.
-pub struct SpanBytes {
-    base: u64,
-    cur: std::io::Cursor<bytes::Bytes>,
-}
-
-impl SpanBytes {
-    /// `bytes` are the blob's bytes from offset `base` on.
-    pub fn new(base: u64, bytes: bytes::Bytes) -> SpanBytes {
-        SpanBytes {
-            base,
-            cur: std::io::Cursor::new(bytes),
-        }
-    }
-}
-
-impl Read for SpanBytes {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.cur.read(buf)
-    }
-}
-
-impl std::io::BufRead for SpanBytes {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        self.cur.fill_buf()
-    }
-    fn consume(&mut self, n: usize) {
-        self.cur.consume(n)
-    }
-}
-
-impl Seek for SpanBytes {
-    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
-        let SeekFrom::Start(at) = to else {
-            return Err(std::io::Error::other("span bytes seek only from the start"));
-        };
-        let rel = at
-            .checked_sub(self.base)
-            .ok_or_else(|| err("seek before the fetched span"))?;
-        self.cur.set_position(rel);
-        Ok(at)
-    }
-}
-
-/// The last seek point at or before uncompressed offset `start`.
-pub(super) fn checkpoint_before(
-    checkpoints: &[Checkpoint],
-    start: u64,
-) -> std::io::Result<&Checkpoint> {
-    let i = checkpoints.partition_point(|c| c.out_offset <= start);
-    checkpoints
-        .get(i.wrapping_sub(1))
-        .ok_or_else(|| err("no seek point before the requested offset"))
 }
 
 /// Read `len` uncompressed bytes from `start` out of the gzip `blob`, decompressing from the

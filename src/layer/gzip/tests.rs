@@ -1,4 +1,5 @@
 use super::*;
+use crate::layer::span::{PlainIndexingReader, SpanBytes};
 use std::io::Write;
 
 /// Compressible but varied text, deterministic.

@@ -7,7 +7,9 @@ use std::io::{BufRead, Read, Seek, SeekFrom};
 
 use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer, ResetDirective};
 
-use super::seek::{Checkpoint, SPAN, SeekPoints, SpanHasher, checkpoint_before, err};
+use super::gzip::err;
+use super::span::SpanHasher;
+use crate::index::seek_points::{Checkpoint, SPAN, SeekPoints, checkpoint_before};
 
 fn zerr(code: usize) -> std::io::Error {
     err(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)))
