@@ -251,7 +251,7 @@ impl Filesystem for ImageFs {
                     reply.data(&data);
                     // Not kept while decompressing ahead: it holds its whole piece.
                     drop(data);
-                    view.read_on(i, offset, n);
+                    view.decompress_ahead(i, offset, n);
                 }
                 Err(e) => {
                     tracing::error!("read of inode {i} at {offset}: {e}");

@@ -400,12 +400,14 @@ mod tests {
         let book = Arc::new(StallBook::default());
         let t = Instant::now();
         let e = drain(watched(100, ms(200), pace, book)).await.unwrap_err();
+        // Not before the window is over; the reason names the rule (exact figures depend
+        // on how busy the machine is).
+        assert!(t.elapsed() >= ms(500), "{:?}", t.elapsed());
+        let e = e.to_string();
         assert!(
-            t.elapsed() >= ms(500) && t.elapsed() < ms(900),
-            "{:?}",
-            t.elapsed()
+            e.contains("bytes in") && e.contains("under the minimum"),
+            "{e}"
         );
-        assert!(e.to_string().contains("2 bytes in 0.5 s"), "{e}");
     }
 
     #[tokio::test]

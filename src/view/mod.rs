@@ -1,0 +1,172 @@
+//! An image as a readable tree, without extracting it: the merged [`Tree`] plus, for every
+//! regular file, a way to read any byte range of its layer blob. `mount` serves it over FUSE;
+//! `ls` and `cat` answer from it directly.
+//!
+//! Reads go through seek points. Where the verified blob is in the cache, a span is
+//! decompressed from it (an uncompressed layer is read in place). Where it is not — the
+//! default after the first mount, since only indexes are kept — the span's compressed bytes
+//! are fetched from the source by range, checked against the span digest recorded when the
+//! index was built from the verified blob, kept in the cache's chunk store, and decompressed:
+//! bytes that do not match are never served. A source that ignores ranges (or a span too big
+//! to fetch whole) makes the layer fall back to downloading its blob once. Decompressed
+//! pieces (at most 4 MiB each) sit in a bounded LRU, so sequential and repeated reads
+//! decompress each once; moving sequentially into a new span fetches the next ones ahead.
+//! What a local gzip blob holds in stored blocks (data deflate could not shrink) is not
+//! decompressed at all: it is copied straight out of the blob.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::digest::Digest;
+use crate::index::{self};
+use crate::tree::Tree;
+
+mod fetcher;
+mod gates;
+mod layer;
+mod open;
+mod pieces;
+mod prefetch;
+mod read;
+mod readahead;
+
+use fetcher::Fetcher;
+use gates::Gates;
+pub use layer::LayerData;
+
+/// What to fetch besides what readers ask for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Nothing: every byte fetched was asked for by a read.
+    None,
+    /// Spans ahead of sequential readers.
+    #[default]
+    Auto,
+    /// Everything, in the background after the mount is ready.
+    All,
+}
+
+/// Options for [`ImageView::open`].
+#[derive(Clone, Debug)]
+pub struct ViewOptions {
+    /// Only the first N layers (the image as of its N-th layer).
+    pub layers: Option<usize>,
+    /// Layers fetched and indexed at once.
+    pub jobs: usize,
+    /// Decompressed spans kept in memory.
+    pub cached_pieces: usize,
+    /// Keep whole blobs in the cache when indexing (default: indexes and fetched spans only).
+    pub keep_blobs: bool,
+    pub prefetch: Prefetch,
+    /// The most compressed spans (bytes) the cache's chunk store may hold; older ones go.
+    pub chunk_cache: u64,
+    /// Limits on each layer's uncompressed stream.
+    pub limits: index::Limits,
+    /// Look in the registry for a published index of each layer with none in the cache
+    /// (`crate::artifact`) before indexing it here.
+    pub remote_index: bool,
+    /// Only this path (normalised) will be looked at: merge just the entries that decide it,
+    /// when that is possible (`cat` of one file in a big image).
+    pub only_path: Option<bstr::BString>,
+    /// Told as layers are indexed here (a cold mount can take a while).
+    pub progress: Option<ProgressSink>,
+}
+
+/// What a view tells its [`ProgressSink`] while it opens.
+#[derive(Clone, Debug)]
+pub enum IndexProgress {
+    /// Layer `layer` (1-based, of `of`) is being indexed here: streamed once, `bytes` long.
+    Indexing {
+        layer: usize,
+        of: usize,
+        digest: Digest,
+        bytes: u64,
+    },
+    /// It is indexed: `entries` tar entries, in `elapsed`.
+    Indexed {
+        layer: usize,
+        of: usize,
+        entries: usize,
+        elapsed: std::time::Duration,
+    },
+}
+
+/// Where progress goes: the caller (the cli) decides how to show it.
+#[derive(Clone)]
+pub struct ProgressSink(pub Arc<dyn Fn(&IndexProgress) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressSink")
+    }
+}
+
+impl Default for ViewOptions {
+    fn default() -> Self {
+        ViewOptions {
+            layers: None,
+            jobs: 4,
+            cached_pieces: 6,
+            keep_blobs: false,
+            prefetch: Prefetch::Auto,
+            chunk_cache: 1 << 30,
+            remote_index: true,
+            limits: index::Limits::default(),
+            only_path: None,
+            progress: None,
+        }
+    }
+}
+
+/// Counters of what reads cost, for logs, tests and the benchmark.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    /// Ranges fetched from the source, and their bytes.
+    pub ranges: AtomicU64,
+    pub range_bytes: AtomicU64,
+    /// Spans found in the chunk store.
+    pub chunk_hits: AtomicU64,
+    /// Whole blobs downloaded because ranges could not be used.
+    pub blob_fallbacks: AtomicU64,
+}
+
+/// A decompressed piece: (layer, uncompressed offset where it starts).
+type PieceKey = (u32, u64);
+
+pub struct ImageView {
+    pub tree: Tree,
+    pub layers: Vec<Arc<LayerData>>,
+    fetcher: Arc<Fetcher>,
+    prefetch: Prefetch,
+    keep_blobs: bool,
+    pieces: Mutex<lru::LruCache<PieceKey, Bytes>>,
+    /// One gate per piece being decompressed: readahead sends several reads into one cold
+    /// span at once, and only the first should decompress it (CPU, and memory).
+    making: Gates<PieceKey>,
+    /// Cancelled when the view goes: background prefetch stops at its next span or chunk
+    /// rather than fetching for a view nobody reads.
+    background: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for ImageView {
+    fn drop(&mut self) {
+        self.background.cancel();
+    }
+}
+
+impl ImageView {
+    /// What reads have fetched so far.
+    pub fn stats(&self) -> &ReadStats {
+        &self.fetcher.stats
+    }
+
+    /// How many layers are read by range (their blob is not local).
+    pub fn remote_layers(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|l| l.local.get().is_none())
+            .count()
+    }
+}

@@ -1,0 +1,287 @@
+//! Opening a view: each layer's index obtained — the cache, a published index artifact, an
+//! eStargz TOC, or streaming the layer once — then the layers merged into one tree.
+
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use futures_util::{StreamExt, TryFutureExt, TryStreamExt};
+
+use super::fetcher::open_stargz;
+use super::layer::{Stargz, build_index};
+use super::{Fetcher, Gates, ImageView, IndexProgress, LayerData, ReadStats, ViewOptions};
+use crate::cache::Cache;
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::index::LayerIndex;
+use crate::layer::estargz::{self};
+use crate::manifest::{Compression, Image};
+use crate::source::Source;
+use crate::tree::{self};
+
+/// How long looking for published layer indexes may take before layers are indexed here.
+pub(super) const REMOTE_INDEX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl ImageView {
+    /// Load each layer's index from the cache, or build it by streaming the verified blob
+    /// (kept only with `keep_blobs`), then merge. Indexes are built concurrently and always
+    /// cached. Blobs are not fetched for layers whose index is cached: reads fetch by range.
+    pub async fn open(
+        cache: &Cache,
+        src: Arc<Source>,
+        image: &Image,
+        opts: &ViewOptions,
+    ) -> Result<ImageView> {
+        match Self::open_once(cache, src.clone(), image, opts).await? {
+            Ok(view) => Ok(view),
+            Err((e, published)) => {
+                // Each published index was well-formed alone, but together they do not make
+                // a tree: forget them and index those layers here.
+                tracing::warn!(
+                    "the published indexes of {} do not merge ({e}); indexing here instead",
+                    image.manifest_digest
+                );
+                for d in &published {
+                    cache.remove_published_index(d);
+                }
+                let opts = ViewOptions {
+                    remote_index: false,
+                    ..opts.clone()
+                };
+                Self::open_once(cache, src, image, &opts)
+                    .await?
+                    .map_err(|(e, _)| e)
+            }
+        }
+    }
+
+    /// [`ImageView::open`], except that a merge failure with published indexes in use is
+    /// returned apart, with the layers they describe, for the caller to retry without them.
+    async fn open_once(
+        cache: &Cache,
+        src: Arc<Source>,
+        image: &Image,
+        opts: &ViewOptions,
+    ) -> Result<std::result::Result<ImageView, (Error, Vec<Digest>)>> {
+        let n = match opts.layers {
+            Some(n) if n == 0 || n > image.layers.len() => {
+                return Err(Error::Unsupported {
+                    what: format!("layer count (the image has {} layers)", image.layers.len()),
+                    value: n.to_string(),
+                });
+            }
+            Some(n) => n,
+            None => image.layers.len(),
+        };
+        if opts.remote_index {
+            let wanted = crate::artifact::layers_wanting_index(cache, &image.layers[..n]);
+            // Optional work: a registry that stalls it only costs the time to index here.
+            let lookup = crate::artifact::fetch_indexes(cache, &src, image, &wanted);
+            if !wanted.is_empty()
+                && tokio::time::timeout(REMOTE_INDEX_DEADLINE, lookup)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(
+                    "no answer about published indexes within {}s; indexing here",
+                    REMOTE_INDEX_DEADLINE.as_secs()
+                );
+            }
+        }
+        let src_ref = &src;
+        // Largest first: the biggest layer's decompression is usually what the mount waits
+        // for, so it must not queue behind small ones when there are more layers than jobs.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(image.layers[i].descriptor.size));
+        let mut layers: Vec<(usize, (Arc<LayerData>, bool))> =
+            futures_util::stream::iter(order.into_iter().map(|i| (i, &image.layers[i])))
+                .map(|(i, layer)| {
+                    async move {
+                let digest = &layer.descriptor.digest;
+                let compression = layer.compression;
+                let limits = opts.limits;
+                let name = move |e: Error| match e {
+                    Error::Malformed { what, reason } => Error::Malformed {
+                        what: format!("{what} in layer {} ({})", i + 1, layer.descriptor.digest),
+                        reason,
+                    },
+                    other => other,
+                };
+                let joined = |e: tokio::task::JoinError| Error::Io {
+                    context: "an indexing thread failed".into(),
+                    cause: std::io::Error::other(e.to_string()),
+                };
+                if compression == Compression::Gzip
+                    && let Some(toc) = estargz::toc_digest(&layer.descriptor.annotations)
+                {
+                    let opened = match toc {
+                        Ok(toc) => open_stargz(cache, src_ref, &layer.descriptor, &toc).await,
+                        Err(e) => Err(e),
+                    };
+                    match opened {
+                        Ok(sg) => {
+                            let files = Stargz {
+                                chunks: sg.chunks,
+                                prefetch: sg.prefetch,
+                            };
+                            return Ok((LayerData::new(layer, sg.index, Some(files)), false));
+                        }
+                        // Wrong bytes for what the manifest vouches for: refused.
+                        Err(e @ Error::DigestMismatch { .. }) => return Err(name(e)),
+                        Err(e) => tracing::warn!(
+                            "layer {} ({digest}): not read as eStargz ({e}); indexing it whole",
+                            i + 1
+                        ),
+                    }
+                }
+                // Decoded on the blocking pool, so that layers decode in parallel.
+                // Indexes without seek points (built by `pull`) are rebuilt. One built
+                // here is preferred to a published one.
+                let (cached, published) = {
+                    let (cache, digest) = (cache.clone(), digest.clone());
+                    let remote = opts.remote_index;
+                    tokio::task::spawn_blocking(move || {
+                        let usable = |i: &LayerIndex| i.seek.is_some();
+                        match cache.load_index(&digest).filter(usable) {
+                            Some(i) => (Some(i), false),
+                            None if remote => {
+                                let p = cache.load_published_index(&digest).filter(usable);
+                                let published = p.is_some();
+                                (p, published)
+                            }
+                            None => (None, false),
+                        }
+                    })
+                    .await
+                    .map_err(joined)?
+                };
+                let fresh = cached.is_none();
+                let started = std::time::Instant::now();
+                let tell = |p: IndexProgress| {
+                    if let Some(sink) = &opts.progress {
+                        (sink.0)(&p);
+                    }
+                };
+                if fresh {
+                    tell(IndexProgress::Indexing {
+                        layer: i + 1,
+                        of: n,
+                        digest: digest.clone(),
+                        bytes: layer.descriptor.size,
+                    });
+                }
+                let (blob, index) = match cached {
+                    Some(idx) => {
+                        let blob = cache.blob_path(digest);
+                        (blob.is_file().then_some(blob), idx)
+                    }
+                    None if cache.has_blob(digest) => {
+                        let blob = cache.blob_path(digest);
+                        let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
+                        let idx = tokio::task::spawn_blocking(move || {
+                            build_index(f, compression, limits)
+                        })
+                        .await
+                        .map_err(joined)?
+                        .map_err(name)?;
+                        (Some(blob), idx)
+                    }
+                    None => loop {
+                        // Index while downloading; the index counts only if the blob verifies.
+                        let (tx, rx) = tokio::sync::mpsc::channel(8);
+                        let indexing = tokio::task::spawn_blocking(move || {
+                            build_index(crate::layer::ChannelReader::new(rx), compression, limits)
+                        });
+                        let fetched = crate::fetch::stream_blob(
+                                cache,
+                                src_ref,
+                                &layer.descriptor,
+                                &|_| {},
+                                Some(&tx),
+                                opts.keep_blobs,
+                            )
+                            .await;
+                        drop(tx);
+                        let idx = indexing.await.map_err(joined)?;
+                        match fetched {
+                            // Wrong bytes from a mirror: once more, from the registry.
+                            Err(Error::DigestMismatch { .. }) if src_ref.distrust_mirrors() => {
+                                continue;
+                            }
+                            fetched => break (fetched?, idx.map_err(name)?),
+                        }
+                    },
+                };
+                if fresh {
+                    tell(IndexProgress::Indexed {
+                        layer: i + 1,
+                        of: n,
+                        entries: index.entries.len(),
+                        elapsed: started.elapsed(),
+                    });
+                    if let Err(e) = cache.store_index(digest, &index) {
+                        tracing::warn!("not caching the index of {digest}: {e}");
+                    }
+                }
+                let data = LayerData::new(layer, index, None);
+                if let Some(blob) = blob {
+                    let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
+                    // Marks it used, for pruning oldest first.
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                    let _ = data.local.set(f);
+                }
+                Ok::<_, Error>((data, published))
+            }
+            // Tagged with its place, since layers finish in any order.
+            .map_ok(move |r| (i, r))
+                })
+                .buffer_unordered(opts.jobs.max(1))
+                .try_collect::<Vec<_>>()
+                .await?;
+        layers.sort_by_key(|(i, _)| *i);
+        let layers: Vec<(Arc<LayerData>, bool)> = layers.into_iter().map(|(_, l)| l).collect();
+        let published: Vec<Digest> = layers
+            .iter()
+            .filter(|(_, p)| *p)
+            .map(|(l, _)| l.descriptor.digest.clone())
+            .collect();
+        let layers: Vec<Arc<LayerData>> = layers.into_iter().map(|(l, _)| l).collect();
+        let names: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
+        let refs: Vec<&LayerIndex> = layers.iter().map(|l| &l.index).collect();
+        let t = std::time::Instant::now();
+        let scoped = opts
+            .only_path
+            .as_deref()
+            .and_then(|p| tree::merge_for_path(&refs, &names, p.as_slice()));
+        let merged = match scoped {
+            Some(t) => t,
+            None => tree::merge(&refs, &names),
+        };
+        let tree = match merged {
+            Ok(t) => t,
+            Err(e) if !published.is_empty() => return Ok(Err((e, published))),
+            Err(e) => return Err(e),
+        };
+        tracing::debug!("tree merged in {:.1?}", t.elapsed());
+        Ok(Ok(ImageView {
+            tree,
+            layers,
+            fetcher: Arc::new(Fetcher {
+                src,
+                cache: cache.clone(),
+                rt: tokio::runtime::Handle::current(),
+                gates: Gates::new(),
+                chunk_bytes: Mutex::new(None),
+                chunk_max: opts.chunk_cache,
+                stats: ReadStats::default(),
+            }),
+            prefetch: opts.prefetch,
+            keep_blobs: opts.keep_blobs,
+            pieces: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(opts.cached_pieces.max(1)).expect("at least one"),
+            )),
+            making: Gates::new(),
+            background: tokio_util::sync::CancellationToken::new(),
+        }))
+    }
+}

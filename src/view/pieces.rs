@@ -1,0 +1,232 @@
+//! The piece cache: decompressed pieces (at most 4 MiB from a seek point) in a bounded LRU,
+//! each made once (single-flight), and how a span is cut into pieces.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::fetcher::SpanError;
+use super::gates::Done;
+use super::layer::decompress_at;
+use super::{ImageView, LayerData, PieceKey};
+use crate::bufpool;
+use crate::index::SeekPoints;
+use crate::index::seek_points::SPAN;
+use crate::layer::span::SpanBytes;
+
+impl ImageView {
+    pub(super) fn piece(
+        &self,
+        key: PieceKey,
+        make: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    ) -> std::io::Result<Bytes> {
+        self.piece_cached(key, false, make)
+    }
+
+    /// [`ImageView::piece`]; a piece made `ahead` of its reader goes in as the next to be
+    /// evicted, so that pieces made ahead never push out pieces being read (with several
+    /// sequential readers they would, and every reader would find its piece gone).
+    pub(super) fn piece_cached(
+        &self,
+        key: PieceKey,
+        ahead: bool,
+        make: impl FnOnce() -> std::io::Result<Vec<u8>>,
+    ) -> std::io::Result<Bytes> {
+        if let Some(s) = self.pieces.lock().unwrap().get(&key) {
+            return Ok(s.clone());
+        }
+        // Decompress outside the cache lock, so that readers of other spans go on; readers
+        // of this span wait at its gate and then find it cached.
+        let gate = self.making.gate(key);
+        let _turn = gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _done = Done(&self.making, key);
+        if let Some(s) = self.pieces.lock().unwrap().get(&key) {
+            return Ok(s.clone());
+        }
+        let made = make().map(bufpool::freeze);
+        if let Ok(s) = &made {
+            // Cached before the gate goes, so a newcomer finds it rather than a new gate.
+            let mut pieces = self.pieces.lock().unwrap();
+            pieces.put(key, s.clone());
+            if ahead {
+                pieces.demote(&key);
+            }
+        }
+        made
+    }
+
+    /// Decompress `want` bytes from `from` (inside span `k`, for a file whose data ends at
+    /// `file_end`): from the local blob, or from the span fetched by range (verified), or
+    /// from the blob once a range would not do.
+    pub(super) fn make_piece(
+        &self,
+        li: usize,
+        layer: &Arc<LayerData>,
+        k: usize,
+        from: u64,
+        want: usize,
+        file_end: u64,
+    ) -> std::io::Result<Vec<u8>> {
+        if let Some(f) = layer.local.get() {
+            return layer.decompress_local(f, from, want);
+        }
+        let sp = layer.seek()?;
+        self.read_ahead(li, layer, k, file_end);
+        match self.fetcher.span(li, layer, k) {
+            Ok(bytes) => {
+                let (a, _) = sp.span_range(k, layer.descriptor.size);
+                let mut r = SpanBytes::new(a, bytes);
+                decompress_at(&mut r, layer.compression, sp, from, want)
+            }
+            Err(SpanError::Failed(e)) => Err(e),
+            Err(SpanError::NeedBlob) => {
+                let f = self.fetcher.ensure_local(li, layer)?;
+                layer.decompress_local(f, from, want)
+            }
+        }
+    }
+}
+
+/// The span holding uncompressed offset `pos`, and the piece of it that does (see
+/// [`piece_of`]): (span, piece start, piece length). The last span, whose end the seek
+/// points do not give, is taken to end with the layer's file data (`data_end`), so that
+/// its short tail joins a piece too.
+pub(super) fn piece_at(
+    sp: &SeekPoints,
+    data_end: u64,
+    pos: u64,
+) -> std::io::Result<(usize, u64, usize)> {
+    let k = sp
+        .span_at(pos)
+        .ok_or_else(|| std::io::Error::other("no seek point before the requested offset"))?;
+    let (cp_start, cp_end) = sp.span_output(k);
+    let cp_end = cp_end.or(Some(data_end).filter(|&e| e > pos));
+    let (start, len) = piece_of(cp_start, cp_end, pos);
+    Ok((k, start, len))
+}
+
+/// The piece of span `[cp_start, cp_end)` (`None`: to the end of the layer) that holds
+/// uncompressed offset `pos`, as (start, length). Pieces are the unit decompressed and
+/// cached: [`SPAN`] bytes aligned from the seek point, however far apart seek points
+/// are (a single-frame zstd layer has only one). A span's tail shorter than a quarter piece
+/// is part of the piece before it: as a piece of its own, reaching it would mean
+/// decompressing the whole piece before it again (seek points are a little over SPAN
+/// apart, so every span would cost two decompressions of it).
+pub(super) fn piece_of(cp_start: u64, cp_end: Option<u64>, pos: u64) -> (u64, usize) {
+    let span = SPAN;
+    let i = (pos - cp_start) / span;
+    let Some(end) = cp_end else {
+        return (cp_start + i * span, span as usize);
+    };
+    let whole = (end - cp_start) / span;
+    let last = if whole > 0 && (end - cp_start) % span <= span / 4 {
+        whole - 1
+    } else {
+        whole
+    };
+    let piece_start = cp_start + i.min(last) * span;
+    let piece_end = if i >= last { end } else { piece_start + span };
+    (piece_start, (piece_end - piece_start) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::piece_of;
+    use crate::bufpool;
+    use crate::index::SeekPoints;
+    use crate::index::seek_points::SPAN;
+    use crate::manifest::Compression;
+    use crate::view::layer::decompress_at;
+
+    #[test]
+    fn a_reused_piece_buffer_never_adds_old_bytes() {
+        // An uncompressed span is appended to the buffer it is given: bytes left in a
+        // reused one would be served as file data.
+        let data: Vec<u8> = (0..SPAN as usize).map(|i| (i % 251) as u8).collect();
+        let sp = SeekPoints {
+            checkpoints: Vec::new(),
+            span_digests: Vec::new(),
+        };
+        for round in 0..3 {
+            let mut dirty = Vec::with_capacity(bufpool::CAP);
+            dirty.extend_from_slice(&[0xEE; 1000]);
+            bufpool::put_dirty(dirty);
+            let got = decompress_at(
+                &mut std::io::Cursor::new(&data[..]),
+                Compression::None,
+                &sp,
+                0,
+                data.len(),
+            )
+            .unwrap();
+            assert!(got == data, "round {round}");
+            // and a piece's buffer goes back for the next round
+            drop(bufpool::freeze(got));
+        }
+    }
+
+    /// The pieces met walking a span byte range by byte range: (start, len) each.
+    fn pieces(cp_start: u64, cp_end: Option<u64>, upto: u64) -> Vec<(u64, usize)> {
+        let mut out: Vec<(u64, usize)> = Vec::new();
+        let mut pos = cp_start;
+        while pos < upto {
+            let p = piece_of(cp_start, cp_end, pos);
+            assert!(p.0 <= pos && pos < p.0 + p.1 as u64, "{pos} outside {p:?}");
+            if out.last() != Some(&p) {
+                out.push(p);
+            }
+            pos += 64 << 10;
+        }
+        out
+    }
+
+    #[test]
+    fn a_span_a_little_over_a_piece_is_one_piece() {
+        // gzip seek points land a deflate block after each SPAN of output
+        let end = 1000 + SPAN + 70_000;
+        assert_eq!(
+            pieces(1000, Some(end), end),
+            vec![(1000, (SPAN + 70_000) as usize)]
+        );
+    }
+
+    #[test]
+    fn long_spans_are_cut_in_pieces_that_tile_them() {
+        for extra in [0, 1, SPAN / 4, SPAN / 4 + 1, SPAN / 2, SPAN - 1] {
+            let end = 5 + 3 * SPAN + extra;
+            let ps = pieces(5, Some(end), end);
+            assert_eq!(ps[0].0, 5);
+            for w in ps.windows(2) {
+                assert_eq!(w[0].0 + w[0].1 as u64, w[1].0, "gap or overlap ({extra})");
+            }
+            let last = ps.last().unwrap();
+            assert_eq!(
+                last.0 + last.1 as u64,
+                end,
+                "pieces end with the span ({extra})"
+            );
+            // a short tail joins the piece before it; a longer one is a piece of its own
+            let expect = if extra == 0 || extra > SPAN / 4 {
+                3 + (extra > 0) as usize
+            } else {
+                3
+            };
+            assert_eq!(ps.len(), expect, "extra {extra}");
+        }
+    }
+
+    #[test]
+    fn an_open_ended_span_has_span_sized_pieces() {
+        let ps = pieces(0, None, 3 * SPAN);
+        assert_eq!(
+            ps,
+            vec![
+                (0, SPAN as usize),
+                (SPAN, SPAN as usize),
+                (2 * SPAN, SPAN as usize)
+            ]
+        );
+    }
+}
