@@ -456,6 +456,16 @@ fn git_mode_records_one_commit_per_layer() {
         git(&["diff", "--name-status", "HEAD~2", "HEAD~1"]),
         "M\tetc/a\n"
     );
+    // A file a later layer deletes is in the commits before it and gone from the one after.
+    assert_eq!(git(&["show", "HEAD~1:etc/b"]), "b1");
+    assert_eq!(
+        git(&["ls-tree", "--name-only", "HEAD~1", "etc/"]),
+        "etc/a\netc/b\n"
+    );
+    assert_eq!(
+        git(&["ls-tree", "--name-only", "HEAD", "etc/"]),
+        "etc/a\netc/c\n"
+    );
     let branches = git(&["branch", "--format=%(refname:short)"]);
     assert!(
         branches.contains(&format!("layer-2-{}", &img.layers[1].digest().hex()[..12])),
@@ -466,11 +476,187 @@ fn git_mode_records_one_commit_per_layer() {
         "",
         "the work tree is the last commit"
     );
+    assert_eq!(
+        git(&["diff-files", "--name-only"]),
+        "",
+        "stat data as on disk"
+    );
 
     let plain = work.path().join("plain");
     imgfs_ok(&cache, &["pull", "-q", &image, plain.to_str().unwrap()]);
     std::fs::remove_dir_all(repo.join(".git")).unwrap();
     assert_same_tree(&repo, &plain, "--git work tree vs plain pull");
+}
+
+/// `git -C repo ARGS`, its stdout as bytes (names in it need not be UTF-8).
+fn git_bytes(repo: &Path, args: &[&[u8]]) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args.iter().map(|a| std::ffi::OsStr::from_bytes(a)))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {:?}: {}",
+        args.iter()
+            .map(|a| String::from_utf8_lossy(a))
+            .collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `git ls-tree -r -z REV`: (mode, path) of every file in the commit.
+fn git_files(repo: &Path, rev: &str) -> std::collections::BTreeSet<(String, Vec<u8>)> {
+    git_bytes(repo, &[b"ls-tree", b"-r", b"-z", rev.as_bytes()])
+        .split(|&b| b == 0)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let tab = l.iter().position(|&b| b == b'\t').unwrap();
+            let mode = String::from_utf8(l[..6].to_vec()).unwrap();
+            (mode, l[tab + 1..].to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn git_mode_keeps_odd_names_kinds_and_deletions() {
+    // Names fast-import must receive quoted, each byte intact: not UTF-8, a newline, quotes
+    // (one leading), a backslash, a space, a tab.
+    let odd: [&[u8]; 7] = [
+        b"d/caf\xe9",
+        b"d/new\nline",
+        b"d/q\"uote",
+        b"d/\"lead",
+        b"d/back\\slash",
+        b"d/sp ace",
+        b"d/tab\tx",
+    ];
+    let mut first = Tar::new().dir("d", 0o755);
+    for (i, n) in odd.iter().enumerate() {
+        first = first.file_bytes(n, 0o644, format!("odd {i}").as_bytes());
+    }
+    let first = first
+        .dir("bin", 0o755)
+        .file("bin/run", 0o755, b"#!/bin/sh\n")
+        .hardlink("bin/again", "bin/run")
+        .symlink("ln", "d/sp ace")
+        .fifo("fifo", 0o644)
+        .dir("gone", 0o755)
+        .dir("gone/sub", 0o755)
+        .file("gone/sub/f", 0o644, b"f")
+        .file("x", 0o644, b"file then dir")
+        .bytes();
+    let second = Tar::new()
+        .whiteout("gone")
+        .whiteout("d/new\nline")
+        .whiteout("x")
+        .dir("x", 0o700)
+        .file("x/y", 0o644, b"y")
+        .bytes();
+    let img = FixtureImage::new(
+        "amd64",
+        vec![
+            FixtureLayer::from_tar(first),
+            FixtureLayer::from_tar(second),
+        ],
+    );
+    let reg = registry();
+    img.push(&reg.host, "conf/git-odd", "v1");
+    let image = format!("{}/conf/git-odd:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let repo = work.path().join("repo");
+    imgfs_ok(
+        &cache,
+        &["pull", "-q", "--git", &image, repo.to_str().unwrap()],
+    );
+
+    let entry = |mode: &str, path: &[u8]| (mode.to_string(), path.to_vec());
+    let mut want: std::collections::BTreeSet<_> = odd.iter().map(|n| entry("100644", n)).collect();
+    want.extend([
+        entry("100755", b"bin/run"),
+        entry("100755", b"bin/again"),
+        entry("120000", b"ln"),
+        entry("100644", b"gone/sub/f"),
+        entry("100644", b"x"),
+    ]);
+    assert_eq!(git_files(&repo, "HEAD~1"), want, "the first layer's commit");
+    for (i, n) in odd.iter().enumerate() {
+        let mut rev = b"HEAD~1:".to_vec();
+        rev.extend_from_slice(n);
+        assert_eq!(
+            git_bytes(&repo, &[b"cat-file", b"blob", &rev]),
+            format!("odd {i}").as_bytes()
+        );
+    }
+    assert_eq!(
+        git_bytes(&repo, &[b"cat-file", b"blob", b"HEAD~1:ln"]),
+        b"d/sp ace"
+    );
+    want.remove(&entry("100644", b"gone/sub/f"));
+    want.remove(&entry("100644", b"d/new\nline"));
+    want.remove(&entry("100644", b"x"));
+    want.insert(entry("100644", b"x/y"));
+    assert_eq!(git_files(&repo, "HEAD"), want, "the second layer's commit");
+    assert_eq!(
+        git_bytes(&repo, &[b"status", b"--porcelain", b"-z"]),
+        b"",
+        "the work tree is the last commit"
+    );
+    // The index imgfs wrote: the last commit's tree, with stat data that matches every file,
+    // so that git needs to read none of them again (diff-files does not refresh).
+    assert_eq!(
+        git_bytes(
+            &repo,
+            &[b"diff-index", b"--cached", b"--name-only", b"HEAD"]
+        ),
+        b""
+    );
+    assert_eq!(git_bytes(&repo, &[b"diff-files", b"--name-only"]), b"");
+
+    let plain = work.path().join("plain");
+    imgfs_ok(&cache, &["pull", "-q", &image, plain.to_str().unwrap()]);
+    std::fs::remove_dir_all(repo.join(".git")).unwrap();
+    assert_same_tree(&repo, &plain, "--git work tree vs plain pull");
+}
+
+#[test]
+fn git_mode_refuses_a_git_directory_in_any_layer() {
+    // In any case (git refuses `.GIT` too), and even when a later layer deletes it: the
+    // commit of the layer that has it could not be checked out.
+    let img = FixtureImage::new(
+        "amd64",
+        vec![
+            FixtureLayer::from_tar(
+                Tar::new()
+                    .dir("src/.GIT", 0o755)
+                    .file("src/.GIT/config", 0o644, b"[core]\n")
+                    .bytes(),
+            ),
+            FixtureLayer::from_tar(Tar::new().whiteout("src/.GIT").bytes()),
+        ],
+    );
+    let reg = registry();
+    img.push(&reg.host, "conf/git-dotgit", "v1");
+    let image = format!("{}/conf/git-dotgit:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let repo = work.path().join("repo");
+    let err = imgfs_err(
+        &cache,
+        &["pull", "-q", "--git", &image, repo.to_str().unwrap()],
+    );
+    assert!(err.contains("src/.GIT"), "{err}");
+    assert!(!repo.exists(), "nothing written");
+    let left: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "cache")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]

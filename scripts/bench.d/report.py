@@ -21,7 +21,14 @@ LABELS = {
     "imgfs": "imgfs pull",
     "skopeo+umoci": "skopeo copy + umoci unpack",
     "floor": "floor: curl | tar -xz per layer",
+    "imgfs-git": "imgfs pull --git",
 }
+# Ratios against imgfs pull: (tool, JSON key, text label).
+RATIOS = (
+    ("skopeo+umoci", "skopeo_umoci_over_imgfs", "skopeo+umoci time / imgfs time"),
+    ("floor", "floor_over_imgfs", "floor time / imgfs time"),
+    ("imgfs-git", "git_over_imgfs", "imgfs --git time / imgfs time"),
+)
 
 
 def machine(nproc):
@@ -83,7 +90,9 @@ def main():
 
     base = tools.get("imgfs")
     ratios = {}
-    for tool, key in (("skopeo+umoci", "skopeo_umoci_over_imgfs"), ("floor", "floor_over_imgfs")):
+    for tool, key, _ in RATIOS:
+        if tool not in tools:
+            continue
         t = tools.get(tool)
         if base and t and base["median_s"] and t["median_s"]:
             ratios[key] = round(t["median_s"] / base["median_s"], 2)
@@ -138,8 +147,9 @@ def main():
             p("%-34s (%s)" % ("", t.get("reason", "")[:200]))
     p("")
     fmt = lambda v: "n/a" if v is None else "%.2fx" % v
-    p("skopeo+umoci time / imgfs time: %s" % fmt(ratios["skopeo_umoci_over_imgfs"]))
-    p("floor time / imgfs time:        %s" % fmt(ratios["floor_over_imgfs"]))
+    for tool, key, label in RATIOS:
+        if key in ratios:
+            p("%-31s %s" % (label + ":", fmt(ratios[key])))
     p("json: %s" % out_path)
 
 

@@ -179,28 +179,14 @@ fn path_meta(p: &Path, m: &Meta, created_mode: u32, w: &Warnings) -> Result<()> 
         .ctx(|| format!("setting the mtime of {}", p.display()))
 }
 
-/// How regular files leave staging.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Place {
-    /// `rename(2)`: the staging file is used up.
-    Move,
-    /// `link(2)`: staging stays usable for another tree (one git commit per layer).
-    Link,
-}
-
 /// Directories are made writable by us while they are filled; their real mode comes last.
 fn dir_create_mode(mode: u32) -> u32 {
     mode | 0o700
 }
 
-/// Build `tree` at `root` (which must not exist), taking regular files from `staging`.
-pub fn materialize(
-    tree: &Tree,
-    staging: &[PathBuf],
-    root: &Path,
-    place: Place,
-    w: &Warnings,
-) -> Result<()> {
+/// Build `tree` at `root` (which must not exist), moving regular files out of `staging` (each
+/// staging file is used up).
+pub fn materialize(tree: &Tree, staging: &[PathBuf], root: &Path, w: &Warnings) -> Result<()> {
     std::fs::create_dir(root).ctx(|| format!("creating {}", root.display()))?;
     let mut paths: Vec<Option<PathBuf>> = vec![None; tree.dentries.len()];
     paths[ROOT as usize] = Some(root.to_path_buf());
@@ -232,11 +218,7 @@ pub fn materialize(
             Kind::File => {
                 let data = inode.data.expect("regular files have data");
                 let from = staging[data.layer as usize].join(data.entry.to_string());
-                match place {
-                    Place::Move => std::fs::rename(&from, &p),
-                    Place::Link => std::fs::hard_link(&from, &p),
-                }
-                .ctx(|| format!("placing {}", p.display()))?;
+                std::fs::rename(&from, &p).ctx(|| format!("placing {}", p.display()))?;
             }
             Kind::Symlink => {
                 let target = m.link.as_deref().map_or(&b""[..], |l| l);

@@ -232,18 +232,16 @@ async fn pull_in(
         Output::Dir(dir) => {
             let w = warnings.clone();
             let r = rootfs.clone();
-            tokio::task::spawn_blocking(move || {
-                apply::materialize(&tree, &staging, &r, apply::Place::Move, &w)
-            })
-            .await
-            .map_err(join_error)??;
+            tokio::task::spawn_blocking(move || apply::materialize(&tree, &staging, &r, &w))
+                .await
+                .map_err(join_error)??;
             move_into_place(&rootfs, &dir)?;
         }
         Output::Git(dir) => {
             let w = warnings.clone();
             let r = rootfs.clone();
             tokio::task::spawn_blocking(move || {
-                git::commit_layers(&indexes, &names, &staging, &r, &w)
+                git::commit_layers(&indexes, &names, &staging, &tree, &r, &w)
             })
             .await
             .map_err(join_error)??;

@@ -43,6 +43,16 @@ impl Tar {
         self.owned_file(path, mode, 0, 0, data)
     }
 
+    /// A regular file whose name is any bytes (not UTF-8, newlines, quotes).
+    pub fn file_bytes(mut self, path: &[u8], mode: u32, data: &[u8]) -> Tar {
+        use std::os::unix::ffi::OsStrExt;
+        let mut h = Self::header(EntryType::Regular, mode, data.len() as u64);
+        self.b
+            .append_data(&mut h, std::ffi::OsStr::from_bytes(path), data)
+            .unwrap();
+        self
+    }
+
     pub fn owned_file(mut self, path: &str, mode: u32, uid: u64, gid: u64, data: &[u8]) -> Tar {
         let mut h = Self::header(EntryType::Regular, mode, data.len() as u64);
         h.set_uid(uid);
