@@ -221,6 +221,51 @@ async fn stream_blob_once(
     cache.store_blob(tmp, &desc.digest).map(Some)
 }
 
+/// Stream blob `desc` into a blocking consumer while it downloads — index it, or extract it —
+/// and verify it; keep it in the cache only when `keep`. `attempt` makes the consumer of one
+/// try: the consumer's work counts only if this returns `Ok`. Wrong bytes, where a mirror may
+/// have sent them, make one more try from the registry itself; `again` runs before it (to
+/// throw away what the first consumer made). A failed download explains a failed
+/// consumer, not the reverse: its error wins. Returns the consumer's result and the cached
+/// path, if kept.
+pub async fn consume<T, C>(
+    cache: &Cache,
+    src: &Source,
+    desc: &Descriptor,
+    keep: bool,
+    progress: &(dyn Fn(u64) + Sync),
+    mut attempt: impl FnMut() -> C,
+    mut again: impl AsyncFnMut() -> Result<()>,
+) -> Result<(T, Option<PathBuf>)>
+where
+    C: FnOnce(crate::layer::ChannelReader) -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    loop {
+        // A few chunks of slack: enough to keep both sides busy, little memory per blob.
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let consumer = attempt();
+        let consuming =
+            tokio::task::spawn_blocking(move || consumer(crate::layer::ChannelReader::new(rx)));
+        let fetched = stream_blob(cache, src, desc, progress, Some(&tx), keep).await;
+        drop(tx);
+        let consumed = consuming.await.map_err(|e| Error::Io {
+            context: "a worker thread failed".into(),
+            cause: std::io::Error::other(e.to_string()),
+        })?;
+        match fetched {
+            Err(Error::DigestMismatch { .. }) if src.distrust_mirrors() => {
+                tracing::warn!("{}: wrong bytes; once more, from the registry", desc.digest);
+                again().await?;
+            }
+            fetched => {
+                let path = fetched?;
+                return Ok((consumed?, path));
+            }
+        }
+    }
+}
+
 /// Fetch every blob of `descs` with at most `jobs` downloads in flight. A digest listed
 /// twice is fetched once. Returns the paths in the order of `descs`.
 pub async fn all(

@@ -504,3 +504,28 @@ fn a_user_mounts_through_fusermount3_where_the_machine_lets_users_use_fuse() {
     assert!(read.stdout.starts_with(b"root:x:0:0"), "{read:?}");
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn a_quiet_daemon_leaves_no_log_and_tar_of_the_mount_warns_nothing() {
+    let image = system_image("first/log");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let mnt = work.path().join("mnt");
+    let m = Mounted::new(&cache, &image, &mnt, &[]);
+    let log = cache.join(format!("logs/mount-{}.log", m.pid));
+    assert!(log.exists(), "the log is named after the daemon's pid");
+    // tar probes files with ioctls; fuser's default logged a warning for each.
+    let st = Command::new("tar")
+        .arg("cf")
+        .arg(work.path().join("out.tar"))
+        .arg("-C")
+        .arg(&mnt)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let during = std::fs::read_to_string(&log).unwrap();
+    m.unmount(&cache);
+    assert_eq!(during, "", "the daemon logged something");
+    assert!(!log.exists(), "an empty log is removed");
+}

@@ -381,20 +381,14 @@ async fn extract_all(
                     .await
                     .map_err(join_error)?
                 } else {
-                    loop {
-                        // Extract while downloading. The bytes are verified when the download
-                        // ends; on a mismatch the fetch fails and this pull's output is dropped.
-                        // A few chunks of slack: enough to keep both sides busy, little memory
-                        // per layer.
-                        let (tx, rx) = tokio::sync::mpsc::channel(8);
+                    // Extract while downloading. The bytes are verified when the download
+                    // ends; on a mismatch the fetch fails and this pull's output is dropped.
+                    let attempt = || {
                         let (d, needed, w) = (dir.clone(), needed.clone(), w.clone());
                         let cancel = cancel.clone();
-                        let extraction = tokio::task::spawn_blocking(move || {
-                            let tar = crate::layer::decompress(
-                                crate::layer::ChannelReader::new(rx),
-                                compression,
-                            )
-                            .ctx(|| "starting to decompress".into())?;
+                        move |r| {
+                            let tar = crate::layer::decompress(r, compression)
+                                .ctx(|| "starting to decompress".into())?;
                             extract_layer(
                                 tar,
                                 &d,
@@ -404,41 +398,34 @@ async fn extract_all(
                                 limits,
                                 &cancel,
                             )
-                        });
-                        let fetched = crate::fetch::blob_into(
-                            cache,
-                            src,
-                            &layer.descriptor,
-                            &progress,
-                            Some(&tx),
-                        )
-                        .await;
-                        drop(tx);
-                        tell(i, "extracting");
-                        let extracted = extraction.await.map_err(join_error)?;
-                        match fetched {
-                            // Wrong bytes, and a mirror may have sent them: this layer once
-                            // more, from the registry (its staging dir emptied first).
-                            Err(Error::DigestMismatch { .. }) if src.distrust_mirrors() => {
-                                let d = dir.clone();
-                                tokio::task::spawn_blocking(move || {
-                                    if !rustix::process::geteuid().is_root() {
-                                        git::make_writable(&d);
-                                    }
-                                    std::fs::remove_dir_all(&d)
-                                        .ctx(|| format!("emptying {}", d.display()))
-                                })
-                                .await
-                                .map_err(join_error)??;
-                                tell(i, "again, from the registry");
-                            }
-                            // A failed download explains a failed extraction, not the reverse.
-                            fetched => {
-                                fetched?;
-                                break extracted;
-                            }
                         }
-                    }
+                    };
+                    // Once more from the registry: this layer's staging dir emptied first.
+                    let again = async || {
+                        let d = dir.clone();
+                        tokio::task::spawn_blocking(move || {
+                            if !rustix::process::geteuid().is_root() {
+                                git::make_writable(&d);
+                            }
+                            std::fs::remove_dir_all(&d).ctx(|| format!("emptying {}", d.display()))
+                        })
+                        .await
+                        .map_err(join_error)??;
+                        tell(i, "again, from the registry");
+                        Ok(())
+                    };
+                    tell(i, "downloading and extracting");
+                    crate::fetch::consume(
+                        cache,
+                        src,
+                        &layer.descriptor,
+                        true,
+                        &progress,
+                        attempt,
+                        again,
+                    )
+                    .await
+                    .map(|(index, _)| index)
                 }
                 .map_err(name_errors);
                 tell(i, "done");

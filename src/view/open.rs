@@ -96,144 +96,9 @@ impl ImageView {
         let mut layers: Vec<(usize, (Arc<LayerData>, bool))> =
             futures_util::stream::iter(order.into_iter().map(|i| (i, &image.layers[i])))
                 .map(|(i, layer)| {
-                    async move {
-                let digest = &layer.descriptor.digest;
-                let compression = layer.compression;
-                let limits = opts.limits;
-                let name = move |e: Error| match e {
-                    Error::Malformed { what, reason } => Error::Malformed {
-                        what: format!("{what} in layer {} ({})", i + 1, layer.descriptor.digest),
-                        reason,
-                    },
-                    other => other,
-                };
-                let joined = |e: tokio::task::JoinError| Error::Io {
-                    context: "an indexing thread failed".into(),
-                    cause: std::io::Error::other(e.to_string()),
-                };
-                if compression == Compression::Gzip
-                    && let Some(toc) = estargz::toc_digest(&layer.descriptor.annotations)
-                {
-                    let opened = match toc {
-                        Ok(toc) => open_stargz(cache, src_ref, &layer.descriptor, &toc).await,
-                        Err(e) => Err(e),
-                    };
-                    match opened {
-                        Ok(sg) => {
-                            let files = Stargz {
-                                chunks: sg.chunks,
-                                prefetch: sg.prefetch,
-                            };
-                            return Ok((LayerData::new(layer, sg.index, Some(files)), false));
-                        }
-                        // Wrong bytes for what the manifest vouches for: refused.
-                        Err(e @ Error::DigestMismatch { .. }) => return Err(name(e)),
-                        Err(e) => tracing::warn!(
-                            "layer {} ({digest}): not read as eStargz ({e}); indexing it whole",
-                            i + 1
-                        ),
-                    }
-                }
-                // Decoded on the blocking pool, so that layers decode in parallel.
-                // Indexes without seek points (built by `pull`) are rebuilt. One built
-                // here is preferred to a published one.
-                let (cached, published) = {
-                    let (cache, digest) = (cache.clone(), digest.clone());
-                    let remote = opts.remote_index;
-                    tokio::task::spawn_blocking(move || {
-                        let usable = |i: &LayerIndex| i.seek.is_some();
-                        match cache.load_index(&digest).filter(usable) {
-                            Some(i) => (Some(i), false),
-                            None if remote => {
-                                let p = cache.load_published_index(&digest).filter(usable);
-                                let published = p.is_some();
-                                (p, published)
-                            }
-                            None => (None, false),
-                        }
-                    })
-                    .await
-                    .map_err(joined)?
-                };
-                let fresh = cached.is_none();
-                let started = std::time::Instant::now();
-                let tell = |p: IndexProgress| {
-                    if let Some(sink) = &opts.progress {
-                        (sink.0)(&p);
-                    }
-                };
-                if fresh {
-                    tell(IndexProgress::Indexing {
-                        layer: i + 1,
-                        of: n,
-                        digest: digest.clone(),
-                        bytes: layer.descriptor.size,
-                    });
-                }
-                let (blob, index) = match cached {
-                    Some(idx) => {
-                        let blob = cache.blob_path(digest);
-                        (blob.is_file().then_some(blob), idx)
-                    }
-                    None if cache.has_blob(digest) => {
-                        let blob = cache.blob_path(digest);
-                        let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
-                        let idx = tokio::task::spawn_blocking(move || {
-                            build_index(f, compression, limits)
-                        })
-                        .await
-                        .map_err(joined)?
-                        .map_err(name)?;
-                        (Some(blob), idx)
-                    }
-                    None => loop {
-                        // Index while downloading; the index counts only if the blob verifies.
-                        let (tx, rx) = tokio::sync::mpsc::channel(8);
-                        let indexing = tokio::task::spawn_blocking(move || {
-                            build_index(crate::layer::ChannelReader::new(rx), compression, limits)
-                        });
-                        let fetched = crate::fetch::stream_blob(
-                                cache,
-                                src_ref,
-                                &layer.descriptor,
-                                &|_| {},
-                                Some(&tx),
-                                opts.keep_blobs,
-                            )
-                            .await;
-                        drop(tx);
-                        let idx = indexing.await.map_err(joined)?;
-                        match fetched {
-                            // Wrong bytes from a mirror: once more, from the registry.
-                            Err(Error::DigestMismatch { .. }) if src_ref.distrust_mirrors() => {
-                                continue;
-                            }
-                            fetched => break (fetched?, idx.map_err(name)?),
-                        }
-                    },
-                };
-                if fresh {
-                    tell(IndexProgress::Indexed {
-                        layer: i + 1,
-                        of: n,
-                        entries: index.entries.len(),
-                        elapsed: started.elapsed(),
-                    });
-                    if let Err(e) = cache.store_index(digest, &index) {
-                        tracing::warn!("not caching the index of {digest}: {e}");
-                    }
-                }
-                let data = LayerData::new(layer, index, None);
-                if let Some(blob) = blob {
-                    let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
-                    // Marks it used, for pruning oldest first.
-                    let _ = f.set_modified(std::time::SystemTime::now());
-                    let _ = data.local.set(f);
-                }
-                Ok::<_, Error>((data, published))
-            }
-            // Tagged with its place, since layers finish in any order.
-            .map_ok(move |r| (i, r))
+                    obtain_layer(cache, src_ref, layer, i, n, opts)
+                        // Tagged with its place, since layers finish in any order.
+                        .map_ok(move |r| (i, r))
                 })
                 .buffer_unordered(opts.jobs.max(1))
                 .try_collect::<Vec<_>>()
@@ -284,4 +149,141 @@ impl ImageView {
             background: tokio_util::sync::CancellationToken::new(),
         }))
     }
+}
+
+/// A layer's index, obtained the one way every view does: from the cache (rebuilt if it has
+/// no seek points), else a published index (`artifact` fetched it beforehand), else an
+/// eStargz TOC, else by streaming the layer once (its blob kept only with `keep_blobs`).
+/// Whether it was a published one comes back too: if published indexes do not merge, the
+/// view is opened again without them.
+async fn obtain_layer(
+    cache: &Cache,
+    src_ref: &Source,
+    layer: &crate::manifest::Layer,
+    i: usize,
+    n: usize,
+    opts: &ViewOptions,
+) -> Result<(Arc<LayerData>, bool)> {
+    let digest = &layer.descriptor.digest;
+    let compression = layer.compression;
+    let limits = opts.limits;
+    let name = move |e: Error| match e {
+        Error::Malformed { what, reason } => Error::Malformed {
+            what: format!("{what} in layer {} ({})", i + 1, layer.descriptor.digest),
+            reason,
+        },
+        other => other,
+    };
+    let joined = |e: tokio::task::JoinError| Error::Io {
+        context: "an indexing thread failed".into(),
+        cause: std::io::Error::other(e.to_string()),
+    };
+    if compression == Compression::Gzip
+        && let Some(toc) = estargz::toc_digest(&layer.descriptor.annotations)
+    {
+        let opened = match toc {
+            Ok(toc) => open_stargz(cache, src_ref, &layer.descriptor, &toc).await,
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(sg) => {
+                let files = Stargz {
+                    chunks: sg.chunks,
+                    prefetch: sg.prefetch,
+                };
+                return Ok((LayerData::new(layer, sg.index, Some(files)), false));
+            }
+            // Wrong bytes for what the manifest vouches for: refused.
+            Err(e @ Error::DigestMismatch { .. }) => return Err(name(e)),
+            Err(e) => tracing::warn!(
+                "layer {} ({digest}): not read as eStargz ({e}); indexing it whole",
+                i + 1
+            ),
+        }
+    }
+    // Decoded on the blocking pool, so that layers decode in parallel.
+    // Indexes without seek points (built by `pull`) are rebuilt. One built
+    // here is preferred to a published one.
+    let (cached, published) = {
+        let (cache, digest) = (cache.clone(), digest.clone());
+        let remote = opts.remote_index;
+        tokio::task::spawn_blocking(move || {
+            let usable = |i: &LayerIndex| i.seek.is_some();
+            match cache.load_index(&digest).filter(usable) {
+                Some(i) => (Some(i), false),
+                None if remote => {
+                    let p = cache.load_published_index(&digest).filter(usable);
+                    let published = p.is_some();
+                    (p, published)
+                }
+                None => (None, false),
+            }
+        })
+        .await
+        .map_err(joined)?
+    };
+    let fresh = cached.is_none();
+    let started = std::time::Instant::now();
+    let tell = |p: IndexProgress| {
+        if let Some(sink) = &opts.progress {
+            (sink.0)(&p);
+        }
+    };
+    if fresh {
+        tell(IndexProgress::Indexing {
+            layer: i + 1,
+            of: n,
+            digest: digest.clone(),
+            bytes: layer.descriptor.size,
+        });
+    }
+    let (blob, index) = match cached {
+        Some(idx) => {
+            let blob = cache.blob_path(digest);
+            (blob.is_file().then_some(blob), idx)
+        }
+        None if cache.has_blob(digest) => {
+            let blob = cache.blob_path(digest);
+            let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
+            let idx = tokio::task::spawn_blocking(move || build_index(f, compression, limits))
+                .await
+                .map_err(joined)?
+                .map_err(name)?;
+            (Some(blob), idx)
+        }
+        None => {
+            // Index while downloading; the index counts only if the blob verifies.
+            let (idx, blob) = crate::fetch::consume(
+                cache,
+                src_ref,
+                &layer.descriptor,
+                opts.keep_blobs,
+                &|_| {},
+                || move |r| build_index(r, compression, limits),
+                async || Ok(()),
+            )
+            .await
+            .map_err(name)?;
+            (blob, idx)
+        }
+    };
+    if fresh {
+        tell(IndexProgress::Indexed {
+            layer: i + 1,
+            of: n,
+            entries: index.entries.len(),
+            elapsed: started.elapsed(),
+        });
+        if let Err(e) = cache.store_index(digest, &index) {
+            tracing::warn!("not caching the index of {digest}: {e}");
+        }
+    }
+    let data = LayerData::new(layer, index, None);
+    if let Some(blob) = blob {
+        let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
+        // Marks it used, for pruning oldest first.
+        let _ = f.set_modified(std::time::SystemTime::now());
+        let _ = data.local.set(f);
+    }
+    Ok((data, published))
 }
