@@ -257,8 +257,8 @@ impl Cache {
     /// Unlike blobs, chunks are not fsynced: after a crash a file could be there with wrong
     /// bytes. So a chunk is checked again when loaded — unless this process stored it and
     /// it has the length stored: a crash that could damage it would have ended this
-    /// process too (that check was measured at an eighth of the CPU of a file read by
-    /// range). A cache on a network filesystem shared with other hosts, or one whose
+    /// process too (the check costs a noticeable share of a read by range: BENCHMARKS.md).
+    /// A cache on a network filesystem shared with other hosts, or one whose
     /// write-back failed, is outside that argument; `IMGFS_CHECK_CHUNKS=1` checks every
     /// load. A damaged chunk is removed, to be refetched.
     pub fn load_chunk<N: ChunkName>(&self, d: &N) -> Option<bytes::Bytes> {

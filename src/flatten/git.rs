@@ -408,9 +408,8 @@ fn check_names(t: &Tree) -> Result<()> {
 }
 
 /// Write every blob of `plan` into `repo`, in parallel: one fast-import per core (it is one
-/// thread), each given about the same number of bytes. Blobs are stored, not deflated: zlib's
-/// fastest level runs at 60–150 MB/s here, which made `--git` five times a plain pull on a
-/// Debian-like image, where hashing alone is well within the goal of three. The work tree
+/// thread), each given about the same number of bytes. Blobs are stored, not deflated: even
+/// zlib's fastest level costs more than hashing (BENCHMARKS.md, `pull --git`). The work tree
 /// holds the same bytes uncompressed anyway, and `git gc` compresses the repository when
 /// its size matters more than the pull's time. Each writer leaves its pack and a marks file;
 /// returns the marks files.

@@ -3,8 +3,8 @@
 //! a whole blob fetched once where a source ignores ranges.
 
 use std::fs::File;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -29,10 +29,9 @@ pub(super) const RANGE_ATTEMPTS: u32 = 3;
 /// What reads share with background fetches: the source, the cache and the single-flight
 /// gates that keep one span from being fetched twice at once.
 pub(super) struct Fetcher {
-    pub(super) src: Arc<Source>,
     pub(super) cache: Cache,
     pub(super) rt: tokio::runtime::Handle,
-    pub(super) gates: Gates<(usize, usize)>,
+    pub(super) gates: Gates<(u32, usize)>,
     /// Bytes in the chunk store (measured at the first store, then counted) and its bound.
     pub(super) chunk_bytes: Mutex<Option<u64>>,
     pub(super) chunk_max: u64,
@@ -49,9 +48,9 @@ pub(super) enum SpanError {
 impl Fetcher {
     /// Bytes `[a, b)` of a blob from the source. The request runs as a task on the runtime's
     /// workers, where socket readiness is cheap; waiting on it from this (blocking) thread
-    /// costs one wake-up instead of one per body chunk — measured 3x faster.
-    pub(super) fn read_range(&self, desc: &Descriptor, a: u64, b: u64) -> Result<Option<Bytes>> {
-        let (src, desc) = (self.src.clone(), desc.clone());
+    /// costs one wake-up instead of one per body chunk (BENCHMARKS.md).
+    pub(super) fn read_range(&self, layer: &LayerData, a: u64, b: u64) -> Result<Option<Bytes>> {
+        let (src, desc) = (layer.src.clone(), layer.descriptor.clone());
         let task = self
             .rt
             .spawn(async move { src.read_range(&desc, a, b).await });
@@ -67,7 +66,6 @@ impl Fetcher {
     /// range and verified against the span digest.
     pub(super) fn span(
         &self,
-        li: usize,
         layer: &LayerData,
         k: usize,
     ) -> std::result::Result<Bytes, SpanError> {
@@ -92,12 +90,12 @@ impl Fetcher {
         if b - a > MAX_RANGE {
             return Err(SpanError::NeedBlob);
         }
-        let gate = self.gates.gate((li, k));
+        let gate = self.gates.gate((layer.id, k));
         let _turn = gate
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Dropped before `_turn`: however this ends, the gate goes with the turn.
-        let _done = Done(&self.gates, (li, k));
+        let _done = Done(&self.gates, (layer.id, k));
         if let Some(b) = self.cache.load_chunk(digest) {
             self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
@@ -106,7 +104,7 @@ impl Fetcher {
         let mut last = None;
         for attempt in 1..=RANGE_ATTEMPTS {
             let t = std::time::Instant::now();
-            match self.read_range(&layer.descriptor, a, b) {
+            match self.read_range(layer, a, b) {
                 Ok(Some(bytes)) => {
                     self.stats.ranges.fetch_add(1, Ordering::Relaxed);
                     self.stats
@@ -115,16 +113,16 @@ impl Fetcher {
                     let actual = SpanDigest::of(&bytes);
                     if actual == *digest {
                         tracing::debug!("fetched {} in {:.1?}", what(), t.elapsed());
-                        self.keep_chunk(digest, &bytes);
+                        self.keep_chunk(layer, digest, &bytes);
                         return Ok(bytes);
                     }
                     tracing::warn!(
                         "{} from {}: digest mismatch (expected {digest}, got {actual}); \
                          not serving it (attempt {attempt} of {RANGE_ATTEMPTS})",
                         what(),
-                        self.src.name()
+                        layer.src.name()
                     );
-                    self.src.distrust_mirrors();
+                    layer.src.distrust_mirrors();
                     last = Some(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         format!(
@@ -136,7 +134,7 @@ impl Fetcher {
                 Ok(None) => {
                     tracing::info!(
                         "{} ignores ranges for {}; downloading the whole blob",
-                        self.src.name(),
+                        layer.src.name(),
                         layer.digest
                     );
                     layer.no_ranges.store(true, Ordering::Relaxed);
@@ -170,7 +168,7 @@ impl Fetcher {
         };
         let mut last = None;
         for attempt in 1..=RANGE_ATTEMPTS {
-            let res = match self.read_range(&layer.descriptor, chunk.offset, chunk.end) {
+            let res = match self.read_range(layer, chunk.offset, chunk.end) {
                 Ok(Some(bytes)) => {
                     self.stats.ranges.fetch_add(1, Ordering::Relaxed);
                     self.stats
@@ -180,13 +178,13 @@ impl Fetcher {
                 }
                 Ok(None) => Err(Error::Unsupported {
                     what: "source for eStargz chunks".into(),
-                    value: format!("{} (it ignores Range)", self.src.name()),
+                    value: format!("{} (it ignores Range)", layer.src.name()),
                 }),
                 Err(e) => Err(e),
             };
             match res {
                 Ok(data) => {
-                    self.keep_chunk(&chunk.digest, &data);
+                    self.keep_chunk(layer, &chunk.digest, &data);
                     return Ok(data);
                 }
                 Err(e) => {
@@ -210,12 +208,7 @@ impl Fetcher {
     /// effort: a span that fails here is fetched again, alone, by the read that needs it.
     ///
     /// Returns the spans of `ks` that did not come in verified.
-    pub(super) fn fetch_batch(
-        &self,
-        li: usize,
-        layer: &LayerData,
-        ks: std::ops::Range<usize>,
-    ) -> Vec<usize> {
+    pub(super) fn fetch_batch(&self, layer: &LayerData, ks: std::ops::Range<usize>) -> Vec<usize> {
         let all = ks.clone().collect();
         let Ok(sp) = layer.seek() else { return all };
         let size = layer.descriptor.size;
@@ -238,7 +231,7 @@ impl Fetcher {
             return all;
         }
         // Claim every span first, so that readers wait for this fetch instead of repeating it.
-        let gates: Vec<_> = ks.clone().map(|k| self.gates.gate((li, k))).collect();
+        let gates: Vec<_> = ks.clone().map(|k| self.gates.gate((layer.id, k))).collect();
         let mut turns: Vec<_> = gates
             .iter()
             .map(|g| Some(g.lock().unwrap_or_else(std::sync::PoisonError::into_inner)))
@@ -248,7 +241,7 @@ impl Fetcher {
         // The body is read and hashed on the runtime (where socket reads are cheap); spans
         // come here one at a time, checked, to be stored and handed to their readers.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, bool, Bytes)>(2);
-        let (src, desc, want) = (self.src.clone(), layer.descriptor.clone(), digests.clone());
+        let (src, desc, want) = (layer.src.clone(), layer.descriptor.clone(), digests.clone());
         let stream_task = self.rt.spawn(async move {
             let Some(mut body) = src.range_stream(&desc, a, b).await? else {
                 return Ok::<_, Error>(false);
@@ -301,7 +294,7 @@ impl Fetcher {
             let k = ks.start + i;
             got += span.len() as u64;
             if good {
-                self.keep_chunk(&digests[i], &span);
+                self.keep_chunk(layer, &digests[i], &span);
                 verified[i] = true;
             } else {
                 tracing::warn!(
@@ -310,7 +303,7 @@ impl Fetcher {
                 );
             }
             // Out of the gates first, then the turn: a waiter wakes to find the span.
-            self.gates.done(&(li, k));
+            self.gates.done(&(layer.id, k));
             turns[i] = None;
         }
         if got > 0 {
@@ -331,7 +324,7 @@ impl Fetcher {
         // Spans that never came: their readers fetch them alone.
         for (k, turn) in ks.clone().zip(turns.iter_mut()) {
             if turn.is_some() {
-                self.gates.done(&(li, k));
+                self.gates.done(&(layer.id, k));
                 *turn = None;
             }
         }
@@ -344,7 +337,6 @@ impl Fetcher {
     /// batches like a sequential reader's; a span a batch did not bring, alone.
     pub(super) fn fetch_all_spans(
         &self,
-        li: usize,
         layer: &LayerData,
         stop: &tokio_util::sync::CancellationToken,
     ) -> std::io::Result<()> {
@@ -364,12 +356,12 @@ impl Fetcher {
             let left = if layer.no_ranges.load(Ordering::Relaxed) {
                 (k..end).collect()
             } else {
-                self.fetch_batch(li, layer, k..end)
+                self.fetch_batch(layer, k..end)
             };
             for j in left {
-                match self.span(li, layer, j) {
+                match self.span(layer, j) {
                     Ok(_) => {}
-                    Err(SpanError::NeedBlob) => return self.ensure_local(li, layer).map(|_| ()),
+                    Err(SpanError::NeedBlob) => return self.ensure_local(layer).map(|_| ()),
                     Err(SpanError::Failed(e)) => return Err(e),
                 }
             }
@@ -380,8 +372,13 @@ impl Fetcher {
 
     /// Store a verified span in the chunk store, keeping the store under its bound. Spans
     /// of local sources are not stored: the source is as near as the store.
-    pub(super) fn keep_chunk<N: crate::cache::ChunkName>(&self, digest: &N, bytes: &[u8]) {
-        if self.src.is_local() {
+    pub(super) fn keep_chunk<N: crate::cache::ChunkName>(
+        &self,
+        layer: &LayerData,
+        digest: &N,
+        bytes: &[u8],
+    ) {
+        if layer.src.is_local() {
             return;
         }
         if let Err(e) = self.cache.store_chunk(digest, bytes) {
@@ -402,15 +399,11 @@ impl Fetcher {
     }
 
     /// Make sure the layer has its verified blob open, downloading it if needed.
-    pub(super) fn ensure_local<'a>(
-        &self,
-        li: usize,
-        layer: &'a LayerData,
-    ) -> std::io::Result<&'a File> {
+    pub(super) fn ensure_local<'a>(&self, layer: &'a LayerData) -> std::io::Result<&'a File> {
         if let Some(f) = layer.local.get() {
             return Ok(f);
         }
-        let gate = self.gates.gate((li, usize::MAX));
+        let gate = self.gates.gate((layer.id, usize::MAX));
         let _turn = gate
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -422,7 +415,7 @@ impl Fetcher {
             .rt
             .block_on(crate::fetch::blob(
                 &self.cache,
-                &self.src,
+                &layer.src,
                 &layer.descriptor,
             ))
             .map_err(|e| std::io::Error::other(e.to_string()))?;

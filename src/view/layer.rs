@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::readahead::READAHEAD_MIN;
@@ -39,6 +39,11 @@ pub struct LayerData {
     pub(super) data_end: u64,
     /// The source would not serve a range of this blob: reads need the whole blob.
     pub(super) no_ranges: AtomicBool,
+    /// Unique in the process: what the piece cache and the fetch gates key this layer by,
+    /// so that views of several images can share them.
+    pub(super) id: u32,
+    /// Where the layer's bytes come from (the source of the image it was opened with).
+    pub(super) src: Arc<crate::source::Source>,
     /// For an eStargz layer read through its TOC: each file's chunks.
     pub(super) stargz: Option<Stargz>,
     /// For a gzip layer read from its local blob: the run of stored blocks from each span's
@@ -60,9 +65,11 @@ pub(super) struct Stargz {
 impl LayerData {
     pub(super) fn new(
         layer: &crate::manifest::Layer,
+        src: Arc<crate::source::Source>,
         index: LayerIndex,
         stargz: Option<Stargz>,
     ) -> Arc<Self> {
+        static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let data_end = index
             .entries
             .iter()
@@ -80,6 +87,8 @@ impl LayerData {
             window: AtomicUsize::new(READAHEAD_MIN),
             last_end: AtomicU64::new(u64::MAX),
             no_ranges: AtomicBool::new(false),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            src,
             stargz,
             stored: Mutex::new(lru::LruCache::new(STORED_SPANS)),
         })

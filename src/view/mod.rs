@@ -14,14 +14,17 @@
 //! What a local gzip blob holds in stored blocks (data deflate could not shrink) is not
 //! decompressed at all: it is copied straight out of the blob.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use crate::cache::Cache;
 use crate::digest::Digest;
+use crate::error::Result;
 use crate::index::{self};
-use crate::tree::Tree;
+use crate::tree::{InodeId, Tree};
 
 mod fetcher;
 mod gates;
@@ -135,9 +138,48 @@ pub struct ReadStats {
 /// A decompressed piece: (layer, uncompressed offset where it starts).
 type PieceKey = (u32, u64);
 
+/// An image's merged tree and its layers, read through a [`Reader`].
 pub struct ImageView {
     pub tree: Tree,
     pub layers: Vec<Arc<LayerData>>,
+    pub reader: Arc<Reader>,
+}
+
+/// One layer alone, servable without the merged image: its own tree (the layer applied to
+/// nothing) and its bytes, through the same [`Reader`] as the views that share it.
+pub struct LayerView {
+    pub tree: Tree,
+    pub layer: Arc<LayerData>,
+    pub reader: Arc<Reader>,
+}
+
+impl LayerView {
+    /// The tree of `layer` alone. Fails (naming the entry) where the layer needs a lower
+    /// one, as a hard link to a file below it does.
+    pub fn new(layer: Arc<LayerData>, reader: Arc<Reader>) -> Result<LayerView> {
+        let tree = crate::tree::merge(&[&layer.index], std::slice::from_ref(&layer.digest))?;
+        Ok(LayerView {
+            tree,
+            layer,
+            reader,
+        })
+    }
+
+    /// Read up to `len` bytes at `offset` of regular file `inode` of this layer's tree.
+    pub fn read(&self, inode: InodeId, offset: u64, len: usize) -> Result<Bytes> {
+        let Some(data) = self.tree.inodes[inode as usize].data else {
+            return Err(crate::error::Error::malformed("read", "not a regular file"));
+        };
+        self.reader
+            .read_file(&self.layer, data.entry as usize, offset, len, false)
+    }
+}
+
+/// What views share: the cache and fetching by range, decompressed pieces, background
+/// work, and the layers open in the process — so that one process can hold many images: a
+/// layer two of them share has its index loaded once and its pieces cached once. A view
+/// opened on its own makes its own.
+pub struct Reader {
     fetcher: Arc<Fetcher>,
     prefetch: Prefetch,
     keep_blobs: bool,
@@ -145,12 +187,59 @@ pub struct ImageView {
     /// One gate per piece being decompressed: readahead sends several reads into one cold
     /// span at once, and only the first should decompress it (CPU, and memory).
     making: Gates<PieceKey>,
-    /// Cancelled when the view goes: background prefetch stops at its next span or chunk
-    /// rather than fetching for a view nobody reads.
+    /// Cancelled when the reader goes: background prefetch stops at its next span or chunk
+    /// rather than fetching for views nobody reads.
     background: tokio_util::sync::CancellationToken,
+    /// Layers open through this reader, by digest: each one's index is loaded once.
+    open_layers: Mutex<HashMap<Digest, std::sync::Weak<LayerData>>>,
 }
 
-impl Drop for ImageView {
+impl Reader {
+    /// A reader over `cache`, with `opts`' bounds (chunk store, pieces) and prefetch policy.
+    /// Needs a tokio runtime: range requests run on it.
+    pub fn new(cache: &Cache, opts: &ViewOptions) -> Arc<Reader> {
+        Arc::new(Reader {
+            fetcher: Arc::new(Fetcher {
+                cache: cache.clone(),
+                rt: tokio::runtime::Handle::current(),
+                gates: Gates::new(),
+                chunk_bytes: Mutex::new(None),
+                chunk_max: opts.chunk_cache,
+                stats: ReadStats::default(),
+            }),
+            prefetch: opts.prefetch,
+            keep_blobs: opts.keep_blobs,
+            pieces: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(opts.cached_pieces.max(1)).expect("at least one"),
+            )),
+            making: Gates::new(),
+            background: tokio_util::sync::CancellationToken::new(),
+            open_layers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// What reads have fetched so far.
+    pub fn stats(&self) -> &ReadStats {
+        &self.fetcher.stats
+    }
+
+    /// The layer with this digest, if a view opened through this reader still holds it.
+    pub(super) fn open_layer(&self, digest: &Digest) -> Option<Arc<LayerData>> {
+        self.open_layers
+            .lock()
+            .unwrap()
+            .get(digest)
+            .and_then(std::sync::Weak::upgrade)
+    }
+
+    pub(super) fn remember_layer(&self, layer: &Arc<LayerData>) {
+        let mut open = self.open_layers.lock().unwrap();
+        open.retain(|_, l| l.strong_count() > 0);
+        open.insert(layer.descriptor.digest.clone(), Arc::downgrade(layer));
+    }
+}
+
+impl Drop for Reader {
     fn drop(&mut self) {
         self.background.cancel();
     }
@@ -159,7 +248,7 @@ impl Drop for ImageView {
 impl ImageView {
     /// What reads have fetched so far.
     pub fn stats(&self) -> &ReadStats {
-        &self.fetcher.stats
+        self.reader.stats()
     }
 
     /// How many layers are read by range (their blob is not local).

@@ -2,14 +2,13 @@
 //! eStargz TOC, or streaming the layer once — then the layers merged into one tree.
 
 use std::fs::File;
-use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures_util::{StreamExt, TryFutureExt, TryStreamExt};
 
 use super::fetcher::open_stargz;
 use super::layer::{Stargz, build_index};
-use super::{Fetcher, Gates, ImageView, IndexProgress, LayerData, ReadStats, ViewOptions};
+use super::{ImageView, IndexProgress, LayerData, Reader, ViewOptions};
 use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
@@ -32,7 +31,20 @@ impl ImageView {
         image: &Image,
         opts: &ViewOptions,
     ) -> Result<ImageView> {
-        match Self::open_once(cache, src.clone(), image, opts).await? {
+        Self::open_in(&Reader::new(cache, opts), cache, src, image, opts).await
+    }
+
+    /// [`ImageView::open`] through a shared `reader`: layers already open through it are
+    /// used as they are (their indexes are not loaded again), and reads share its fetcher
+    /// and piece cache.
+    pub async fn open_in(
+        reader: &Arc<Reader>,
+        cache: &Cache,
+        src: Arc<Source>,
+        image: &Image,
+        opts: &ViewOptions,
+    ) -> Result<ImageView> {
+        match Self::open_once(reader, cache, src.clone(), image, opts).await? {
             Ok(view) => Ok(view),
             Err((e, published)) => {
                 // Each published index was well-formed alone, but together they do not make
@@ -48,7 +60,7 @@ impl ImageView {
                     remote_index: false,
                     ..opts.clone()
                 };
-                Self::open_once(cache, src, image, &opts)
+                Self::open_once(reader, cache, src, image, &opts)
                     .await?
                     .map_err(|(e, _)| e)
             }
@@ -58,6 +70,7 @@ impl ImageView {
     /// [`ImageView::open`], except that a merge failure with published indexes in use is
     /// returned apart, with the layers they describe, for the caller to retry without them.
     async fn open_once(
+        reader: &Arc<Reader>,
         cache: &Cache,
         src: Arc<Source>,
         image: &Image,
@@ -96,7 +109,7 @@ impl ImageView {
         let mut layers: Vec<(usize, (Arc<LayerData>, bool))> =
             futures_util::stream::iter(order.into_iter().map(|i| (i, &image.layers[i])))
                 .map(|(i, layer)| {
-                    obtain_layer(cache, src_ref, layer, i, n, opts)
+                    obtain_shared(reader, cache, src_ref, layer, i, n, opts)
                         // Tagged with its place, since layers finish in any order.
                         .map_ok(move |r| (i, r))
                 })
@@ -131,24 +144,30 @@ impl ImageView {
         Ok(Ok(ImageView {
             tree,
             layers,
-            fetcher: Arc::new(Fetcher {
-                src,
-                cache: cache.clone(),
-                rt: tokio::runtime::Handle::current(),
-                gates: Gates::new(),
-                chunk_bytes: Mutex::new(None),
-                chunk_max: opts.chunk_cache,
-                stats: ReadStats::default(),
-            }),
-            prefetch: opts.prefetch,
-            keep_blobs: opts.keep_blobs,
-            pieces: Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(opts.cached_pieces.max(1)).expect("at least one"),
-            )),
-            making: Gates::new(),
-            background: tokio_util::sync::CancellationToken::new(),
+            reader: reader.clone(),
         }))
     }
+}
+
+/// [`obtain_layer`], or the layer as `reader` already holds it. Layers from published
+/// indexes are not shared: if they do not merge, the view is opened again without them.
+async fn obtain_shared(
+    reader: &Arc<Reader>,
+    cache: &Cache,
+    src: &Arc<Source>,
+    layer: &crate::manifest::Layer,
+    i: usize,
+    n: usize,
+    opts: &ViewOptions,
+) -> Result<(Arc<LayerData>, bool)> {
+    if let Some(open) = reader.open_layer(&layer.descriptor.digest) {
+        return Ok((open, false));
+    }
+    let (data, published) = obtain_layer(cache, src, layer, i, n, opts).await?;
+    if !published {
+        reader.remember_layer(&data);
+    }
+    Ok((data, published))
 }
 
 /// A layer's index, obtained the one way every view does: from the cache (rebuilt if it has
@@ -158,7 +177,7 @@ impl ImageView {
 /// view is opened again without them.
 async fn obtain_layer(
     cache: &Cache,
-    src_ref: &Source,
+    src_ref: &Arc<Source>,
     layer: &crate::manifest::Layer,
     i: usize,
     n: usize,
@@ -191,7 +210,10 @@ async fn obtain_layer(
                     chunks: sg.chunks,
                     prefetch: sg.prefetch,
                 };
-                return Ok((LayerData::new(layer, sg.index, Some(files)), false));
+                return Ok((
+                    LayerData::new(layer, src_ref.clone(), sg.index, Some(files)),
+                    false,
+                ));
             }
             // Wrong bytes for what the manifest vouches for: refused.
             Err(e @ Error::DigestMismatch { .. }) => return Err(name(e)),
@@ -278,7 +300,7 @@ async fn obtain_layer(
             tracing::warn!("not caching the index of {digest}: {e}");
         }
     }
-    let data = LayerData::new(layer, index, None);
+    let data = LayerData::new(layer, src_ref.clone(), index, None);
     if let Some(blob) = blob {
         let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
         // Marks it used, for pruning oldest first.

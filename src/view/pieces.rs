@@ -8,13 +8,13 @@ use bytes::Bytes;
 use super::fetcher::SpanError;
 use super::gates::Done;
 use super::layer::decompress_at;
-use super::{ImageView, LayerData, PieceKey};
+use super::{LayerData, PieceKey, Reader};
 use crate::bufpool;
 use crate::index::SeekPoints;
 use crate::index::seek_points::SPAN;
 use crate::layer::span::SpanBytes;
 
-impl ImageView {
+impl Reader {
     pub(super) fn piece(
         &self,
         key: PieceKey,
@@ -62,7 +62,6 @@ impl ImageView {
     /// from the blob once a range would not do.
     pub(super) fn make_piece(
         &self,
-        li: usize,
         layer: &Arc<LayerData>,
         k: usize,
         from: u64,
@@ -73,8 +72,8 @@ impl ImageView {
             return layer.decompress_local(f, from, want);
         }
         let sp = layer.seek()?;
-        self.read_ahead(li, layer, k, file_end);
-        match self.fetcher.span(li, layer, k) {
+        self.read_ahead(layer, k, file_end);
+        match self.fetcher.span(layer, k) {
             Ok(bytes) => {
                 let (a, _) = sp.span_range(k, layer.descriptor.size);
                 let mut r = SpanBytes::new(a, bytes);
@@ -82,7 +81,7 @@ impl ImageView {
             }
             Err(SpanError::Failed(e)) => Err(e),
             Err(SpanError::NeedBlob) => {
-                let f = self.fetcher.ensure_local(li, layer)?;
+                let f = self.fetcher.ensure_local(layer)?;
                 layer.decompress_local(f, from, want)
             }
         }

@@ -6,32 +6,33 @@ impl ImageView {
     /// Start background fetches, returning at once: with [`Prefetch::Auto`], the files an
     /// eStargz layer marks for prefetching; with [`Prefetch::All`], everything not yet local
     /// (whole blobs with `keep_blobs`, every span or chunk into the chunk store otherwise).
-    /// The work stops when the view is dropped.
+    /// The work stops when the view's reader is dropped.
     pub fn start_prefetch(&self) {
-        if self.prefetch == Prefetch::None || self.fetcher.src.is_local() {
+        let r = &self.reader;
+        if r.prefetch == Prefetch::None || self.layers.iter().all(|l| l.src.is_local()) {
             return;
         }
-        let all = self.prefetch == Prefetch::All;
+        let all = r.prefetch == Prefetch::All;
         let remote: u64 = self
             .layers
             .iter()
             .filter(|l| l.local.get().is_none())
             .map(|l| l.descriptor.size)
             .sum();
-        if all && !self.keep_blobs && remote > self.fetcher.chunk_max {
+        if all && !r.keep_blobs && remote > r.fetcher.chunk_max {
             tracing::warn!(
                 "prefetching {remote} bytes into a chunk store bounded at {} bytes: \
                  older spans will be dropped (--keep-blobs keeps whole blobs instead)",
-                self.fetcher.chunk_max
+                r.fetcher.chunk_max
             );
         }
-        for (li, layer) in self.layers.iter().enumerate() {
+        for layer in &self.layers {
             if layer.local.get().is_some() || !(all || layer.stargz.is_some()) {
                 continue;
             }
-            let (fetcher, layer, keep) = (self.fetcher.clone(), layer.clone(), self.keep_blobs);
-            let stop = self.background.clone();
-            self.fetcher.rt.spawn_blocking(move || {
+            let (fetcher, layer, keep) = (r.fetcher.clone(), layer.clone(), r.keep_blobs);
+            let stop = r.background.clone();
+            r.fetcher.rt.spawn_blocking(move || {
                 let t = std::time::Instant::now();
                 let res = if let Some(sg) = &layer.stargz {
                     let files: Vec<usize> = if all {
@@ -45,9 +46,9 @@ impl ImageView {
                         .take_while(|_| !stop.is_cancelled())
                         .try_for_each(|c| fetcher.stargz_chunk(&layer, c).map(|_| ()))
                 } else if keep {
-                    fetcher.ensure_local(li, &layer).map(|_| ())
+                    fetcher.ensure_local(&layer).map(|_| ())
                 } else {
-                    fetcher.fetch_all_spans(li, &layer, &stop)
+                    fetcher.fetch_all_spans(&layer, &stop)
                 };
                 match res {
                     Ok(()) => {

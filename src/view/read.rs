@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::layer::Stargz;
 use super::pieces::piece_at;
-use super::{ImageView, LayerData};
+use super::{ImageView, LayerData, Reader};
 use crate::bufpool;
 use crate::error::{Error, Result};
 use crate::manifest::Compression;
@@ -26,33 +26,37 @@ impl ImageView {
         self.read_inner(inode, offset, len, true)
     }
 
-    pub(super) fn read_inner(
+    fn read_inner(&self, inode: InodeId, offset: u64, len: usize, exact: bool) -> Result<Bytes> {
+        let Some(data) = self.tree.inodes[inode as usize].data else {
+            return Err(Error::malformed("read", "not a regular file"));
+        };
+        let layer = &self.layers[data.layer as usize];
+        self.reader
+            .read_file(layer, data.entry as usize, offset, len, exact)
+    }
+}
+
+impl Reader {
+    /// Read up to `len` bytes at `offset` of file `entry` (its position in the layer's
+    /// index) of `layer`. Short only at the file's end. `exact`: the range will not be read
+    /// again (see [`ImageView::read_once`]).
+    pub fn read_file(
         &self,
-        inode: InodeId,
+        layer: &Arc<LayerData>,
+        entry: usize,
         offset: u64,
         len: usize,
         exact: bool,
     ) -> Result<Bytes> {
-        let ino = &self.tree.inodes[inode as usize];
-        let Some(data) = ino.data else {
-            return Err(Error::malformed("read", "not a regular file"));
-        };
-        let layer = &self.layers[data.layer as usize];
-        let entry = &layer.index.entries[data.entry as usize];
+        let entry_index = entry;
+        let entry = &layer.index.entries[entry_index];
         if offset >= entry.size {
             return Ok(Bytes::new());
         }
         let len = len.min((entry.size - offset) as usize);
         if let Some(sg) = &layer.stargz {
             return self
-                .read_stargz(
-                    data.layer as usize,
-                    layer,
-                    sg,
-                    data.entry as usize,
-                    offset,
-                    len,
-                )
+                .read_stargz(layer, sg, entry_index, offset, len)
                 .map(Bytes::from)
                 .map_err(|e| Error::Io {
                     context: format!("reading {} from layer {}", entry.path, layer.digest),
@@ -63,11 +67,10 @@ impl ImageView {
             context: format!("reading {:?} from layer {}", entry.path, layer.digest),
             cause: e,
         };
-        let li = data.layer as usize;
         let file_end = entry.offset + entry.stored_len();
         if entry.sparse.is_empty() {
             return self
-                .read_stored_data(li, layer, entry.offset + offset, len, file_end, exact)
+                .read_stored_data(layer, entry.offset + offset, len, file_end, exact)
                 .map_err(fail);
         }
         // A sparse file: its regions' bytes are stored one after another; holes are zeros.
@@ -82,7 +85,7 @@ impl ImageView {
                 let take = (r_end.min(end) - from) as usize;
                 let at = entry.offset + stored_before + (from - r.offset);
                 let bytes = self
-                    .read_stored_data(li, layer, at, take, file_end, exact)
+                    .read_stored_data(layer, at, take, file_end, exact)
                     .map_err(fail)?;
                 out.extend_from_slice(&bytes);
             }
@@ -96,7 +99,6 @@ impl ImageView {
     /// ends at `file_end`: from the local blob where there is one, else by span.
     pub(super) fn read_stored_data(
         &self,
-        li: usize,
         layer: &Arc<LayerData>,
         start: u64,
         len: usize,
@@ -116,13 +118,12 @@ impl ImageView {
         {
             return Ok(bytes.into());
         }
-        self.read_spans(li, layer, start, len, file_end, exact)
+        self.read_spans(layer, start, len, file_end, exact)
     }
 
     /// Read `len` bytes at `offset` of eStargz file `entry`, chunk by chunk.
     pub(super) fn read_stargz(
         &self,
-        li: usize,
         layer: &LayerData,
         sg: &Stargz,
         entry: usize,
@@ -138,9 +139,7 @@ impl ImageView {
                 .checked_sub(1)
                 .map(|i| &chunks[i])
                 .ok_or_else(|| std::io::Error::other("no chunk holds this offset"))?;
-            let piece = self.piece((li as u32, c.offset), || {
-                self.fetcher.stargz_chunk(layer, c)
-            })?;
+            let piece = self.piece((layer.id, c.offset), || self.fetcher.stargz_chunk(layer, c))?;
             let at = (pos - c.file_offset) as usize;
             if at >= piece.len() {
                 return Err(std::io::Error::new(
@@ -157,7 +156,6 @@ impl ImageView {
 
     pub(super) fn read_spans(
         &self,
-        li: usize,
         layer: &Arc<LayerData>,
         start: u64,
         len: usize,
@@ -174,10 +172,10 @@ impl ImageView {
             // and keeps nothing; others decompress and keep the whole piece.
             let piece = if exact {
                 let want = (start + len as u64 - piece_start).min(piece_len as u64) as usize;
-                bufpool::freeze(self.make_piece(li, layer, k, piece_start, want, file_end)?)
+                bufpool::freeze(self.make_piece(layer, k, piece_start, want, file_end)?)
             } else {
-                self.piece((li as u32, piece_start), || {
-                    self.make_piece(li, layer, k, piece_start, piece_len, file_end)
+                self.piece((layer.id, piece_start), || {
+                    self.make_piece(layer, k, piece_start, piece_len, file_end)
                 })?
             };
             let at = (pos - piece_start) as usize;

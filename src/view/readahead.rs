@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::pieces::piece_at;
-use super::{ImageView, LayerData, Prefetch};
+use super::{ImageView, LayerData, Prefetch, Reader};
 use crate::index::seek_points::SPAN;
 use crate::manifest::Compression;
 use crate::tree::InodeId;
@@ -14,20 +14,19 @@ use crate::tree::InodeId;
 /// window that starts at `READAHEAD_MIN` spans and doubles while the reader goes on, up to
 /// `READAHEAD_MAX`, never past the end of the file being read. When fewer than half of the
 /// window's spans are stored or on their way, the missing ones go in one range request.
-/// Big requests matter to the registry: each costs it a few milliseconds of CPU however
-/// small (distribution 2.8 over loopback, 256 MiB in ranges of 4 MiB: 0.39 CPU-s; of
-/// 8 MiB: 0.24; of 32 MiB: 0.15; one download: 0.11). A batch is verified span by span as
+/// Big requests matter to the registry: each costs it milliseconds of CPU however small
+/// (BENCHMARKS.md, "Measurements behind design choices"). A batch is verified span by span as
 /// it streams in, so a reader waits for its own span only, and a batch holds a few spans in
 /// memory at most (the one arriving and two on their way to the store).
 pub(super) const READAHEAD_MIN: usize = 2;
 pub(super) const READAHEAD_MAX: usize = 16;
 
-impl ImageView {
+impl Reader {
     /// When a reader has just moved from span `k - 1` into `k` of a file whose data ends at
     /// uncompressed offset `file_end`, make sure the spans of the readahead window after `k`
     /// are stored or coming: when under half of them are, fetch the missing ones in one
     /// request and widen the window. A read elsewhere starts the window over.
-    pub(super) fn read_ahead(&self, li: usize, layer: &Arc<LayerData>, k: usize, file_end: u64) {
+    pub(super) fn read_ahead(&self, layer: &Arc<LayerData>, k: usize, file_end: u64) {
         let prev = layer.last_span.swap(k, Ordering::Relaxed);
         let f = &self.fetcher;
         if prev.wrapping_add(1) != k {
@@ -37,7 +36,7 @@ impl ImageView {
             return;
         }
         if self.prefetch == Prefetch::None
-            || f.src.is_local()
+            || layer.src.is_local()
             || layer.no_ranges.load(Ordering::Relaxed)
         {
             return;
@@ -51,7 +50,8 @@ impl ImageView {
             .min(n);
         let w = layer.window.load(Ordering::Relaxed);
         let horizon = (k + 1 + w).min(end);
-        let ready = |j: usize| f.gates.busy(&(li, j)) || f.cache.has_chunk(&sp.span_digests[j]);
+        let ready =
+            |j: usize| f.gates.busy(&(layer.id, j)) || f.cache.has_chunk(&sp.span_digests[j]);
         let first = (k + 1..horizon).find(|&j| !ready(j));
         let Some(first) = first.filter(|&j| j - (k + 1) < w / 2) else {
             return;
@@ -66,7 +66,7 @@ impl ImageView {
         let (fetcher, layer) = (f.clone(), layer.clone());
         f.rt.spawn_blocking(move || {
             // Best effort: what did not come is fetched by the read that needs it.
-            let _ = fetcher.fetch_batch(li, &layer, first..last + 1);
+            let _ = fetcher.fetch_batch(&layer, first..last + 1);
         });
     }
 
@@ -76,13 +76,8 @@ impl ImageView {
     /// finds it ready instead of waiting for it (with two cores, serving one piece and
     /// decompressing the next overlap). Nothing happens for other reads, when that piece
     /// is cached or being made, or, with `--prefetch none`, when it would be fetched.
-    pub fn decompress_ahead(&self, inode: InodeId, offset: u64, len: usize) {
-        let Some(data) = self.tree.inodes[inode as usize].data else {
-            return;
-        };
-        let li = data.layer as usize;
-        let layer = &self.layers[li];
-        let entry = &layer.index.entries[data.entry as usize];
+    pub fn decompress_ahead(&self, layer: &Arc<LayerData>, entry: usize, offset: u64, len: usize) {
+        let entry = &layer.index.entries[entry];
         let local = layer.local.get().is_some();
         // Sparse files are rare: their reads are not worth a second mapping here.
         if layer.stargz.is_some()
@@ -111,7 +106,7 @@ impl ImageView {
         let Ok((k, piece_start, piece_len)) = piece_at(sp, layer.data_end, next) else {
             return;
         };
-        let key = (li as u32, piece_start);
+        let key = (layer.id, piece_start);
         if self.making.busy(&key) || self.pieces.lock().unwrap().contains(&key) {
             return;
         }
@@ -125,9 +120,20 @@ impl ImageView {
         }
         let file_end = entry.offset + entry.stored_len();
         if let Err(e) = self.piece_cached(key, true, || {
-            self.make_piece(li, layer, k, piece_start, piece_len, file_end)
+            self.make_piece(layer, k, piece_start, piece_len, file_end)
         }) {
             tracing::debug!("decompressing ahead in layer {}: {e}", layer.digest);
+        }
+    }
+}
+
+impl ImageView {
+    /// [`Reader::decompress_ahead`] for a read of `len` bytes at `offset` of file `inode`.
+    pub fn decompress_ahead(&self, inode: InodeId, offset: u64, len: usize) {
+        if let Some(data) = self.tree.inodes[inode as usize].data {
+            let layer = &self.layers[data.layer as usize];
+            self.reader
+                .decompress_ahead(layer, data.entry as usize, offset, len);
         }
     }
 }
