@@ -136,18 +136,21 @@ fn which(prog: &str) -> Option<PathBuf> {
 /// Allocator settings for the mount daemon, made before any other thread starts (the async
 /// runtime's threads included: a thread that has allocated keeps the arena it got).
 ///
-/// glibc gives each thread that frees a 4 MiB span buffer its own arena and keeps the
-/// memory: measured 121-154 MB of daemon RSS after a big read, 70-75 MB with one arena and
-/// the same read speed. (A fixed mmap threshold was measured too: 1 MiB held a lazy read of
-/// 200 MiB to 74 MB but at half the speed, 178 vs 357 MB/s; 5 MiB gave 85 MB and 255 MB/s.
-/// glibc's own adaptive threshold: 91-120 MB, the fastest. Kept.) Until 2026-12-01 this was
-/// set once the runtime ran, too late for its worker threads: a read by range still left
-/// two arenas of ~35 MB each.
+/// One arena: glibc gives each thread that frees a span buffer an arena of its own and keeps
+/// its memory. A fixed mmap threshold at the pooled buffers' size: those buffers live outside
+/// the heap, so the ones the pool does not keep are returned rather than left as holes that
+/// small allocations split (the pool's reuse keeps the page faults of mapping anew few;
+/// before there was a pool, a fixed threshold halved the read speed). The figures are in
+/// BENCHMARKS.md ("First walk and memory on a Debian userland").
 pub fn before_threads(args: &MountArgs) {
     if args.foreground {
         // SAFETY: mallopt only tunes the allocator; no other thread exists yet.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 1);
+            // Span-sized buffers (`bufpool::CAP`) mapped on their own, not carved from the
+            // heap: freed, they go back to the system, where in the heap small allocations
+            // split the holes they left and the next buffer grew the heap again.
+            libc::mallopt(libc::M_MMAP_THRESHOLD, crate::bufpool::CAP as i32);
         }
     }
 }

@@ -167,10 +167,14 @@ impl Filesystem for ImageFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Each is a request; a kernel that refuses one still works without it.
         let _ = config.set_max_readahead(1 << 20);
+        // READDIRPLUS always, not FUSE_READDIRPLUS_AUTO: with AUTO the kernel asks for
+        // attributes only at a listing's start, so a directory whose listing takes more
+        // than one request gets its later entries bare, and a walk then sends a LOOKUP for
+        // each subdirectory among them (each entry, if it stats them). Attributes cost us
+        // nothing to give: they are in memory. (BENCHMARKS.md, "First walk and memory".)
         let _ = config.add_capabilities(
             InitFlags::FUSE_CACHE_SYMLINKS
                 | InitFlags::FUSE_DO_READDIRPLUS
-                | InitFlags::FUSE_READDIRPLUS_AUTO
                 | InitFlags::FUSE_PARALLEL_DIROPS,
         );
         self.no_opendir = self.may_skip_opendir
