@@ -113,6 +113,16 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// A blocking worker task that panicked or was cancelled.
+    pub(crate) fn worker(e: tokio::task::JoinError) -> Error {
+        Error::Io {
+            context: "a worker thread failed".into(),
+            cause: std::io::Error::other(e.to_string()),
+        }
+    }
+}
+
 /// Result with the library's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

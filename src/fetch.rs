@@ -249,10 +249,7 @@ where
             tokio::task::spawn_blocking(move || consumer(crate::layer::ChannelReader::new(rx)));
         let fetched = stream_blob(cache, src, desc, progress, Some(&tx), keep).await;
         drop(tx);
-        let consumed = consuming.await.map_err(|e| Error::Io {
-            context: "a worker thread failed".into(),
-            cause: std::io::Error::other(e.to_string()),
-        })?;
+        let consumed = consuming.await.map_err(Error::worker)?;
         match fetched {
             Err(Error::DigestMismatch { .. }) if src.distrust_mirrors() => {
                 tracing::warn!("{}: wrong bytes; once more, from the registry", desc.digest);

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::layers::Tar;
-use common::mounted::Mounted;
+use common::mounted::{Mounted, is_mounted};
 use common::proxy::{Fault, Proxy};
 use common::*;
 
@@ -43,20 +43,36 @@ fn system_image(repo: &str) -> String {
     format!("{}/{repo}:v1", reg.host)
 }
 
+/// A command run as the stranger (`setpriv`: no user entry needed, unless a tool wants one).
+fn stranger(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        STRANGER,
+        "--regid",
+        STRANGER,
+        "--clear-groups",
+        "--",
+    ])
+    .arg(program);
+    c
+}
+
 /// Run a command as the stranger; whether it succeeded.
 fn as_stranger(args: &[&str]) -> bool {
-    Command::new("setpriv")
-        .args([
-            "--reuid",
-            STRANGER,
-            "--regid",
-            STRANGER,
-            "--clear-groups",
-            "--",
-        ])
-        .args(args)
+    stranger(args[0])
+        .args(&args[1..])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// `test -x PATH` as root.
+fn executable(path: &str) -> bool {
+    Command::new("test")
+        .args(["-x", path])
         .status()
         .unwrap()
         .success()
@@ -81,11 +97,7 @@ fn a_shared_mount_enforces_the_images_permissions() {
     let root_dir = as_stranger(&["ls", &p("root")]);
     let secret = as_stranger(&["cat", &p("root/secret")]);
     let exec = as_stranger(&["test", "-x", &p("etc/passwd")]);
-    let root_exec = Command::new("test")
-        .args(["-x", &p("etc/passwd")])
-        .status()
-        .unwrap()
-        .success();
+    let root_exec = executable(&p("etc/passwd"));
     m.unmount(&cache);
     assert!(readable, "a world-readable file is readable");
     assert!(!shadow, "another user reads etc/shadow (0640 root:shadow)");
@@ -96,26 +108,10 @@ fn a_shared_mount_enforces_the_images_permissions() {
 
     // The owner's own mount shows what the image's root sees, and answers access() alike.
     let m = Mounted::new(&cache, &image, &mnt, &[]);
-    let owner_exec = Command::new("test")
-        .args(["-x", &p("etc/passwd")])
-        .status()
-        .unwrap()
-        .success();
-    let owner_dir = Command::new("test")
-        .args(["-x", &p("root")])
-        .status()
-        .unwrap()
-        .success();
+    let owner_exec = executable(&p("etc/passwd"));
+    let owner_dir = executable(&p("root"));
     m.unmount(&cache);
     assert!(!owner_exec && owner_dir, "{owner_exec} {owner_dir}");
-}
-
-fn is_mounted(dir: &Path) -> bool {
-    let canon = dir.canonicalize().unwrap();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap()))
 }
 
 #[test]
@@ -445,16 +441,7 @@ fn a_user_mounts_through_fusermount3_where_the_machine_lets_users_use_fuse() {
         std::os::unix::fs::chown(d, Some(54321), Some(54321)).unwrap();
     }
     let as_user = |args: &[&str]| {
-        Command::new("setpriv")
-            .args([
-                "--reuid",
-                STRANGER,
-                "--regid",
-                STRANGER,
-                "--clear-groups",
-                "--",
-            ])
-            .arg(env!("CARGO_BIN_EXE_imgfs"))
+        stranger(env!("CARGO_BIN_EXE_imgfs"))
             .arg("--cache-dir")
             .arg(&cache)
             .args(args)
@@ -482,16 +469,7 @@ fn a_user_mounts_through_fusermount3_where_the_machine_lets_users_use_fuse() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let read = Command::new("setpriv")
-        .args([
-            "--reuid",
-            STRANGER,
-            "--regid",
-            STRANGER,
-            "--clear-groups",
-            "--",
-            "cat",
-        ])
+    let read = stranger("cat")
         .arg(mnt.join("etc/passwd"))
         .output()
         .unwrap();

@@ -167,7 +167,7 @@ pub async fn pull(
     let build = build.keep();
     tokio::task::spawn_blocking(move || remove_build(&build, interrupted))
         .await
-        .map_err(join_error)?;
+        .map_err(Error::worker)?;
     tracing::info!("staging removed: {:.2?}", started.elapsed());
     Ok(PullReport {
         entries: result?,
@@ -234,7 +234,7 @@ async fn pull_in(
             let r = rootfs.clone();
             tokio::task::spawn_blocking(move || apply::materialize(&tree, &staging, &r, &w))
                 .await
-                .map_err(join_error)??;
+                .map_err(Error::worker)??;
             move_into_place(&rootfs, &dir)?;
         }
         Output::Git(dir) => {
@@ -244,13 +244,13 @@ async fn pull_in(
                 git::commit_layers(&indexes, &names, &staging, &tree, &r, &w)
             })
             .await
-            .map_err(join_error)??;
+            .map_err(Error::worker)??;
             move_into_place(&rootfs, &dir)?;
         }
         Output::Tar(w) => {
             tokio::task::spawn_blocking(move || tar_out::write(&tree, &staging, w))
                 .await
-                .map_err(join_error)??;
+                .map_err(Error::worker)??;
         }
     }
     tracing::info!("tree written: {:.2?}", started.elapsed());
@@ -379,7 +379,7 @@ async fn extract_all(
                         )
                     })
                     .await
-                    .map_err(join_error)?
+                    .map_err(Error::worker)?
                 } else {
                     // Extract while downloading. The bytes are verified when the download
                     // ends; on a mismatch the fetch fails and this pull's output is dropped.
@@ -410,7 +410,7 @@ async fn extract_all(
                             std::fs::remove_dir_all(&d).ctx(|| format!("emptying {}", d.display()))
                         })
                         .await
-                        .map_err(join_error)??;
+                        .map_err(Error::worker)??;
                         tell(i, "again, from the registry");
                         Ok(())
                     };
@@ -534,11 +534,4 @@ fn extract_layer(
         }
         Ok(())
     })
-}
-
-fn join_error(e: tokio::task::JoinError) -> Error {
-    Error::Io {
-        context: "a worker thread failed".into(),
-        cause: std::io::Error::other(e.to_string()),
-    }
 }

@@ -167,11 +167,11 @@ pub fn build(
 ) -> Result<LayerIndex> {
     let bad = |reason: String| Error::malformed("layer tar", reason);
     let mut reader = tarstream::TarReader::new(tar, limits);
-    let mut entries = Vec::new();
-    let mut last = BString::default();
+    let mut entries: Vec<Entry> = Vec::new();
     loop {
         let header = reader.next_entry().map_err(|e| {
             let n = entries.len();
+            let last = entries.last().map(|e| e.path.as_bstr()).unwrap_or_default();
             bad(if e.kind() == std::io::ErrorKind::UnexpectedEof && n > 0 {
                 format!("the stream ends inside entry {last:?} (truncated)")
             } else if n > 0 {
@@ -181,7 +181,6 @@ pub fn build(
             })
         })?;
         let Some(header) = header else { break };
-        last = BString::from(header.name.clone());
         let Some(entry) = decode(header)? else {
             continue;
         };

@@ -193,10 +193,6 @@ async fn obtain_layer(
         },
         other => other,
     };
-    let joined = |e: tokio::task::JoinError| Error::Io {
-        context: "an indexing thread failed".into(),
-        cause: std::io::Error::other(e.to_string()),
-    };
     if compression == Compression::Gzip
         && let Some(toc) = estargz::toc_digest(&layer.descriptor.annotations)
     {
@@ -242,7 +238,7 @@ async fn obtain_layer(
             }
         })
         .await
-        .map_err(joined)?
+        .map_err(Error::worker)?
     };
     let fresh = cached.is_none();
     let started = std::time::Instant::now();
@@ -269,7 +265,7 @@ async fn obtain_layer(
             let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
             let idx = tokio::task::spawn_blocking(move || build_index(f, compression, limits))
                 .await
-                .map_err(joined)?
+                .map_err(Error::worker)?
                 .map_err(name)?;
             (Some(blob), idx)
         }
