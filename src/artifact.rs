@@ -396,7 +396,9 @@ pub async fn push(cache: &Cache, src: &Source, image: &Image) -> Result<Pushed> 
     let mut index_bytes = 0;
     for layer in image.unique_layers() {
         let digest = &layer.descriptor.digest;
-        if crate::layer::estargz::toc_digest(&layer.descriptor.annotations).is_some() {
+        if crate::layer::format::toc_format(layer.compression, &layer.descriptor.annotations)
+            .is_some()
+        {
             skipped_estargz += 1;
             continue;
         }
@@ -467,7 +469,9 @@ pub fn layers_wanting_index<'a>(cache: &Cache, layers: &'a [Layer]) -> Vec<&'a L
     layers
         .iter()
         .filter(|l| seen.insert(&l.descriptor.digest))
-        .filter(|l| crate::layer::estargz::toc_digest(&l.descriptor.annotations).is_none())
+        .filter(|l| {
+            crate::layer::format::toc_format(l.compression, &l.descriptor.annotations).is_none()
+        })
         .filter(|l| {
             !cache.has_index(&l.descriptor.digest)
                 && !cache.has_published_index(&l.descriptor.digest)

@@ -15,6 +15,7 @@ pub mod fuzz_entry;
 pub mod index;
 pub mod layer;
 pub mod manifest;
+pub mod obtain;
 pub mod reference;
 pub mod registry;
 pub mod source;

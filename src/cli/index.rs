@@ -1,13 +1,14 @@
 //! `imgfs index build|push IMAGE`: make the layer indexes of an image, and publish them to
 //! its repository as an index artifact (`crate::artifact`) for other machines to mount from.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use futures_util::{StreamExt, TryStreamExt};
 
 use super::{Global, Opened};
-use crate::view::{ImageView, ViewOptions};
+use crate::manifest::Layer;
 
 #[derive(Args)]
 pub struct IndexArgs {
@@ -82,32 +83,36 @@ pub async fn run(g: &Global, args: IndexArgs) -> Result<()> {
     }
 }
 
-/// Index every layer here: a published index is not consulted, so that what `push`
-/// publishes was built from the verified blob on this machine, never relayed.
+/// Index every layer here (`crate::obtain`, which caches what it builds): a published index
+/// is not consulted, so that what `push` publishes was built from the verified blob on this
+/// machine, never relayed.
 async fn build(g: &Global, a: &ImageArg) -> Result<Opened> {
+    let opened = g.open(&a.image).await?;
     let Opened {
         cache,
         source,
         image,
-    } = g.open(&a.image).await?;
-    let source = Arc::new(source);
-    let opts = ViewOptions {
-        jobs: a.jobs.max(1),
+    } = &opened;
+    let opts = crate::obtain::Options {
         remote_index: false,
         limits: g.limits(),
-        ..ViewOptions::default()
+        ..Default::default()
     };
-    let view = ImageView::open(&cache, source.clone(), &image, &opts)
+    let n = image.layers.len();
+    let mut seen = HashSet::new();
+    let mut layers: Vec<(usize, &Layer)> = (image.layers.iter().enumerate())
+        .filter(|(_, l)| seen.insert(&l.descriptor.digest))
+        .collect();
+    // Largest first, as a view does: the biggest layer is the one the others wait for.
+    layers.sort_by_key(|(_, l)| std::cmp::Reverse(l.descriptor.size));
+    futures_util::stream::iter(layers)
+        .map(|(i, l)| crate::obtain::layer_index(cache, source, l, (i, n), &opts))
+        .buffer_unordered(a.jobs.max(1))
+        // Each index is in the cache once obtained: nothing is kept here.
+        .try_for_each(|_| std::future::ready(Ok(())))
         .await
         .with_context(|| format!("indexing {}", image.reference))?;
-    drop(view);
-    let source = Arc::try_unwrap(source)
-        .map_err(|_| anyhow::anyhow!("the image source is still in use after indexing"))?;
-    Ok(Opened {
-        cache,
-        source,
-        image,
-    })
+    Ok(opened)
 }
 
 /// One line per layer: digest, entries, index size (bytes and per entry).

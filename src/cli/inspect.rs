@@ -125,11 +125,12 @@ pub async fn run(g: &Global, args: InspectArgs) -> Result<()> {
                 } else {
                     human(l.descriptor.size)
                 };
-                let kind = if crate::layer::estargz::toc_digest(&l.descriptor.annotations).is_some()
-                {
-                    "estargz".to_string()
-                } else {
-                    l.compression.to_string()
+                let kind = match crate::layer::format::toc_format(
+                    l.compression,
+                    &l.descriptor.annotations,
+                ) {
+                    Some((format, _)) => format.name().to_lowercase(),
+                    None => l.compression.to_string(),
                 };
                 writeln!(
                     out,

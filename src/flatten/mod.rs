@@ -456,7 +456,7 @@ fn needed_entries(cache: &Cache, image: &Image) -> Option<Vec<Arc<HashSet<u32>>>
     let indexes: Vec<LayerIndex> = image
         .layers
         .iter()
-        .map(|l| cache.load_index(&l.descriptor.digest))
+        .map(|l| crate::obtain::cached_entries(cache, &l.descriptor.digest))
         .collect::<Option<_>>()?;
     let refs: Vec<&LayerIndex> = indexes.iter().collect();
     let tree = tree::merge(&refs, &[]).ok()?;

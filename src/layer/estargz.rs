@@ -15,9 +15,11 @@ use std::io::Read;
 
 use serde::Deserialize;
 
+use super::format::{Chunk, TocFormat, TocLayer};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::index::{self, Entry, Kind, LayerIndex};
+use crate::index::{self, Entry, Kind};
+use crate::manifest::Compression;
 
 /// The layer annotation holding the sha256 of the TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
@@ -59,6 +61,61 @@ pub fn parse_footer(footer: &[u8]) -> Result<u64> {
     }
     let hex = std::str::from_utf8(&footer[16..32]).map_err(|_| bad("footer offset is not text"))?;
     u64::from_str_radix(hex, 16).map_err(|_| bad(format!("footer offset {hex:?} is not hex")))
+}
+
+/// eStargz as a [`TocFormat`].
+pub struct Estargz;
+
+impl TocFormat for Estargz {
+    fn name(&self) -> &'static str {
+        "eStargz"
+    }
+
+    fn toc_digest(
+        &self,
+        compression: Compression,
+        annotations: &BTreeMap<String, String>,
+    ) -> Option<Result<Digest>> {
+        (compression == Compression::Gzip)
+            .then(|| toc_digest(annotations))
+            .flatten()
+    }
+
+    fn footer_len(&self) -> u64 {
+        FOOTER_SIZE
+    }
+
+    fn toc_range(
+        &self,
+        footer: &[u8],
+        _: &BTreeMap<String, String>,
+        size: u64,
+    ) -> Result<std::ops::Range<u64>> {
+        let toc_offset = parse_footer(footer)?;
+        let end = size.saturating_sub(FOOTER_SIZE);
+        if toc_offset >= end {
+            return Err(bad("footer points past the TOC"));
+        }
+        if end - toc_offset > MAX_TOC_MEMBER {
+            return Err(bad(format!(
+                "its footer puts {} bytes of TOC before it",
+                end - toc_offset
+            )));
+        }
+        Ok(toc_offset..end)
+    }
+
+    fn toc_bytes(&self, stored: &[u8]) -> Result<Vec<u8>> {
+        toc_json(stored)
+    }
+
+    fn parse(&self, toc: &[u8], toc_offset: u64) -> Result<TocLayer> {
+        parse_toc(toc, toc_offset)
+    }
+
+    fn decode_chunk(&self, chunk: &Chunk, compressed: &[u8]) -> Result<Vec<u8>> {
+        decode_chunk(chunk, compressed)
+    }
 }
 
 /// The most compressed TOC bytes fetched (the footer that says where the TOC starts is not
@@ -135,29 +192,6 @@ struct TocEntry {
     inner_offset: u64,
 }
 
-/// One chunk of a file: fetch compressed bytes `[offset, end)`, gunzip, and the first `size`
-/// bytes are the file's bytes from `file_offset`, with sha256 `digest`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Chunk {
-    pub offset: u64,
-    pub end: u64,
-    pub file_offset: u64,
-    pub size: u64,
-    pub digest: Digest,
-}
-
-/// An eStargz layer as the TOC describes it.
-#[derive(Debug, Default)]
-pub struct StargzLayer {
-    /// Entries as a tar index would have them (without eStargz's own files); data offsets
-    /// are meaningless here: file data is in `chunks`.
-    pub index: LayerIndex,
-    /// The chunks of each entry, by entry position (empty for all but non-empty files).
-    pub chunks: Vec<Vec<Chunk>>,
-    /// Entries before the prefetch landmark: what the image's builder wants read first.
-    pub prefetch: Vec<usize>,
-}
-
 /// Seconds since the epoch of an RFC 3339 time as Go writes it (`2006-01-02T15:04:05Z`,
 /// maybe with fractional seconds and a `±hh:mm` zone). By hand: one format, a few lines, where
 /// a date crate would be a dependency for this alone.
@@ -213,7 +247,7 @@ fn base64_decode(s: &str) -> Result<Vec<u8>> {
 
 /// Turn a verified TOC into a layer index and chunk table. `toc_offset` (the TOC member's
 /// offset) ends the last chunk.
-pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<StargzLayer> {
+pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<TocLayer> {
     let toc: Toc = serde_json::from_slice(json).map_err(|e| bad(format!("TOC: {e}")))?;
     if toc.version != 1 {
         return Err(Error::Unsupported {
@@ -250,7 +284,7 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<StargzLayer> {
             .ok_or_else(|| bad(format!("chunk at {offset} lies past the TOC")))
     };
 
-    let mut out = StargzLayer::default();
+    let mut out = TocLayer::default();
     let mut by_name: BTreeMap<bstr::BString, usize> = BTreeMap::new();
     let mut landmark_seen = false;
     for e in &toc.entries {

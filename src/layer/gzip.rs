@@ -16,8 +16,11 @@ use std::os::unix::fs::FileExt;
 
 use libz_rs_sys as z;
 
+use super::format::{Blob, Seekable, indexed};
 use super::span::SpanHasher;
+use crate::error::{IoContext, Result};
 use crate::index::seek_points::{Checkpoint, SPAN, SeekPoints, checkpoint_before};
+use crate::index::{self, LayerIndex};
 
 const WINDOW: usize = 32 << 10;
 
@@ -356,6 +359,31 @@ impl<R: BufRead> Read for IndexingReader<R> {
                 return Ok(produced);
             }
         }
+    }
+}
+
+/// gzip as a [`Seekable`] format (zran checkpoints; stored blocks are the view's fast path
+/// for local blobs, see [`Stored`]).
+pub struct Gzip;
+
+impl Seekable for Gzip {
+    fn index(&self, blob: Box<dyn BufRead + Send>, limits: index::Limits) -> Result<LayerIndex> {
+        indexed(
+            IndexingReader::new(blob).ctx(|| "starting to decompress".into())?,
+            IndexingReader::seek_points,
+            limits,
+        )
+    }
+
+    fn read_at(
+        &self,
+        mut blob: &mut dyn Blob,
+        checkpoints: &[Checkpoint],
+        start: u64,
+        len: usize,
+        out: Vec<u8>,
+    ) -> std::io::Result<Vec<u8>> {
+        read_at(&mut blob, checkpoints, start, len, out)
     }
 }
 

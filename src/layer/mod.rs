@@ -1,8 +1,9 @@
 //! Layer blobs as tar streams: undo gzip or zstd (or nothing) on a verified blob, as one
-//! stream (`decompress`), or with seek points for random access, one module per format
-//! (`gzip`, `zstd`, plain in `span`, `estargz`).
+//! stream (`decompress`), or at random, through the traits of `format` with one
+//! implementation per format (`gzip`, `zstd`, plain in `span`, `estargz`).
 
 pub mod estargz;
+pub mod format;
 pub mod gzip;
 pub mod span;
 pub mod zstd;

@@ -5,8 +5,10 @@
 
 use std::io::{BufRead, Read, Seek, SeekFrom};
 
+use super::format::{Blob, Seekable, indexed};
 use crate::digest::SpanDigest;
 use crate::index::seek_points::{Checkpoint, SPAN, SeekPoints};
+use crate::index::{self, LayerIndex};
 
 /// A `BufRead` that hashes every byte its user consumes, in spans cut by [`Self::cut`].
 pub(crate) struct SpanHasher<R: BufRead> {
@@ -80,6 +82,37 @@ impl<R: BufRead> BufRead for SpanHasher<R> {
             self.last = used.last().copied().or(self.last);
         }
         self.inner.consume(amt);
+    }
+}
+
+/// A plain tar as a [`Seekable`] format: read in place, seek points only to verify spans.
+pub struct Plain;
+
+impl Seekable for Plain {
+    fn index(
+        &self,
+        blob: Box<dyn BufRead + Send>,
+        limits: index::Limits,
+    ) -> crate::error::Result<LayerIndex> {
+        indexed(
+            PlainIndexingReader::new(blob),
+            PlainIndexingReader::seek_points,
+            limits,
+        )
+    }
+
+    fn read_at(
+        &self,
+        blob: &mut dyn Blob,
+        _: &[Checkpoint],
+        start: u64,
+        len: usize,
+        mut out: Vec<u8>,
+    ) -> std::io::Result<Vec<u8>> {
+        out.clear();
+        blob.seek(SeekFrom::Start(start))?;
+        blob.take(len as u64).read_to_end(&mut out)?;
+        Ok(out)
     }
 }
 

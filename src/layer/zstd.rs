@@ -7,9 +7,11 @@ use std::io::{BufRead, Read, Seek, SeekFrom};
 
 use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer, ResetDirective};
 
+use super::format::{Blob, Seekable, indexed};
 use super::gzip::err;
 use super::span::SpanHasher;
 use crate::index::seek_points::{Checkpoint, SPAN, SeekPoints, checkpoint_before};
+use crate::index::{self, LayerIndex};
 
 fn zerr(code: usize) -> std::io::Error {
     err(format!("zstd: {}", zstd::zstd_safe::get_error_name(code)))
@@ -96,6 +98,34 @@ impl<R: BufRead> Read for ZstdIndexingReader<R> {
                 return Err(err("zstd made no progress"));
             }
         }
+    }
+}
+
+/// zstd as a [`Seekable`] format: seek points at frame starts.
+pub struct Zstd;
+
+impl Seekable for Zstd {
+    fn index(
+        &self,
+        blob: Box<dyn BufRead + Send>,
+        limits: index::Limits,
+    ) -> crate::error::Result<LayerIndex> {
+        indexed(
+            ZstdIndexingReader::new(blob),
+            ZstdIndexingReader::seek_points,
+            limits,
+        )
+    }
+
+    fn read_at(
+        &self,
+        mut blob: &mut dyn Blob,
+        checkpoints: &[Checkpoint],
+        start: u64,
+        len: usize,
+        out: Vec<u8>,
+    ) -> std::io::Result<Vec<u8>> {
+        read_at(&mut blob, checkpoints, start, len, out)
     }
 }
 

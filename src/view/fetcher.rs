@@ -14,11 +14,9 @@ use super::readahead::READAHEAD_MAX;
 use super::{Gates, LayerData, ReadStats};
 use crate::bufpool;
 use crate::cache::Cache;
-use crate::digest::{Digest, SpanDigest};
+use crate::digest::SpanDigest;
 use crate::error::{Error, Result};
-use crate::layer::estargz::{self, Chunk};
-use crate::manifest::Descriptor;
-use crate::source::Source;
+use crate::layer::format::Chunk;
 
 /// A span bigger than this (a single-frame zstd layer has one span) is not fetched by
 /// range: the layer's blob is downloaded instead.
@@ -149,13 +147,9 @@ impl Fetcher {
         Err(SpanError::Failed(last.expect("at least one attempt")))
     }
 
-    /// The bytes of an eStargz chunk: from the chunk store (stored uncompressed, under the
-    /// chunk's digest), or fetched by range, decompressed and verified.
-    pub(super) fn stargz_chunk(
-        &self,
-        layer: &LayerData,
-        chunk: &Chunk,
-    ) -> std::io::Result<Vec<u8>> {
+    /// The bytes of a TOC layer's chunk (eStargz): from the chunk store (stored uncompressed,
+    /// under the chunk's digest), or fetched by range, decoded and verified.
+    pub(super) fn toc_chunk(&self, layer: &LayerData, chunk: &Chunk) -> std::io::Result<Vec<u8>> {
         if let Some(b) = self.cache.load_chunk(&chunk.digest) {
             self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b.to_vec());
@@ -174,7 +168,10 @@ impl Fetcher {
                     self.stats
                         .range_bytes
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    estargz::decode_chunk(chunk, &bytes)
+                    match &layer.toc {
+                        Some(toc) => toc.format.decode_chunk(chunk, &bytes),
+                        None => Err(Error::malformed("layer", "chunks of a layer without a TOC")),
+                    }
                 }
                 Ok(None) => Err(Error::Unsupported {
                     what: "source for eStargz chunks".into(),
@@ -422,63 +419,4 @@ impl Fetcher {
         let f = File::open(&path)?;
         Ok(layer.local.get_or_init(|| f))
     }
-}
-
-/// Read an eStargz layer's TOC: the footer (one small range request), then the TOC from the
-/// chunk store or by range, verified against the layer's annotation.
-pub(super) async fn open_stargz(
-    cache: &Cache,
-    src: &Source,
-    desc: &Descriptor,
-    toc_digest: &Digest,
-) -> Result<estargz::StargzLayer> {
-    let size = desc.size;
-    if desc.size_unknown || size < estargz::FOOTER_SIZE {
-        return Err(Error::malformed("eStargz layer", "too small for a footer"));
-    }
-    let no_range = || Error::Unsupported {
-        what: "source for eStargz".into(),
-        value: format!("{} (it ignores Range)", src.name()),
-    };
-    let footer = src
-        .read_range(desc, size - estargz::FOOTER_SIZE, size)
-        .await?
-        .ok_or_else(no_range)?;
-    let toc_offset = estargz::parse_footer(&footer)?;
-    if toc_offset >= size - estargz::FOOTER_SIZE {
-        return Err(Error::malformed(
-            "eStargz layer",
-            "footer points past the TOC",
-        ));
-    }
-    let toc_len = size - estargz::FOOTER_SIZE - toc_offset;
-    if toc_len > estargz::MAX_TOC_MEMBER {
-        return Err(Error::malformed(
-            "eStargz layer",
-            format!("its footer puts {toc_len} bytes of TOC before it"),
-        ));
-    }
-    let json = match cache.load_chunk(toc_digest) {
-        Some(json) => json.to_vec(),
-        None => {
-            let member = src
-                .read_range(desc, toc_offset, size - estargz::FOOTER_SIZE)
-                .await?
-                .ok_or_else(no_range)?;
-            let json = estargz::toc_json(&member)?;
-            let actual = Digest::of(&json);
-            if actual != *toc_digest {
-                return Err(Error::DigestMismatch {
-                    what: format!("eStargz TOC of layer {}", desc.digest),
-                    expected: toc_digest.clone(),
-                    actual,
-                });
-            }
-            if let Err(e) = cache.store_chunk(toc_digest, &json) {
-                tracing::warn!("not keeping the TOC of {}: {e}", desc.digest);
-            }
-            json
-        }
-    };
-    estargz::parse_toc(&json, toc_offset)
 }

@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::readahead::READAHEAD_MIN;
 use crate::bufpool;
-use crate::error::{IoContext, Result};
+use crate::index::LayerIndex;
 use crate::index::SeekPoints;
-use crate::index::{self, LayerIndex};
-use crate::layer::estargz::Chunk;
-use crate::layer::gzip::{self, Stored};
-use crate::layer::span::PlainIndexingReader;
+use crate::layer::format::seekable;
+use crate::layer::gzip::Stored;
 use crate::manifest::{Compression, Descriptor};
+use crate::obtain::TocFiles;
 
 /// One layer: its descriptor and index, and where its bytes come from.
 pub struct LayerData {
@@ -44,8 +43,8 @@ pub struct LayerData {
     pub(super) id: u32,
     /// Where the layer's bytes come from (the source of the image it was opened with).
     pub(super) src: Arc<crate::source::Source>,
-    /// For an eStargz layer read through its TOC: each file's chunks.
-    pub(super) stargz: Option<Stargz>,
+    /// For a layer read through its TOC (eStargz): each file's chunks.
+    pub(super) toc: Option<TocFiles>,
     /// For a gzip layer read from its local blob: the run of stored blocks from each span's
     /// checkpoint (None: the span starts compressed), walked on first use.
     pub(super) stored: Mutex<lru::LruCache<usize, Option<Arc<Stored>>>>,
@@ -56,18 +55,12 @@ pub struct LayerData {
 /// 64 KiB for a stream of tiny blocks (the walk's cap), so at most 4 MiB per layer.
 pub(super) const STORED_SPANS: NonZeroUsize = NonZeroUsize::new(64).unwrap();
 
-/// The chunk table of an eStargz layer (its entries are in `LayerData::index`).
-pub(super) struct Stargz {
-    pub(super) chunks: Vec<Vec<Chunk>>,
-    pub(super) prefetch: Vec<usize>,
-}
-
 impl LayerData {
     pub(super) fn new(
         layer: &crate::manifest::Layer,
         src: Arc<crate::source::Source>,
         index: LayerIndex,
-        stargz: Option<Stargz>,
+        toc: Option<TocFiles>,
     ) -> Arc<Self> {
         static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let data_end = index
@@ -89,7 +82,7 @@ impl LayerData {
             no_ranges: AtomicBool::new(false),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             src,
-            stargz,
+            toc,
             stored: Mutex::new(lru::LruCache::new(STORED_SPANS)),
         })
     }
@@ -168,46 +161,6 @@ impl LayerData {
     }
 }
 
-/// Index a layer blob read from `blob`: entries, and seek points with span digests.
-pub(super) fn build_index(
-    blob: impl std::io::Read + Send + 'static,
-    compression: Compression,
-    limits: index::Limits,
-) -> Result<LayerIndex> {
-    let buffered = std::io::BufReader::with_capacity(
-        256 << 10,
-        crate::layer::NotEmpty::new(blob, compression),
-    );
-    match compression {
-        Compression::Gzip => indexed(
-            gzip::IndexingReader::new(buffered).ctx(|| "starting to decompress".into())?,
-            gzip::IndexingReader::seek_points,
-            limits,
-        ),
-        Compression::Zstd => indexed(
-            crate::layer::zstd::ZstdIndexingReader::new(buffered),
-            crate::layer::zstd::ZstdIndexingReader::seek_points,
-            limits,
-        ),
-        Compression::None => indexed(
-            PlainIndexingReader::new(buffered),
-            PlainIndexingReader::seek_points,
-            limits,
-        ),
-    }
-}
-
-/// Index the tar an indexing reader produces, then take its seek points.
-pub(super) fn indexed<R: std::io::Read>(
-    mut r: R,
-    seek_points: impl FnOnce(R) -> SeekPoints,
-    limits: index::Limits,
-) -> Result<LayerIndex> {
-    let mut idx = index::build(&mut r, limits, |_, _, _| Ok(()))?;
-    idx.seek = Some(seek_points(r));
-    Ok(idx)
-}
-
 /// A `Read + Seek` over a shared open file by `pread`, so threads never share a file offset.
 pub(super) struct PreadFile<'a> {
     file: &'a File,
@@ -244,15 +197,5 @@ pub(super) fn decompress_at(
     len: usize,
 ) -> std::io::Result<Vec<u8>> {
     let out = bufpool::take(len);
-    match compression {
-        Compression::Zstd => crate::layer::zstd::read_at(blob, &sp.checkpoints, start, len, out),
-        Compression::Gzip => gzip::read_at(blob, &sp.checkpoints, start, len, out),
-        Compression::None => {
-            use std::io::Read;
-            blob.seek(std::io::SeekFrom::Start(start))?;
-            let mut out = out;
-            blob.take(len as u64).read_to_end(&mut out)?;
-            Ok(out)
-        }
-    }
+    seekable(compression).read_at(blob, &sp.checkpoints, start, len, out)
 }

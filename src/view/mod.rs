@@ -35,6 +35,7 @@ mod prefetch;
 mod read;
 mod readahead;
 
+pub use crate::obtain::{IndexProgress, ProgressSink};
 use fetcher::Fetcher;
 use gates::Gates;
 pub use layer::LayerData;
@@ -77,32 +78,15 @@ pub struct ViewOptions {
     pub progress: Option<ProgressSink>,
 }
 
-/// What a view tells its [`ProgressSink`] while it opens.
-#[derive(Clone, Debug)]
-pub enum IndexProgress {
-    /// Layer `layer` (1-based, of `of`) is being indexed here: streamed once, `bytes` long.
-    Indexing {
-        layer: usize,
-        of: usize,
-        digest: Digest,
-        bytes: u64,
-    },
-    /// It is indexed: `entries` tar entries, in `elapsed`.
-    Indexed {
-        layer: usize,
-        of: usize,
-        entries: usize,
-        elapsed: std::time::Duration,
-    },
-}
-
-/// Where progress goes: the caller (the cli) decides how to show it.
-#[derive(Clone)]
-pub struct ProgressSink(pub Arc<dyn Fn(&IndexProgress) + Send + Sync>);
-
-impl std::fmt::Debug for ProgressSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ProgressSink")
+impl ViewOptions {
+    /// How the view's layers' indexes may be obtained.
+    pub fn obtain(&self) -> crate::obtain::Options {
+        crate::obtain::Options {
+            remote_index: self.remote_index,
+            keep_blobs: self.keep_blobs,
+            limits: self.limits,
+            progress: self.progress.clone(),
+        }
     }
 }
 

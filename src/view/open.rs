@@ -1,20 +1,18 @@
-//! Opening a view: each layer's index obtained — the cache, a published index artifact, an
-//! eStargz TOC, or streaming the layer once — then the layers merged into one tree.
+//! Opening a view: each layer's index obtained (`crate::obtain`: the cache, a published index
+//! artifact, an eStargz TOC, or streaming the layer once), then the layers merged into one
+//! tree.
 
 use std::fs::File;
 use std::sync::Arc;
 
 use futures_util::{StreamExt, TryFutureExt, TryStreamExt};
 
-use super::fetcher::open_stargz;
-use super::layer::{Stargz, build_index};
-use super::{ImageView, IndexProgress, LayerData, Reader, ViewOptions};
+use super::{ImageView, LayerData, Reader, ViewOptions};
 use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::index::LayerIndex;
-use crate::layer::estargz::{self};
-use crate::manifest::{Compression, Image};
+use crate::manifest::Image;
 use crate::source::Source;
 use crate::tree::{self};
 
@@ -170,138 +168,24 @@ async fn obtain_shared(
     Ok((data, published))
 }
 
-/// A layer's index, obtained the one way every view does: from the cache (rebuilt if it has
-/// no seek points), else a published index (`artifact` fetched it beforehand), else an
-/// eStargz TOC, else by streaming the layer once (its blob kept only with `keep_blobs`).
-/// Whether it was a published one comes back too: if published indexes do not merge, the
-/// view is opened again without them.
+/// A layer's index, obtained the one way every command does (`crate::obtain`), as the
+/// view's `LayerData`, with its local blob open. Whether it was a published one comes back
+/// too: if published indexes do not merge, the view is opened again without them.
 async fn obtain_layer(
     cache: &Cache,
-    src_ref: &Arc<Source>,
+    src: &Arc<Source>,
     layer: &crate::manifest::Layer,
     i: usize,
     n: usize,
     opts: &ViewOptions,
 ) -> Result<(Arc<LayerData>, bool)> {
-    let digest = &layer.descriptor.digest;
-    let compression = layer.compression;
-    let limits = opts.limits;
-    let name = move |e: Error| match e {
-        Error::Malformed { what, reason } => Error::Malformed {
-            what: format!("{what} in layer {} ({})", i + 1, layer.descriptor.digest),
-            reason,
-        },
-        other => other,
-    };
-    if compression == Compression::Gzip
-        && let Some(toc) = estargz::toc_digest(&layer.descriptor.annotations)
-    {
-        let opened = match toc {
-            Ok(toc) => open_stargz(cache, src_ref, &layer.descriptor, &toc).await,
-            Err(e) => Err(e),
-        };
-        match opened {
-            Ok(sg) => {
-                let files = Stargz {
-                    chunks: sg.chunks,
-                    prefetch: sg.prefetch,
-                };
-                return Ok((
-                    LayerData::new(layer, src_ref.clone(), sg.index, Some(files)),
-                    false,
-                ));
-            }
-            // Wrong bytes for what the manifest vouches for: refused.
-            Err(e @ Error::DigestMismatch { .. }) => return Err(name(e)),
-            Err(e) => tracing::warn!(
-                "layer {} ({digest}): not read as eStargz ({e}); indexing it whole",
-                i + 1
-            ),
-        }
-    }
-    // Decoded on the blocking pool, so that layers decode in parallel.
-    // Indexes without seek points (built by `pull`) are rebuilt. One built
-    // here is preferred to a published one.
-    let (cached, published) = {
-        let (cache, digest) = (cache.clone(), digest.clone());
-        let remote = opts.remote_index;
-        tokio::task::spawn_blocking(move || {
-            let usable = |i: &LayerIndex| i.seek.is_some();
-            match cache.load_index(&digest).filter(usable) {
-                Some(i) => (Some(i), false),
-                None if remote => {
-                    let p = cache.load_published_index(&digest).filter(usable);
-                    let published = p.is_some();
-                    (p, published)
-                }
-                None => (None, false),
-            }
-        })
-        .await
-        .map_err(Error::worker)?
-    };
-    let fresh = cached.is_none();
-    let started = std::time::Instant::now();
-    let tell = |p: IndexProgress| {
-        if let Some(sink) = &opts.progress {
-            (sink.0)(&p);
-        }
-    };
-    if fresh {
-        tell(IndexProgress::Indexing {
-            layer: i + 1,
-            of: n,
-            digest: digest.clone(),
-            bytes: layer.descriptor.size,
-        });
-    }
-    let (blob, index) = match cached {
-        Some(idx) => {
-            let blob = cache.blob_path(digest);
-            (blob.is_file().then_some(blob), idx)
-        }
-        None if cache.has_blob(digest) => {
-            let blob = cache.blob_path(digest);
-            let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
-            let idx = tokio::task::spawn_blocking(move || build_index(f, compression, limits))
-                .await
-                .map_err(Error::worker)?
-                .map_err(name)?;
-            (Some(blob), idx)
-        }
-        None => {
-            // Index while downloading; the index counts only if the blob verifies.
-            let (idx, blob) = crate::fetch::consume(
-                cache,
-                src_ref,
-                &layer.descriptor,
-                opts.keep_blobs,
-                &|_| {},
-                || move |r| build_index(r, compression, limits),
-                async || Ok(()),
-            )
-            .await
-            .map_err(name)?;
-            (blob, idx)
-        }
-    };
-    if fresh {
-        tell(IndexProgress::Indexed {
-            layer: i + 1,
-            of: n,
-            entries: index.entries.len(),
-            elapsed: started.elapsed(),
-        });
-        if let Err(e) = cache.store_index(digest, &index) {
-            tracing::warn!("not caching the index of {digest}: {e}");
-        }
-    }
-    let data = LayerData::new(layer, src_ref.clone(), index, None);
-    if let Some(blob) = blob {
+    let got = crate::obtain::layer_index(cache, src, layer, (i, n), &opts.obtain()).await?;
+    let data = LayerData::new(layer, src.clone(), got.index, got.toc);
+    if let Some(blob) = got.blob {
         let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
         // Marks it used, for pruning oldest first.
         let _ = f.set_modified(std::time::SystemTime::now());
         let _ = data.local.set(f);
     }
-    Ok((data, published))
+    Ok((data, got.published))
 }

@@ -27,14 +27,14 @@ impl ImageView {
             );
         }
         for layer in &self.layers {
-            if layer.local.get().is_some() || !(all || layer.stargz.is_some()) {
+            if layer.local.get().is_some() || !(all || layer.toc.is_some()) {
                 continue;
             }
             let (fetcher, layer, keep) = (r.fetcher.clone(), layer.clone(), r.keep_blobs);
             let stop = r.background.clone();
             r.fetcher.rt.spawn_blocking(move || {
                 let t = std::time::Instant::now();
-                let res = if let Some(sg) = &layer.stargz {
+                let res = if let Some(sg) = &layer.toc {
                     let files: Vec<usize> = if all {
                         (0..sg.chunks.len()).collect()
                     } else {
@@ -44,7 +44,7 @@ impl ImageView {
                         .iter()
                         .flat_map(|&e| &sg.chunks[e])
                         .take_while(|_| !stop.is_cancelled())
-                        .try_for_each(|c| fetcher.stargz_chunk(&layer, c).map(|_| ()))
+                        .try_for_each(|c| fetcher.toc_chunk(&layer, c).map(|_| ()))
                 } else if keep {
                     fetcher.ensure_local(&layer).map(|_| ())
                 } else {

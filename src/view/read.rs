@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::layer::Stargz;
 use super::pieces::piece_at;
 use super::{ImageView, LayerData, Reader};
 use crate::bufpool;
 use crate::error::{Error, Result};
 use crate::manifest::Compression;
+use crate::obtain::TocFiles;
 use crate::tree::InodeId;
 
 impl ImageView {
@@ -54,9 +54,9 @@ impl Reader {
             return Ok(Bytes::new());
         }
         let len = len.min((entry.size - offset) as usize);
-        if let Some(sg) = &layer.stargz {
+        if let Some(sg) = &layer.toc {
             return self
-                .read_stargz(layer, sg, entry_index, offset, len)
+                .read_toc(layer, sg, entry_index, offset, len)
                 .map(Bytes::from)
                 .map_err(|e| Error::Io {
                     context: format!("reading {} from layer {}", entry.path, layer.digest),
@@ -122,10 +122,10 @@ impl Reader {
     }
 
     /// Read `len` bytes at `offset` of eStargz file `entry`, chunk by chunk.
-    pub(super) fn read_stargz(
+    pub(super) fn read_toc(
         &self,
         layer: &LayerData,
-        sg: &Stargz,
+        sg: &TocFiles,
         entry: usize,
         offset: u64,
         len: usize,
@@ -139,7 +139,7 @@ impl Reader {
                 .checked_sub(1)
                 .map(|i| &chunks[i])
                 .ok_or_else(|| std::io::Error::other("no chunk holds this offset"))?;
-            let piece = self.piece((layer.id, c.offset), || self.fetcher.stargz_chunk(layer, c))?;
+            let piece = self.piece((layer.id, c.offset), || self.fetcher.toc_chunk(layer, c))?;
             let at = (pos - c.file_offset) as usize;
             if at >= piece.len() {
                 return Err(std::io::Error::new(

@@ -80,7 +80,7 @@ impl Reader {
         let entry = &layer.index.entries[entry];
         let local = layer.local.get().is_some();
         // Sparse files are rare: their reads are not worth a second mapping here.
-        if layer.stargz.is_some()
+        if layer.toc.is_some()
             || !entry.sparse.is_empty()
             || (layer.compression == Compression::None && local)
             || (self.prefetch == Prefetch::None && !local)

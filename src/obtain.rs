@@ -1,0 +1,281 @@
+//! One way to obtain a layer's index, for every command: the cache (an index without seek
+//! points, as `pull` writes them, is rebuilt), else a published index artifact (`artifact`
+//! fetched it beforehand), else the layer's own TOC (eStargz), else by streaming the verified
+//! blob once and indexing it as it arrives. `view` opens layers through it, `index build`
+//! fills the cache with it, and `pull` asks it only for what is cached (its extraction is
+//! its indexing).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::cache::Cache;
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::index::{self, LayerIndex};
+use crate::layer::format::{Chunk, TocFormat, build_index, toc_format};
+use crate::manifest::{Descriptor, Layer};
+use crate::source::Source;
+
+/// How a layer's index may be obtained.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Use an index published in the registry (fetched beforehand by `artifact`).
+    pub remote_index: bool,
+    /// Keep the whole blob in the cache when streaming it to index it.
+    pub keep_blobs: bool,
+    /// Limits on the layer's uncompressed stream.
+    pub limits: index::Limits,
+    /// Told when a layer is indexed here (it can take a while).
+    pub progress: Option<ProgressSink>,
+}
+
+/// What [`layer_index`] tells its [`ProgressSink`].
+#[derive(Clone, Debug)]
+pub enum IndexProgress {
+    /// Layer `layer` (1-based, of `of`) is being indexed here: streamed once, `bytes` long.
+    Indexing {
+        layer: usize,
+        of: usize,
+        digest: Digest,
+        bytes: u64,
+    },
+    /// It is indexed: `entries` tar entries, in `elapsed`.
+    Indexed {
+        layer: usize,
+        of: usize,
+        entries: usize,
+        elapsed: std::time::Duration,
+    },
+}
+
+/// Where progress goes: the caller (the cli) decides how to show it.
+#[derive(Clone)]
+pub struct ProgressSink(pub Arc<dyn Fn(&IndexProgress) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressSink")
+    }
+}
+
+/// The files of a layer read through its TOC: each entry's chunks.
+pub struct TocFiles {
+    pub format: &'static dyn TocFormat,
+    /// By entry position (empty for all but non-empty files).
+    pub chunks: Vec<Vec<Chunk>>,
+    /// Entries the image's builder wants read first.
+    pub prefetch: Vec<usize>,
+}
+
+/// A layer's index and what came with it.
+pub struct Obtained {
+    pub index: LayerIndex,
+    /// For a layer read through its TOC: its chunks (the index has no seek points then).
+    pub toc: Option<TocFiles>,
+    /// The verified blob in the cache, when there is one.
+    pub blob: Option<PathBuf>,
+    /// The index is a published one (if published indexes do not merge, a view opens the
+    /// image again without them).
+    pub published: bool,
+}
+
+/// The index of `layer` (layer `place.0 + 1` of `place.1`, for messages and progress).
+pub async fn layer_index(
+    cache: &Cache,
+    src: &Source,
+    layer: &Layer,
+    place: (usize, usize),
+    opts: &Options,
+) -> Result<Obtained> {
+    let (i, n) = place;
+    let desc = &layer.descriptor;
+    let digest = &desc.digest;
+    let name = |e: Error| match e {
+        Error::Malformed { what, reason } => Error::Malformed {
+            what: format!("{what} in layer {} ({digest})", i + 1),
+            reason,
+        },
+        other => other,
+    };
+    if let Some((format, toc)) = toc_format(layer.compression, &desc.annotations) {
+        let opened = match toc {
+            Ok(toc) => open_toc(format, cache, src, desc, &toc).await,
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(t) => {
+                return Ok(Obtained {
+                    index: t.index,
+                    toc: Some(TocFiles {
+                        format,
+                        chunks: t.chunks,
+                        prefetch: t.prefetch,
+                    }),
+                    blob: None,
+                    published: false,
+                });
+            }
+            // Wrong bytes for what the manifest vouches for: refused.
+            Err(e @ Error::DigestMismatch { .. }) => return Err(name(e)),
+            Err(e) => tracing::warn!(
+                "layer {} ({digest}): not read as {} ({e}); indexing it whole",
+                i + 1,
+                format.name()
+            ),
+        }
+    }
+    // Decoded on the blocking pool, so that layers decode in parallel.
+    let found = {
+        let (cache, digest, remote) = (cache.clone(), digest.clone(), opts.remote_index);
+        tokio::task::spawn_blocking(move || cached(&cache, &digest, remote))
+            .await
+            .map_err(Error::worker)?
+    };
+    if let Some((index, published)) = found {
+        let blob = cache.blob_path(digest);
+        return Ok(Obtained {
+            index,
+            toc: None,
+            blob: blob.is_file().then_some(blob),
+            published,
+        });
+    }
+    let started = std::time::Instant::now();
+    let tell = |p: IndexProgress| {
+        if let Some(sink) = &opts.progress {
+            (sink.0)(&p);
+        }
+    };
+    tell(IndexProgress::Indexing {
+        layer: i + 1,
+        of: n,
+        digest: digest.clone(),
+        bytes: desc.size,
+    });
+    let (index, blob) = stream_and_index(cache, src, layer, opts)
+        .await
+        .map_err(name)?;
+    tell(IndexProgress::Indexed {
+        layer: i + 1,
+        of: n,
+        entries: index.entries.len(),
+        elapsed: started.elapsed(),
+    });
+    if let Err(e) = cache.store_index(digest, &index) {
+        tracing::warn!("not caching the index of {digest}: {e}");
+    }
+    Ok(Obtained {
+        index,
+        toc: None,
+        blob,
+        published: false,
+    })
+}
+
+/// The cached index of layer `digest` that can serve reads (one with seek points): one built
+/// here, else (with `published`) one from an index artifact. Whether it is published comes
+/// back too. Blocking: it reads and decodes the index.
+pub fn cached(cache: &Cache, digest: &Digest, published: bool) -> Option<(LayerIndex, bool)> {
+    let usable = |i: &LayerIndex| i.seek.is_some();
+    if let Some(i) = cache.load_index(digest).filter(usable) {
+        return Some((i, false));
+    }
+    if published {
+        return cache
+            .load_published_index(digest)
+            .filter(usable)
+            .map(|i| (i, true));
+    }
+    None
+}
+
+/// The cached index of layer `digest` for knowing its entries without reading its bytes
+/// (`pull` plans what to write from it): one built here from the verified blob, with or
+/// without seek points. Published indexes are never used for this, so that what `pull`
+/// writes never rests on them.
+pub fn cached_entries(cache: &Cache, digest: &Digest) -> Option<LayerIndex> {
+    cache.load_index(digest)
+}
+
+/// Index the layer from its blob: the cached one, or streamed from the source and indexed as
+/// it arrives (the index counts only if the blob verifies; the blob is kept with
+/// `keep_blobs`).
+async fn stream_and_index(
+    cache: &Cache,
+    src: &Source,
+    layer: &Layer,
+    opts: &Options,
+) -> Result<(LayerIndex, Option<PathBuf>)> {
+    let (compression, limits) = (layer.compression, opts.limits);
+    let digest = &layer.descriptor.digest;
+    if cache.has_blob(digest) {
+        let blob = cache.blob_path(digest);
+        let f = std::fs::File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
+        let idx = tokio::task::spawn_blocking(move || build_index(f, compression, limits))
+            .await
+            .map_err(Error::worker)??;
+        return Ok((idx, Some(blob)));
+    }
+    crate::fetch::consume(
+        cache,
+        src,
+        &layer.descriptor,
+        opts.keep_blobs,
+        &|_| {},
+        || move |r| build_index(r, compression, limits),
+        async || Ok(()),
+    )
+    .await
+}
+
+/// Read a layer's TOC: the footer (one small range request), then the TOC from the chunk
+/// store or by range, verified against the digest the layer's annotation gives.
+async fn open_toc(
+    format: &dyn TocFormat,
+    cache: &Cache,
+    src: &Source,
+    desc: &Descriptor,
+    toc_digest: &Digest,
+) -> Result<crate::layer::format::TocLayer> {
+    let kind = format!("{} layer", format.name());
+    let size = desc.size;
+    let footer_len = format.footer_len();
+    if desc.size_unknown || size < footer_len {
+        return Err(Error::malformed(kind, "too small for a footer"));
+    }
+    let no_range = || Error::Unsupported {
+        what: format!("source for {}", format.name()),
+        value: format!("{} (it ignores Range)", src.name()),
+    };
+    let footer = if footer_len == 0 {
+        bytes::Bytes::new()
+    } else {
+        src.read_range(desc, size - footer_len, size)
+            .await?
+            .ok_or_else(no_range)?
+    };
+    let range = format.toc_range(&footer, &desc.annotations, size)?;
+    let toc = match cache.load_chunk(toc_digest) {
+        Some(toc) => toc.to_vec(),
+        None => {
+            let stored = src
+                .read_range(desc, range.start, range.end)
+                .await?
+                .ok_or_else(no_range)?;
+            let toc = format.toc_bytes(&stored)?;
+            let actual = Digest::of(&toc);
+            if actual != *toc_digest {
+                return Err(Error::DigestMismatch {
+                    what: format!("{} TOC of layer {}", format.name(), desc.digest),
+                    expected: toc_digest.clone(),
+                    actual,
+                });
+            }
+            if let Err(e) = cache.store_chunk(toc_digest, &toc) {
+                tracing::warn!("not keeping the TOC of {}: {e}", desc.digest);
+            }
+            toc
+        }
+    };
+    format.parse(&toc, range.start)
+}
