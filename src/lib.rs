@@ -19,6 +19,7 @@ pub mod obtain;
 pub mod reference;
 pub mod registry;
 pub mod source;
+pub mod store;
 pub mod tree;
 pub mod view;
 

@@ -8,6 +8,7 @@ mod index;
 mod inspect;
 mod mount;
 mod pull;
+mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -137,8 +138,11 @@ enum Command {
     Pull(pull::PullArgs),
     /// Mount the image read-only on an empty directory; returns when it is ready
     Mount(mount::MountArgs),
-    /// Unmount an imgfs mount
+    /// Unmount an imgfs mount or layer store
     Umount(mount::UmountArgs),
+    /// Serve an Additional Layer Store on a directory: podman and CRI-O run images from it
+    /// without pulling their layers
+    Store(store::StoreArgs),
     /// List a directory of the image, without mounting it
     Ls(browse::LsArgs),
     /// Print a file of the image, without mounting it
@@ -370,6 +374,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Pull(args) => pull::run(&g, args).await,
         Command::Mount(args) => mount::mount(&g, args).await,
         Command::Umount(args) => mount::umount(args),
+        Command::Store(args) => store::run(&g, args).await,
         Command::Ls(args) => browse::ls(&g, args).await,
         Command::Cat(args) => browse::cat(&g, args).await,
         Command::Cache(args) => cache::run(&g, args),

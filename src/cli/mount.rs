@@ -74,7 +74,7 @@ pub fn is_mount_point(dir: &Path) -> bool {
 /// The type an imgfs mount has in /proc/self/mountinfo.
 const IMGFS_TYPE: &str = "fuse.imgfs";
 
-fn check_mount_dir(dir: &Path) -> Result<()> {
+pub(super) fn check_mount_dir(dir: &Path) -> Result<()> {
     // A FUSE mount whose daemon died (killed, crashed) answers ENOTCONN to whatever the
     // kernel has not cached: `stat` of its root may still succeed, `statfs` never does.
     let gone = || {

@@ -20,6 +20,7 @@ use fuser::{
 };
 
 mod colocate;
+pub mod store;
 
 use crate::index::Kind;
 use crate::tree::{DentryId, InodeId, ROOT};
@@ -85,37 +86,44 @@ impl ImageFs {
     }
 
     fn attr(&self, i: InodeId) -> FileAttr {
-        let inode = &self.view.tree.inodes[i as usize];
-        let m = &inode.meta;
-        let kind = file_type(m.kind);
-        let size = match m.kind {
-            Kind::File | Kind::Symlink => m.size,
-            _ => 0,
-        };
-        let time = if m.mtime >= 0 {
-            UNIX_EPOCH + Duration::from_secs(m.mtime as u64)
-        } else {
-            UNIX_EPOCH - Duration::from_secs(m.mtime.unsigned_abs())
-        };
-        FileAttr {
-            ino: fuse_ino(i),
-            size,
-            blocks: size.div_ceil(512),
-            atime: time,
-            mtime: time,
-            ctime: time,
-            crtime: time,
-            kind,
-            perm: (m.mode & 0o7777) as u16,
-            nlink: inode.nlink.max(1),
-            uid: m.uid,
-            gid: m.gid,
-            rdev: rustix::fs::makedev(m.dev_major, m.dev_minor) as u32,
-            flags: 0,
-            blksize: 4096,
-        }
+        tree_attr(&self.view.tree, i, fuse_ino(i))
     }
+}
 
+/// The attributes of tree inode `i`, as FUSE inode `ino`.
+fn tree_attr(tree: &crate::tree::Tree, i: InodeId, ino: INodeNo) -> FileAttr {
+    let inode = &tree.inodes[i as usize];
+    let m = &inode.meta;
+    let kind = file_type(m.kind);
+    let size = match m.kind {
+        Kind::File | Kind::Symlink => m.size,
+        _ => 0,
+    };
+    let time = if m.mtime >= 0 {
+        UNIX_EPOCH + Duration::from_secs(m.mtime as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(m.mtime.unsigned_abs())
+    };
+    FileAttr {
+        ino,
+        size,
+        blocks: size.div_ceil(512),
+        atime: time,
+        mtime: time,
+        ctime: time,
+        crtime: time,
+        kind,
+        perm: (m.mode & 0o7777) as u16,
+        nlink: inode.nlink.max(1),
+        uid: m.uid,
+        gid: m.gid,
+        rdev: rustix::fs::makedev(m.dev_major, m.dev_minor) as u32,
+        flags: 0,
+        blksize: 4096,
+    }
+}
+
+impl ImageFs {
     fn dir(&self, ino: INodeNo) -> Option<DentryId> {
         let i = self.inode(ino)?;
         let d = self.dir_dentry[i as usize];

@@ -582,3 +582,6 @@ fn merge_where(
 
 #[cfg(test)]
 mod tests;
+
+mod overlay;
+pub use overlay::{OPAQUE_XATTRS, overlay_form};

@@ -39,6 +39,7 @@ pub use crate::obtain::{IndexProgress, ProgressSink};
 use fetcher::Fetcher;
 use gates::Gates;
 pub use layer::LayerData;
+pub use open::open_layer;
 
 /// What to fetch besides what readers ask for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -145,6 +146,18 @@ impl LayerView {
     /// one, as a hard link to a file below it does.
     pub fn new(layer: Arc<LayerData>, reader: Arc<Reader>) -> Result<LayerView> {
         let tree = crate::tree::merge(&[&layer.index], std::slice::from_ref(&layer.digest))?;
+        Ok(LayerView {
+            tree,
+            layer,
+            reader,
+        })
+    }
+
+    /// The tree of `layer` alone in overlayfs form (`tree::overlay_form`): whiteouts as 0/0
+    /// character devices, opaque directories marked by xattrs, for a runtime's overlay mount.
+    pub fn overlay(layer: Arc<LayerData>, reader: Arc<Reader>) -> Result<LayerView> {
+        let form = crate::tree::overlay_form(&layer.index);
+        let tree = crate::tree::merge(&[&form], std::slice::from_ref(&layer.digest))?;
         Ok(LayerView {
             tree,
             layer,

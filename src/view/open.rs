@@ -147,6 +147,25 @@ impl ImageView {
     }
 }
 
+/// Layer `i` of `image` as `reader` holds it, or obtained (`crate::obtain`) and then held,
+/// for serving that layer alone ([`super::LayerView`]).
+pub async fn open_layer(
+    reader: &Arc<Reader>,
+    cache: &Cache,
+    src: &Arc<Source>,
+    image: &Image,
+    i: usize,
+    opts: &ViewOptions,
+) -> Result<Arc<LayerData>> {
+    let layer = &image.layers[i];
+    if let Some(open) = reader.open_layer(&layer.descriptor.digest) {
+        return Ok(open);
+    }
+    let (data, _) = obtain_layer(cache, src, layer, i, image.layers.len(), opts).await?;
+    reader.remember_layer(&data);
+    Ok(data)
+}
+
 /// [`obtain_layer`], or the layer as `reader` already holds it. Layers from published
 /// indexes are not shared: if they do not merge, the view is opened again without them.
 async fn obtain_shared(

@@ -1,0 +1,346 @@
+//! `imgfs store`: the Additional Layer Store layout containers/storage reads (layer trees in
+//! overlayfs form, the layer record, the blob, the use protocol), what it says about layers
+//! it cannot serve, and podman (Debian's 4.3, runc, cgroupfs) running an image from it
+//! without downloading a layer blob.
+
+mod common;
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::layers::Tar;
+use common::mounted::is_mounted;
+use common::*;
+
+/// A store served by `imgfs store --foreground`, stopped when dropped.
+struct Served {
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Served {
+    fn start(cache: &Path, dir: &Path, extra: &[&str]) -> Served {
+        std::fs::create_dir_all(dir).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_imgfs"))
+            .arg("--cache-dir")
+            .arg(cache)
+            .args(["store", "--foreground", dir.to_str().unwrap()])
+            .args(extra)
+            .env("DOCKER_CONFIG", cache.join("no-docker-config"))
+            .env("REGISTRY_AUTH_FILE", cache.join("no-auth.json"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(dir) {
+            assert!(Instant::now() < deadline, "the store never came up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Served {
+            dir: dir.to_path_buf(),
+            child,
+        }
+    }
+
+    /// The directory of `reference`'s layer `digest`.
+    fn layer(&self, reference: &str, digest: &str) -> PathBuf {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(reference);
+        self.dir.join(b64).join(digest)
+    }
+
+    fn status(&self) -> String {
+        std::fs::read_to_string(self.dir.join(".status")).unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if is_mounted(&self.dir) {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A static program that prints what the test checks: files from both layers, a whited-out
+/// file, an opaque directory's listing.
+const SHOW_C: &str = r#"
+#include <stdio.h>
+#include <dirent.h>
+static void show(const char *p) {
+    FILE *f = fopen(p, "r");
+    char buf[256];
+    if (!f) { printf("%s: absent\n", p); return; }
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = 0;
+    printf("%s: %s", p, buf);
+    fclose(f);
+}
+int main(void) {
+    show("/etc/base"); show("/etc/top"); show("/etc/gone");
+    DIR *d = opendir("/opq");
+    struct dirent *e;
+    while (d && (e = readdir(d))) if (e->d_name[0] != '.') printf("opq: %s\n", e->d_name);
+    return 0;
+}
+"#;
+
+fn show_binary(work: &Path) -> Vec<u8> {
+    let src = work.join("show.c");
+    let bin = work.join("show");
+    std::fs::write(&src, SHOW_C).unwrap();
+    let ok = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "cc -static");
+    std::fs::read(bin).unwrap()
+}
+
+/// Two layers: the lower has a program and files, the upper a new file, a whiteout of one
+/// of them and an opaque directory.
+fn two_layers(program: &[u8]) -> (FixtureLayer, FixtureLayer) {
+    let lower = Tar::new()
+        .dir("bin", 0o755)
+        .file("bin/show", 0o755, program)
+        .dir("etc", 0o755)
+        .file("etc/base", 0o644, b"from the lower layer\n")
+        .file("etc/gone", 0o644, b"whited out above\n")
+        .dir("opq", 0o755)
+        .file("opq/old", 0o644, b"hidden by the opaque dir\n")
+        .bytes();
+    let upper = Tar::new()
+        .dir("etc", 0o755)
+        .file("etc/top", 0o644, b"from the upper layer\n")
+        .whiteout("etc/gone")
+        .dir("opq", 0o711)
+        .opaque("opq")
+        .file("opq/new", 0o644, b"new\n")
+        .bytes();
+    (FixtureLayer::from_tar(lower), FixtureLayer::from_tar(upper))
+}
+
+#[test]
+fn layers_are_served_in_overlay_form_with_their_record() {
+    let reg = registry();
+    let (lower, upper) = two_layers(b"#!/bin/sh\n");
+    let img = FixtureImage::new("amd64", vec![lower.clone(), upper.clone()]);
+    img.push(&reg.host, "store/form", "v1");
+    let reference = format!("{}/store/form:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let store = Served::start(&cache, &work.path().join("als"), &[]);
+
+    let up = store.layer(&reference, &upper.digest().to_string());
+    // The layer record containers/storage reads.
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(up.join("info")).unwrap()).unwrap();
+    assert_eq!(info["compressed-diff-digest"], upper.digest().to_string());
+    assert_eq!(info["compressed-size"], upper.blob.len());
+    assert_eq!(info["diff-digest"], upper.diff_id.to_string());
+    assert_eq!(info["compression"], 2);
+    // The upper layer alone, in overlayfs form.
+    let diff = up.join("diff");
+    assert_eq!(
+        std::fs::read(diff.join("etc/top")).unwrap(),
+        b"from the upper layer\n"
+    );
+    let wh = std::fs::symlink_metadata(diff.join("etc/gone")).unwrap();
+    assert!(
+        wh.file_type().is_char_device(),
+        "a whiteout is a character device"
+    );
+    assert_eq!(wh.rdev(), 0, "… numbered 0/0");
+    assert!(!diff.join("etc/base").exists(), "only this layer's files");
+    assert_eq!(
+        xattr(&diff.join("opq"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        std::fs::metadata(diff.join("opq")).unwrap().mode() & 0o7777,
+        0o711
+    );
+    assert!(!diff.join("opq/.wh..wh..opq").exists());
+    assert!(xattr(&diff.join("etc"), "trusted.overlay.opaque").is_none());
+    // The compressed blob, as the registry has it.
+    assert_eq!(std::fs::read(up.join("blob")).unwrap(), upper.blob);
+    // The use protocol: creating `use` answers "not there" (counted); removing the layer
+    // directory releases, and the layer is still served.
+    let used = std::fs::File::create(up.join("use")).unwrap_err();
+    assert_eq!(used.raw_os_error(), Some(libc::ENOENT), "{used}");
+    let released = std::fs::remove_dir(&up).unwrap_err();
+    assert_eq!(released.raw_os_error(), Some(libc::ENOENT), "{released}");
+    assert!(up.join("diff/etc/top").exists());
+
+    // The lower layer: plain files.
+    let low = store.layer(&reference, &lower.digest().to_string());
+    assert_eq!(
+        std::fs::read(low.join("diff/etc/base")).unwrap(),
+        b"from the lower layer\n"
+    );
+    assert!(store.status().contains("served 2"), "{}", store.status());
+}
+
+#[test]
+fn layers_it_cannot_serve_are_absent_and_said_why() {
+    let reg = registry();
+    let (lower, upper) = two_layers(b"x");
+    let img = FixtureImage::new("amd64", vec![lower.clone(), upper]);
+    img.push(&reg.host, "store/refuse", "v1");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let store = Served::start(&cache, &work.path().join("als"), &[]);
+
+    // A digest the image does not have, a repository that does not exist, a name that is not
+    // base64: absent (containers/storage then pulls the layer itself).
+    let reference = format!("{}/store/refuse:v1", reg.host);
+    let other = format!("sha256:{}", "ab".repeat(32));
+    assert!(!store.layer(&reference, &other).join("diff").exists());
+    let missing = format!("{}/store/nothing:v1", reg.host);
+    assert!(!store.layer(&missing, &lower.digest().to_string()).exists());
+    assert!(!store.dir.join("not base64!").join(&other).exists());
+    let status = store.status();
+    assert!(status.contains("refused 2"), "{status}");
+    assert!(status.contains("not in the image"), "{status}");
+    assert!(status.contains("store/nothing:v1"), "{status}");
+    // And the store keeps serving.
+    assert!(
+        store
+            .layer(&reference, &lower.digest().to_string())
+            .join("diff/etc/base")
+            .exists()
+    );
+}
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-h", "-n", name])
+        .arg(path)
+        .output()
+        .unwrap();
+    out.status.success().then_some(out.stdout)
+}
+
+/// podman with a private storage root whose storage.conf names the store, talking to the
+/// test registry over plain HTTP.
+struct Podman {
+    root: PathBuf,
+    conf: PathBuf,
+}
+
+impl Podman {
+    fn new(work: &Path, store: &Path) -> Podman {
+        let root = work.join("podman");
+        std::fs::create_dir_all(root.join("graph")).unwrap();
+        let conf = root.join("storage.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{0}/graph\"\nrunroot = \"{0}/run\"\n\
+                 [storage.options]\nadditionallayerstores = [\"{1}:ref\"]\n",
+                root.display(),
+                store.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("registries.conf"),
+            "unqualified-search-registries = []\n",
+        )
+        .unwrap();
+        Podman { root, conf }
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("podman")
+            .env("CONTAINERS_STORAGE_CONF", &self.conf)
+            .env(
+                "CONTAINERS_REGISTRIES_CONF",
+                self.root.join("registries.conf"),
+            )
+            .args([
+                "--runtime",
+                "runc",
+                "--cgroup-manager=cgroupfs",
+                "--events-backend=file",
+            ])
+            .args(["--tmpdir", self.root.join("tmp").to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+#[test]
+fn podman_runs_an_image_from_the_store_without_downloading_its_layers() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let (lower, upper) = two_layers(&show_binary(work.path()));
+    let img = FixtureImage::new("amd64", vec![lower.clone(), upper.clone()]);
+    img.push(&reg.host, "store/run", "v1");
+    let cache = work.path().join("cache");
+    // podman and the store both go through a counting proxy; the indexes are made
+    // beforehand (as a published index would provide them), so the store reads by range.
+    let proxy = proxy::Proxy::start(&reg.host);
+    let reference = format!("{}/store/run:v1", proxy.host);
+    imgfs_ok(&cache, &["index", "build", &reference]);
+    let store = Served::start(&cache, &work.path().join("als"), &[]);
+    proxy.reset_counts();
+
+    let podman = Podman::new(work.path(), &store.dir);
+    let out = podman.run(&[
+        "run",
+        "--rm",
+        "--tls-verify=false",
+        "--network=none",
+        // The defaults (from the host's hard limits) are refused in this sandbox.
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        &reference,
+        "/bin/show",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "podman run: {stdout}\n{}\nstore: {}",
+        String::from_utf8_lossy(&out.stderr),
+        store.status()
+    );
+    assert_eq!(
+        stdout,
+        "/etc/base: from the lower layer\n/etc/top: from the upper layer\n/etc/gone: absent\nopq: new\n"
+    );
+    let whole_blob_gets: Vec<String> = proxy
+        .log()
+        .into_iter()
+        .filter(|l| {
+            [lower.digest(), upper.digest()]
+                .iter()
+                .any(|d| l.contains(&d.to_string()))
+                && l.starts_with("GET")
+                && !l.to_lowercase().contains("range")
+        })
+        .collect();
+    assert!(
+        whole_blob_gets.is_empty(),
+        "podman downloaded layers: {whole_blob_gets:?}"
+    );
+    assert!(store.status().contains("served 2"), "{}", store.status());
+    let _ = podman.run(&["rmi", "-a", "-f"]);
+}
