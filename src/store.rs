@@ -102,19 +102,11 @@ impl Store {
             Error::malformed("layer store path", format!("{digest:?} is not a digest"))
         })?;
         let mut image = self.image(reference, false).await?;
-        let mut at = image
-            .image
-            .layers
-            .iter()
-            .position(|l| l.descriptor.digest == digest);
+        let mut at = position(&image.image, &digest);
         if at.is_none() {
             // A tag may have moved since it was resolved.
             image = self.image(reference, true).await?;
-            at = image
-                .image
-                .layers
-                .iter()
-                .position(|l| l.descriptor.digest == digest);
+            at = position(&image.image, &digest);
         }
         let Some(i) = at else {
             return Err(Error::Unsupported {
@@ -209,6 +201,17 @@ impl Store {
         }
         s
     }
+}
+
+/// Where layer `digest` is in `image`: by its blob digest (what podman 4.3 looks up) or, for
+/// a layer with a TOC, by the TOC's digest (what podman 5.1 and later look up for eStargz and
+/// zstd:chunked layers).
+fn position(image: &Image, digest: &Digest) -> Option<usize> {
+    image.layers.iter().position(|l| {
+        l.descriptor.digest == *digest
+            || crate::layer::format::toc_format(l.compression, &l.descriptor.annotations)
+                .is_some_and(|(_, toc)| toc.is_ok_and(|t| t == *digest))
+    })
 }
 
 /// Each layer's uncompressed digest, from the config's `rootfs.diff_ids` (None where the

@@ -226,6 +226,87 @@ fn layers_it_cannot_serve_are_absent_and_said_why() {
     );
 }
 
+#[test]
+fn estargz_layers_are_found_by_blob_and_by_toc_digest() {
+    let reg = registry();
+    let entries = vec![
+        common::estargz::Entry::Dir {
+            path: "etc".into(),
+            mode: 0o755,
+        },
+        common::estargz::Entry::File {
+            path: "etc/os".into(),
+            mode: 0o644,
+            data: b"lazy\n".to_vec(),
+        },
+    ];
+    let e = common::estargz::build(&entries, 4096, &[]);
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(
+        "containerd.io/snapshot/stargz/toc.digest".into(),
+        e.toc_digest.to_string().into(),
+    );
+    let layer = FixtureLayer {
+        blob: e.blob.clone(),
+        media_type: imgfs::manifest::media::OCI_LAYER_GZIP,
+        diff_id: e.diff_id.clone(),
+        annotations,
+    };
+    FixtureImage::new("amd64", vec![layer]).push(&reg.host, "store/esgz", "v1");
+    let reference = format!("{}/store/esgz:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let store = Served::start(&work.path().join("cache"), &work.path().join("als"), &[]);
+    // podman 4.3 asks by blob digest, podman 5.1 and later by TOC digest.
+    for name in [e.digest().to_string(), e.toc_digest.to_string()] {
+        let dir = store.layer(&reference, &name);
+        assert_eq!(
+            std::fs::read(dir.join("diff/etc/os")).unwrap(),
+            b"lazy\n",
+            "{name}"
+        );
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("info")).unwrap()).unwrap();
+        assert_eq!(info["compressed-diff-digest"], e.digest().to_string());
+    }
+}
+
+#[test]
+fn a_layer_that_needs_a_lower_one_or_an_unreachable_registry_is_refused() {
+    let reg = registry();
+    let lower = FixtureLayer::from_tar(Tar::new().file("base", 0o644, b"base\n").bytes());
+    // A hard link to a file of the layer below: this layer cannot be shown alone.
+    let upper = FixtureLayer::from_tar(Tar::new().hardlink("link", "base").bytes());
+    FixtureImage::new("amd64", vec![lower.clone(), upper.clone()]).push(
+        &reg.host,
+        "store/link",
+        "v1",
+    );
+    let reference = format!("{}/store/link:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let store = Served::start(&work.path().join("cache"), &work.path().join("als"), &[]);
+    assert!(
+        !store
+            .layer(&reference, &upper.digest().to_string())
+            .exists()
+    );
+    assert!(
+        store
+            .layer(&reference, &lower.digest().to_string())
+            .join("diff/base")
+            .exists()
+    );
+    // Nothing listens on this port.
+    let dead = format!("127.0.0.1:{}/store/link:v1", free_port());
+    assert!(!store.layer(&dead, &lower.digest().to_string()).exists());
+    let status = store.status();
+    assert!(
+        status.contains("refused 2") && status.contains("served 1"),
+        "{status}"
+    );
+    assert!(status.contains("link"), "the hard link is named: {status}");
+    assert!(status.contains(&dead), "{status}");
+}
+
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let out = Command::new("getfattr")
         .args(["--only-values", "-h", "-n", name])
