@@ -33,13 +33,15 @@ pub async fn run(g: &Global, args: StoreArgs) -> Result<()> {
     let open_image: OpenImage = Arc::new(move |reference: String| {
         let g = global.clone();
         Box::pin(async move {
-            let Opened { source, image, .. } =
-                g.open(&reference)
-                    .await
-                    .map_err(|e| crate::error::Error::Unsupported {
+            // The library's error as it is (the store adds the reference).
+            let Opened { source, image, .. } = g.open(&reference).await.map_err(|e| {
+                e.downcast::<crate::error::Error>().unwrap_or_else(|e| {
+                    crate::error::Error::NotFound {
                         what: "image".into(),
-                        value: format!("{reference} ({e:#})"),
-                    })?;
+                        detail: format!("{e:#}"),
+                    }
+                })
+            })?;
             Ok((source, image))
         })
     });
