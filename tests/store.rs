@@ -307,6 +307,52 @@ fn a_layer_that_needs_a_lower_one_or_an_unreachable_registry_is_refused() {
     assert!(status.contains(&dead), "{status}");
 }
 
+#[test]
+fn many_references_at_once_and_a_corrupt_span_never_give_wrong_bytes() {
+    let reg = registry();
+    let proxy = proxy::Proxy::start(&reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    // Three images with a layer each, the third's file big enough to span several reads.
+    let files: Vec<Vec<u8>> = (0..3)
+        .map(|i| noise(200_000 + i * 1000, i as u64))
+        .collect();
+    let mut refs = Vec::new();
+    for (i, data) in files.iter().enumerate() {
+        let layer = FixtureLayer::gzip(&[("data.bin", data)]);
+        FixtureImage::new("amd64", vec![layer.clone()]).push(
+            &reg.host,
+            &format!("store/many{i}"),
+            "v1",
+        );
+        let reference = format!("{}/store/many{i}:v1", proxy.host);
+        // Indexed beforehand: the store reads by range.
+        imgfs_ok(&cache, &["index", "build", &reference]);
+        refs.push((reference, layer.digest().to_string()));
+    }
+    let store = Served::start(&cache, &work.path().join("als"), &[]);
+    let paths: Vec<PathBuf> = refs
+        .iter()
+        .map(|(r, d)| store.layer(r, d).join("diff/data.bin"))
+        .collect();
+    // Every span of the first image comes back damaged: its read fails (EIO, no bytes);
+    // then the other two, looked up and read at once from two threads, are right.
+    proxy.corrupt_next_ranges(1000);
+    let first = std::fs::read(&paths[0]);
+    assert_eq!(first.unwrap_err().raw_os_error(), Some(libc::EIO));
+    proxy.corrupt_next_ranges(0);
+    let readers: Vec<_> = paths[1..]
+        .iter()
+        .cloned()
+        .map(|p| std::thread::spawn(move || std::fs::read(p).unwrap()))
+        .collect();
+    for (i, r) in readers.into_iter().enumerate() {
+        assert!(r.join().unwrap() == files[i + 1], "image {}", i + 1);
+    }
+    // And the damaged one reads right once its bytes are.
+    assert!(std::fs::read(&paths[0]).unwrap() == files[0]);
+}
+
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let out = Command::new("getfattr")
         .args(["--only-values", "-h", "-n", name])
