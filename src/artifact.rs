@@ -247,9 +247,52 @@ pub async fn fetch_indexes(cache: &Cache, src: &Source, image: &Image, wanted: &
     let Source::Registry { client, reference } = src else {
         return 0;
     };
-    let (registry, repo) = (&reference.registry, &reference.repository);
+    let at = Repo {
+        client,
+        registry: &reference.registry,
+        repo: &reference.repository,
+    };
     let subject = &image.manifest_digest;
     let t = std::time::Instant::now();
+    let candidates = find_artifacts(&at, subject).await;
+    if candidates.is_empty() {
+        tracing::debug!("no index artifact for {subject} ({:.1?})", t.elapsed());
+        return 0;
+    }
+    let mut missing: Vec<&Layer> = wanted.to_vec();
+    let mut stored = 0;
+    for artifact in candidates {
+        if missing.is_empty() {
+            break;
+        }
+        for digest in store_offered(cache, &at, subject, &artifact, &missing).await {
+            stored += 1;
+            missing.retain(|l| l.descriptor.digest != digest);
+        }
+    }
+    tracing::info!(
+        "{stored} layer index(es) of {subject} from the registry in {:.1?}",
+        t.elapsed()
+    );
+    stored
+}
+
+/// The repository an image's index artifacts are looked for in.
+struct Repo<'a> {
+    client: &'a crate::registry::Client,
+    registry: &'a str,
+    repo: &'a str,
+}
+
+/// The index artifacts of `subject`, as the referrers API lists them or, on a registry
+/// without one, the fallback tag names. A failure is logged and finds none: the layers are
+/// then indexed here.
+async fn find_artifacts(at: &Repo<'_>, subject: &Digest) -> Vec<Digest> {
+    let Repo {
+        client,
+        registry,
+        repo,
+    } = *at;
     let list = match client
         .get_referrers(registry, repo, subject, ARTIFACT_TYPE)
         .await
@@ -271,71 +314,66 @@ pub async fn fetch_indexes(cache: &Cache, src: &Source, image: &Image, wanted: &
             None
         }
     };
-    let candidates = match list.as_deref().map(candidates) {
+    match list.as_deref().map(candidates) {
         None => Vec::new(),
         Some(Ok(c)) => c,
         Some(Err(e)) => {
             tracing::warn!("referrers of {subject}: {e}");
             Vec::new()
         }
+    }
+}
+
+/// Store the indexes that `artifact` offers for layers of `missing`, checked, a few at once.
+/// Returns the digests of the layers whose index was stored; each refusal is logged.
+async fn store_offered(
+    cache: &Cache,
+    at: &Repo<'_>,
+    subject: &Digest,
+    artifact: &Digest,
+    missing: &[&Layer],
+) -> Vec<Digest> {
+    let Repo {
+        client,
+        registry,
+        repo,
+    } = *at;
+    let offered = match client.get_manifest(registry, repo, artifact.as_str()).await {
+        Ok(m) => parse_manifest(&m.bytes, subject),
+        Err(e) => Err(e),
     };
-    if candidates.is_empty() {
-        tracing::debug!("no index artifact for {subject} ({:.1?})", t.elapsed());
-        return 0;
-    }
-    let mut missing: Vec<&Layer> = wanted.to_vec();
-    let mut stored = 0;
-    for artifact in candidates {
-        if missing.is_empty() {
-            break;
+    let offered = match offered {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!("index artifact {artifact} of {subject} not used: {e}");
+            return Vec::new();
         }
-        let offered = match client.get_manifest(registry, repo, artifact.as_str()).await {
-            Ok(m) => parse_manifest(&m.bytes, subject),
-            Err(e) => Err(e),
-        };
-        let offered = match offered {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!("index artifact {artifact} of {subject} not used: {e}");
-                continue;
-            }
-        };
-        let jobs = missing
-            .iter()
-            .filter_map(|l| offered.get(&l.descriptor.digest).map(|d| (*l, d.clone())));
-        let results: Vec<(Digest, bool)> = futures_util::stream::iter(jobs)
-            .map(|(layer, blob)| {
-                let artifact = &artifact;
-                async move {
-                    let digest = layer.descriptor.digest.clone();
-                    let ok = match fetch_one(cache, client, registry, repo, layer, &blob).await {
-                        Ok(()) => true,
-                        Err(e) => {
-                            tracing::warn!(
-                                "index of layer {digest} from artifact {artifact} refused \
+    };
+    let jobs = missing
+        .iter()
+        .filter_map(|l| offered.get(&l.descriptor.digest).map(|d| (*l, d.clone())));
+    let results: Vec<(Digest, bool)> = futures_util::stream::iter(jobs)
+        .map(|(layer, blob)| async move {
+            let digest = layer.descriptor.digest.clone();
+            let ok = match fetch_one(cache, client, registry, repo, layer, &blob).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "index of layer {digest} from artifact {artifact} refused \
                              ({e}); indexing the layer here instead"
-                            );
-                            false
-                        }
-                    };
-                    (digest, ok)
+                    );
+                    false
                 }
-            })
-            .buffer_unordered(JOBS)
-            .collect()
-            .await;
-        for (digest, ok) in results {
-            if ok {
-                stored += 1;
-                missing.retain(|l| l.descriptor.digest != digest);
-            }
-        }
-    }
-    tracing::info!(
-        "{stored} layer index(es) of {subject} from the registry in {:.1?}",
-        t.elapsed()
-    );
-    stored
+            };
+            (digest, ok)
+        })
+        .buffer_unordered(JOBS)
+        .collect()
+        .await;
+    results
+        .into_iter()
+        .filter_map(|(digest, ok)| ok.then_some(digest))
+        .collect()
 }
 
 async fn fetch_one(

@@ -80,6 +80,8 @@ pub async fn stream_blob(
     }
 }
 
+/// One try at downloading blob `desc` (see [`stream_blob`]): responses are taken one after
+/// another, each resuming where the one before was cut, until the blob is whole.
 async fn stream_blob_once(
     cache: &Cache,
     src: &Source,
@@ -97,36 +99,83 @@ async fn stream_blob_once(
         }
         return Ok(Some(dest));
     }
-    let what = || format!("blob {} from {}", desc.digest, src.name());
-    let mut tmp = if keep {
-        Some(cache.new_blob_file()?)
-    } else {
-        None
-    };
-    let mut hasher = Hasher::new();
-    let mut written: u64 = 0;
-    let limit = if desc.size_unknown {
-        MAX_UNKNOWN_SIZE
-    } else {
-        desc.size
-    };
+    let mut got = Received::new(cache, src, desc, keep)?;
     let mut cuts = 0;
     loop {
-        let mut blob = match src.open_blob(desc, written).await {
+        let mut blob = match src.open_blob(desc, got.written).await {
             // A resume the registry cannot serve: its blob ends where we are.
             Err(Error::BlobEndsBefore { .. }) if !desc.size_unknown => {
-                return Err(short_blob(src, desc, &hasher, written, None));
+                return Err(got.short(None));
             }
             other => other?,
         };
-        let before = written;
+        let before = got.written;
+        let cut = got.take_response(&mut blob, progress, sink).await?;
+        let Some(reason) = got.resume_reason(cut, before, cuts, blob.content_type.as_deref())?
+        else {
+            break;
+        };
+        cuts += 1;
+        got.wait_to_resume(&reason, cuts).await?;
+    }
+    got.finish(cache)
+}
+
+/// What one download of a blob has received so far, across the responses it took: hashed,
+/// counted against the descriptor's size, and written to the cache's temporary file when kept.
+struct Received<'a> {
+    src: &'a Source,
+    desc: &'a Descriptor,
+    /// Where the bytes go while unverified; `None` when the blob is not kept.
+    tmp: Option<tempfile::NamedTempFile>,
+    hasher: Hasher,
+    written: u64,
+    /// The most bytes the blob may have: its size, or a bound when the size is unknown.
+    limit: u64,
+}
+
+impl<'a> Received<'a> {
+    /// Nothing received yet; a temporary file in the cache to receive into when `keep`.
+    fn new(cache: &Cache, src: &'a Source, desc: &'a Descriptor, keep: bool) -> Result<Self> {
+        let tmp = if keep {
+            Some(cache.new_blob_file()?)
+        } else {
+            None
+        };
+        let limit = if desc.size_unknown {
+            MAX_UNKNOWN_SIZE
+        } else {
+            desc.size
+        };
+        Ok(Received {
+            src,
+            desc,
+            tmp,
+            hasher: Hasher::new(),
+            written: 0,
+            limit,
+        })
+    }
+
+    /// What the download is, for error messages.
+    fn what(&self) -> String {
+        describe(self.src, self.desc)
+    }
+
+    /// Take the bytes of one response until it ends or is cut. Returns why it was cut, if it
+    /// was; an error only for what no resume can mend.
+    async fn take_response(
+        &mut self,
+        blob: &mut crate::registry::BlobStream,
+        progress: &(dyn Fn(u64) + Sync),
+        sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    ) -> Result<Option<String>> {
         // A server that ignored Range sends bytes we have: skip them (what we kept was
         // hashed already, and the final digest covers exactly what we keep).
-        let mut skip = written.saturating_sub(blob.start);
+        let mut skip = self.written.saturating_sub(blob.start);
         if skip > 0 {
-            tracing::debug!("{}: range ignored; skipping {skip} bytes", desc.digest);
+            tracing::debug!("{}: range ignored; skipping {skip} bytes", self.desc.digest);
         }
-        let mut cut: Option<String> = None;
         while let Some(chunk) = blob.stream.next().await {
             let mut chunk = match chunk {
                 Ok(c) => c,
@@ -137,8 +186,7 @@ async fn stream_blob_once(
                         return Err(crate::registry::pace::into_stall(e)
                             .expect("a stall carries its error"));
                     }
-                    cut = Some(e.to_string());
-                    break;
+                    return Ok(Some(e.to_string()));
                 }
             };
             if skip > 0 {
@@ -149,76 +197,123 @@ async fn stream_blob_once(
                     continue;
                 }
             }
-            written += chunk.len() as u64;
-            if written > limit {
-                return Err(Error::SizeMismatch {
-                    what: "blob".into(),
-                    digest: desc.digest.clone(),
-                    expected: limit,
-                    actual: written,
-                });
-            }
-            hasher.update(&chunk);
-            // Plain blocking writes: they land in the page cache, and routing every chunk
-            // through tokio's blocking pool costs more than it saves.
-            if let Some(tmp) = &mut tmp {
-                tmp.write_all(&chunk).ctx(what)?;
-            }
-            progress(written);
-            if let Some(s) = sink {
-                // A closed sink means its reader gave up; keep downloading for the cache.
-                let _ = s.send(chunk).await;
-            }
+            self.take(chunk, progress, sink).await?;
         }
-        if !desc.size_unknown && written == desc.size {
+        Ok(None)
+    }
+
+    /// Count, hash, keep and pass on one chunk of new bytes.
+    async fn take(
+        &mut self,
+        chunk: bytes::Bytes,
+        progress: &(dyn Fn(u64) + Sync),
+        sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    ) -> Result<()> {
+        self.written += chunk.len() as u64;
+        if self.written > self.limit {
+            return Err(Error::SizeMismatch {
+                what: "blob".into(),
+                digest: self.desc.digest.clone(),
+                expected: self.limit,
+                actual: self.written,
+            });
+        }
+        self.hasher.update(&chunk);
+        // Plain blocking writes: they land in the page cache, and routing every chunk
+        // through tokio's blocking pool costs more than it saves.
+        let (src, desc) = (self.src, self.desc);
+        if let Some(tmp) = &mut self.tmp {
+            tmp.write_all(&chunk).ctx(|| describe(src, desc))?;
+        }
+        progress(self.written);
+        if let Some(s) = sink {
+            // A closed sink means its reader gave up; keep downloading for the cache.
+            let _ = s.send(chunk).await;
+        }
+        Ok(())
+    }
+
+    /// After a response that began at byte `before` and was `cut` (or not), why the
+    /// download must resume, or `None` when it has all there is to verify. `cuts` is how
+    /// many responses were cut before this one.
+    fn resume_reason(
+        &self,
+        cut: Option<String>,
+        before: u64,
+        cuts: u32,
+        content_type: Option<&str>,
+    ) -> Result<Option<String>> {
+        let desc = self.desc;
+        if !desc.size_unknown && self.written == desc.size {
             // Everything arrived, even if the connection then broke: verify it.
-            break;
+            return Ok(None);
         }
-        if cut.is_none() && !desc.size_unknown && written < desc.size {
+        if cut.is_none() && !desc.size_unknown && self.written < desc.size {
             // A response that ended whole and brought nothing new, after a first one
             // that ended early too: the registry has no more to send. (One short whole
             // response alone may be a lying `Content-Length`: it is resumed.)
-            if written == before && cuts > 0 {
-                return Err(short_blob(
-                    src,
-                    desc,
-                    &hasher,
-                    written,
-                    blob.content_type.as_deref(),
-                ));
+            if self.written == before && cuts > 0 {
+                return Err(self.short(content_type));
             }
-            cut = Some(format!("stream ended at byte {written} of {}", desc.size));
+            return Ok(Some(format!(
+                "stream ended at byte {} of {}",
+                self.written, desc.size
+            )));
         }
-        let Some(reason) = cut else { break };
-        if src.is_local() {
+        Ok(cut)
+    }
+
+    /// Fail if the download may not resume after this, its `cuts`-th cut (a local file does
+    /// not heal; the resumes are bounded), else wait the backoff before resuming.
+    async fn wait_to_resume(&self, reason: &str, cuts: u32) -> Result<()> {
+        if self.src.is_local() {
             return Err(Error::malformed(
-                what(),
+                self.what(),
                 format!("{reason} (the local file is damaged or truncated)"),
             ));
         }
-        cuts += 1;
         if cuts > MAX_RESUMES {
             return Err(Error::Unreachable {
-                host: src.name(),
+                host: self.src.name(),
                 detail: format!(
                     "{}: gave up after {MAX_RESUMES} interrupted downloads ({reason})",
-                    what()
+                    self.what()
                 ),
             });
         }
-        tracing::info!("{}: {reason}; resuming at byte {written}", desc.digest);
+        tracing::info!(
+            "{}: {reason}; resuming at byte {}",
+            self.desc.digest,
+            self.written
+        );
         tokio::time::sleep(crate::registry::backoff(cuts)).await;
+        Ok(())
     }
-    let actual = hasher.finish();
-    if actual != desc.digest {
-        return Err(Error::DigestMismatch {
-            what: format!("blob from {}", src.name()),
-            expected: desc.digest.clone(),
-            actual,
-        });
+
+    /// The error for a registry that has no more bytes to send (see [`short_blob`]).
+    fn short(&self, content_type: Option<&str>) -> Error {
+        short_blob(
+            self.src,
+            self.desc,
+            &self.hasher,
+            self.written,
+            content_type,
+        )
     }
-    let Some(tmp) = tmp else { return Ok(None) };
-    cache.store_blob(tmp, &desc.digest).map(Some)
+
+    /// Verify the whole download against its digest, and store it in the cache when kept.
+    fn finish(self, cache: &Cache) -> Result<Option<PathBuf>> {
+        let actual = self.hasher.finish();
+        if actual != self.desc.digest {
+            return Err(Error::DigestMismatch {
+                what: format!("blob from {}", self.src.name()),
+                expected: self.desc.digest.clone(),
+                actual,
+            });
+        }
+        let Some(tmp) = self.tmp else { return Ok(None) };
+        cache.store_blob(tmp, &self.desc.digest).map(Some)
+    }
 }
 
 /// Stream blob `desc` into a blocking consumer while it downloads — index it, or extract it —
@@ -283,6 +378,11 @@ pub async fn all(
         .try_collect::<Vec<_>>()
         .await?;
     Ok(descs.iter().map(|d| cache.blob_path(&d.digest)).collect())
+}
+
+/// Blob `desc` from `src`, as error messages name a download.
+fn describe(src: &Source, desc: &Descriptor) -> String {
+    format!("blob {} from {}", desc.digest, src.name())
 }
 
 /// Send a cached blob's bytes to a download consumer.

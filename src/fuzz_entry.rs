@@ -102,75 +102,8 @@ pub fn artifact(data: &[u8]) {
 /// across): the single-path merge that `cat` uses must find, for every path, what the full
 /// merge (`ls`, mount, `pull`) finds, whenever it answers at all.
 pub fn merge_agreement(data: &[u8]) {
-    use crate::index::{Entry, Kind, LayerIndex};
-    use bstr::BString;
-    let mut bytes = data.iter().copied();
-    let mut next = move || bytes.next();
-    const NAMES: [&str; 4] = ["a", "b", "c", "a/b"];
-    let pick_path = |n: &mut dyn FnMut() -> Option<u8>| -> Option<String> {
-        let depth = n()? % 3 + 1;
-        let mut parts = Vec::new();
-        for _ in 0..depth {
-            parts.push(NAMES[(n()? % 3) as usize]);
-        }
-        Some(parts.join("/"))
-    };
-    let mut layers: Vec<LayerIndex> = Vec::new();
-    let mut probes: Vec<String> = Vec::new();
-    'outer: while layers.len() < 4 {
-        let Some(count) = next() else { break };
-        let mut entries = Vec::new();
-        for _ in 0..count % 8 + 1 {
-            let (Some(k), Some(path)) = (next(), pick_path(&mut next)) else {
-                layers.push(LayerIndex {
-                    entries,
-                    seek: None,
-                });
-                break 'outer;
-            };
-            let kind = [
-                Kind::Dir,
-                Kind::File,
-                Kind::Symlink,
-                Kind::Hardlink,
-                Kind::Whiteout,
-                Kind::Opaque,
-            ][(k % 6) as usize];
-            let link = match kind {
-                Kind::Symlink => {
-                    let t = match next().unwrap_or(0) % 4 {
-                        0 => NAMES[(next().unwrap_or(0) % 4) as usize].to_string(),
-                        1 => format!("/{}", NAMES[(next().unwrap_or(0) % 4) as usize]),
-                        2 => format!("../{}", NAMES[(next().unwrap_or(0) % 4) as usize]),
-                        _ => ".".to_string(),
-                    };
-                    Some(BString::from(t))
-                }
-                Kind::Hardlink => Some(BString::from(pick_path(&mut next).unwrap_or_default())),
-                _ => None,
-            };
-            probes.push(path.clone());
-            entries.push(Entry {
-                path: path.into(),
-                kind,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                size: 0,
-                mtime: 0,
-                link,
-                dev_major: 0,
-                dev_minor: 0,
-                xattrs: Vec::new(),
-                offset: 0,
-                sparse: Vec::new(),
-            });
-        }
-        layers.push(LayerIndex {
-            entries,
-            seek: None,
-        });
-    }
+    use crate::index::LayerIndex;
+    let (layers, mut probes) = fuzz_layers(data);
     let refs: Vec<&LayerIndex> = layers.iter().collect();
     let Ok(full) = crate::tree::merge(&refs, &[]) else {
         return;
@@ -195,4 +128,94 @@ pub fn merge_agreement(data: &[u8]) {
             "{p:?} differs merged alone and in full: {layers:#?}"
         );
     }
+}
+
+/// The names [`merge_agreement`]'s paths are made of: few, so that layers meet.
+const NAMES: [&str; 4] = ["a", "b", "c", "a/b"];
+
+/// Up to 4 layers of up to 8 entries each, drawn from `data` until it runs out, and the
+/// path of every entry (to probe).
+fn fuzz_layers(data: &[u8]) -> (Vec<crate::index::LayerIndex>, Vec<String>) {
+    use crate::index::LayerIndex;
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next();
+    let mut layers: Vec<LayerIndex> = Vec::new();
+    let mut probes: Vec<String> = Vec::new();
+    'outer: while layers.len() < 4 {
+        let Some(count) = next() else { break };
+        let mut entries = Vec::new();
+        for _ in 0..count % 8 + 1 {
+            let Some((path, entry)) = fuzz_entry(&mut next) else {
+                layers.push(LayerIndex {
+                    entries,
+                    seek: None,
+                });
+                break 'outer;
+            };
+            probes.push(path);
+            entries.push(entry);
+        }
+        layers.push(LayerIndex {
+            entries,
+            seek: None,
+        });
+    }
+    (layers, probes)
+}
+
+/// One entry of any kind drawn from the bytes `next` gives, with its path; `None` when they
+/// run out first.
+fn fuzz_entry(next: &mut dyn FnMut() -> Option<u8>) -> Option<(String, crate::index::Entry)> {
+    use crate::index::{Entry, Kind};
+    use bstr::BString;
+    let (Some(k), Some(path)) = (next(), fuzz_path(next)) else {
+        return None;
+    };
+    let kind = [
+        Kind::Dir,
+        Kind::File,
+        Kind::Symlink,
+        Kind::Hardlink,
+        Kind::Whiteout,
+        Kind::Opaque,
+    ][(k % 6) as usize];
+    let link = match kind {
+        Kind::Symlink => {
+            let t = match next().unwrap_or(0) % 4 {
+                0 => NAMES[(next().unwrap_or(0) % 4) as usize].to_string(),
+                1 => format!("/{}", NAMES[(next().unwrap_or(0) % 4) as usize]),
+                2 => format!("../{}", NAMES[(next().unwrap_or(0) % 4) as usize]),
+                _ => ".".to_string(),
+            };
+            Some(BString::from(t))
+        }
+        Kind::Hardlink => Some(BString::from(fuzz_path(next).unwrap_or_default())),
+        _ => None,
+    };
+    let entry = Entry {
+        path: path.clone().into(),
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: 0,
+        link,
+        dev_major: 0,
+        dev_minor: 0,
+        xattrs: Vec::new(),
+        offset: 0,
+        sparse: Vec::new(),
+    };
+    Some((path, entry))
+}
+
+/// A path of 1 to 3 of the first three [`NAMES`] drawn from the bytes `n` gives.
+fn fuzz_path(n: &mut dyn FnMut() -> Option<u8>) -> Option<String> {
+    let depth = n()? % 3 + 1;
+    let mut parts = Vec::new();
+    for _ in 0..depth {
+        parts.push(NAMES[(n()? % 3) as usize]);
+    }
+    Some(parts.join("/"))
 }

@@ -560,37 +560,7 @@ pub fn image_from_parts(
             layers,
         } => {
             let probe = ConfigProbe::parse(&raw_config)?;
-            let diff_ids = probe.rootfs.as_ref().map(|r| r.diff_ids.clone());
-            if let Some(ids) = &diff_ids
-                && ids.len() != layers.len()
-            {
-                return Err(Error::malformed(
-                    "image",
-                    format!(
-                        "the manifest lists {} layers but the config has {} diff_ids",
-                        layers.len(),
-                        ids.len()
-                    ),
-                ));
-            }
-            let layers = layers
-                .into_iter()
-                .enumerate()
-                .map(|(i, d)| {
-                    let compression =
-                        Compression::from_media_type(&d.media_type).ok_or_else(|| {
-                            Error::Unsupported {
-                                what: format!("layer media type (layer {})", d.digest),
-                                value: d.media_type.clone(),
-                            }
-                        })?;
-                    Ok(Layer {
-                        diff_id: diff_ids.as_ref().map(|ids| ids[i].clone()),
-                        descriptor: d,
-                        compression,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let layers = schema2_layers(layers, &probe)?;
             Ok(Image {
                 reference,
                 manifest_digest,
@@ -614,15 +584,7 @@ pub fn image_from_parts(
             manifest_media_type: media_type,
             raw_manifest,
             index_digest,
-            platform: Platform {
-                os: ConfigProbe::parse(&config)
-                    .map(|c| c.os)
-                    .ok()
-                    .filter(|o| !o.is_empty())
-                    .unwrap_or_else(|| "linux".into()),
-                architecture,
-                variant: None,
-            },
+            platform: schema1_platform(&config, architecture),
             config: None,
             raw_config: config,
             layers: layers
@@ -638,6 +600,55 @@ pub fn image_from_parts(
             "image",
             "an index was given where an image manifest was expected",
         )),
+    }
+}
+
+/// The layers of a schema 2 (or OCI) manifest, each with its compression (from its media
+/// type, which must be one imgfs reads) and its diff_id from the config, whose list must
+/// match the manifest's when it has one.
+fn schema2_layers(layers: Vec<Descriptor>, probe: &ConfigProbe) -> Result<Vec<Layer>> {
+    let diff_ids = probe.rootfs.as_ref().map(|r| r.diff_ids.clone());
+    if let Some(ids) = &diff_ids
+        && ids.len() != layers.len()
+    {
+        return Err(Error::malformed(
+            "image",
+            format!(
+                "the manifest lists {} layers but the config has {} diff_ids",
+                layers.len(),
+                ids.len()
+            ),
+        ));
+    }
+    layers
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let compression =
+                Compression::from_media_type(&d.media_type).ok_or_else(|| Error::Unsupported {
+                    what: format!("layer media type (layer {})", d.digest),
+                    value: d.media_type.clone(),
+                })?;
+            Ok(Layer {
+                diff_id: diff_ids.as_ref().map(|ids| ids[i].clone()),
+                descriptor: d,
+                compression,
+            })
+        })
+        .collect()
+}
+
+/// A schema 1 image's platform: its manifest names the architecture, its newest
+/// `v1Compatibility` JSON (`config`) may name the OS; Linux when it does not.
+fn schema1_platform(config: &[u8], architecture: String) -> Platform {
+    Platform {
+        os: ConfigProbe::parse(config)
+            .map(|c| c.os)
+            .ok()
+            .filter(|o| !o.is_empty())
+            .unwrap_or_else(|| "linux".into()),
+        architecture,
+        variant: None,
     }
 }
 

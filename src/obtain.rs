@@ -87,42 +87,10 @@ pub async fn layer_index(
     place: (usize, usize),
     opts: &Options,
 ) -> Result<Obtained> {
-    let (i, n) = place;
-    let desc = &layer.descriptor;
-    let digest = &desc.digest;
-    let name = |e: Error| match e {
-        Error::Malformed { what, reason } => Error::Malformed {
-            what: format!("{what} in layer {} ({digest})", i + 1),
-            reason,
-        },
-        other => other,
-    };
-    if let Some((format, toc)) = toc_format(layer.compression, &desc.annotations) {
-        let opened = match toc {
-            Ok(toc) => open_toc(format, cache, src, desc, &toc).await,
-            Err(e) => Err(e),
-        };
-        match opened {
-            Ok(t) => {
-                return Ok(Obtained {
-                    index: t.index,
-                    toc: Some(TocFiles {
-                        format,
-                        chunks: t.chunks,
-                        prefetch: t.prefetch,
-                    }),
-                    blob: None,
-                    published: false,
-                });
-            }
-            // Wrong bytes for what the manifest vouches for: refused.
-            Err(e @ Error::DigestMismatch { .. }) => return Err(name(e)),
-            Err(e) => tracing::warn!(
-                "layer {} ({digest}): not read as {} ({e}); indexing it whole",
-                i + 1,
-                format.name()
-            ),
-        }
+    let (i, _) = place;
+    let digest = &layer.descriptor.digest;
+    if let Some(obtained) = from_toc(cache, src, layer, i).await? {
+        return Ok(obtained);
     }
     // Decoded on the blocking pool, so that layers decode in parallel.
     let found = {
@@ -140,6 +108,61 @@ pub async fn layer_index(
             published,
         });
     }
+    index_here(cache, src, layer, place, opts).await
+}
+
+/// A layer `i` (from 0) with a TOC, read through it. `None` when the layer has no TOC, or
+/// one that cannot be used (logged): it is then indexed whole. Wrong bytes for what the
+/// manifest vouches for are refused.
+async fn from_toc(
+    cache: &Cache,
+    src: &Source,
+    layer: &Layer,
+    i: usize,
+) -> Result<Option<Obtained>> {
+    let desc = &layer.descriptor;
+    let Some((format, toc)) = toc_format(layer.compression, &desc.annotations) else {
+        return Ok(None);
+    };
+    let opened = match toc {
+        Ok(toc) => open_toc(format, cache, src, desc, &toc).await,
+        Err(e) => Err(e),
+    };
+    match opened {
+        Ok(t) => Ok(Some(Obtained {
+            index: t.index,
+            toc: Some(TocFiles {
+                format,
+                chunks: t.chunks,
+                prefetch: t.prefetch,
+            }),
+            blob: None,
+            published: false,
+        })),
+        Err(e @ Error::DigestMismatch { .. }) => Err(in_layer(e, i, &desc.digest)),
+        Err(e) => {
+            tracing::warn!(
+                "layer {} ({}): not read as {} ({e}); indexing it whole",
+                i + 1,
+                desc.digest,
+                format.name()
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Index the layer here, from its blob (see [`stream_and_index`]), telling the progress
+/// sink, and cache the index.
+async fn index_here(
+    cache: &Cache,
+    src: &Source,
+    layer: &Layer,
+    place: (usize, usize),
+    opts: &Options,
+) -> Result<Obtained> {
+    let (i, n) = place;
+    let digest = &layer.descriptor.digest;
     let started = std::time::Instant::now();
     let tell = |p: IndexProgress| {
         if let Some(sink) = &opts.progress {
@@ -150,11 +173,11 @@ pub async fn layer_index(
         layer: i + 1,
         of: n,
         digest: digest.clone(),
-        bytes: desc.size,
+        bytes: layer.descriptor.size,
     });
     let (index, blob) = stream_and_index(cache, src, layer, opts)
         .await
-        .map_err(name)?;
+        .map_err(|e| in_layer(e, i, digest))?;
     tell(IndexProgress::Indexed {
         layer: i + 1,
         of: n,
@@ -170,6 +193,18 @@ pub async fn layer_index(
         blob,
         published: false,
     })
+}
+
+/// A malformed-layer error named by the layer it is in (`i`, from 0, with `digest`): the
+/// parsers see only bytes.
+fn in_layer(e: Error, i: usize, digest: &Digest) -> Error {
+    match e {
+        Error::Malformed { what, reason } => Error::Malformed {
+            what: format!("{what} in layer {} ({digest})", i + 1),
+            reason,
+        },
+        other => other,
+    }
 }
 
 /// The cached index of layer `digest` that can serve reads (one with seek points): one built

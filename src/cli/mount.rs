@@ -4,7 +4,7 @@
 //! same program re-run with `--foreground` in a new session (not a fork: forking a process that
 //! already runs threads is unsafe), its log in the cache directory. The daemon says "ready"
 //! through an inherited socket the moment the mount is up; if it exits first, the parent
-//! reports its error.
+//! reports its error. The daemon's start and the socket between the two: `mount/daemon.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -17,6 +17,8 @@ use clap::Args;
 use super::{Global, Opened};
 use crate::fuse::ImageFs;
 use crate::view::ImageView;
+
+mod daemon;
 
 #[derive(Args)]
 pub struct MountArgs {
@@ -155,10 +157,23 @@ pub fn before_threads(args: &MountArgs) {
     }
 }
 
+/// `imgfs mount`: check DIR and the options, then start the daemon and wait for it, or, as
+/// the daemon (`--foreground`), serve the mount.
 pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     check_mount_dir(&args.dir)?;
+    let acl = session_acl(&args.options)?;
+    if !args.foreground {
+        return daemon::spawn(g, &args).await;
+    }
+    serve(g, &args, acl).await?;
+    daemon::remove_empty_log(g);
+    Ok(())
+}
+
+/// Who may use the mount, from the `-o` options (all of which are checked).
+fn session_acl(options: &[String]) -> Result<fuser::SessionACL> {
     let mut acl = fuser::SessionACL::Owner;
-    for o in &args.options {
+    for o in options {
         match o.as_str() {
             "allow_other" => acl = fuser::SessionACL::All,
             "allow_root" => acl = fuser::SessionACL::RootAndOwner,
@@ -170,28 +185,15 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
             }
         }
     }
-    if !args.foreground {
-        return spawn_daemon(g, &args).await;
-    }
+    Ok(acl)
+}
+
+/// Mount the image in this process and serve it until a signal or an unmount ends it.
+async fn serve(g: &Global, args: &MountArgs, acl: fuser::SessionACL) -> Result<()> {
     let t0 = std::time::Instant::now();
     // The parent (`imgfs mount` without --foreground) waits on this socket: progress lines,
     // then "ready".
-    let parent: Option<Arc<std::sync::Mutex<std::fs::File>>> = std::env::var("IMGFS_READY_FD")
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        .map(|fd| {
-            use std::os::fd::FromRawFd;
-            // SAFETY: the parent passed us this descriptor, and nothing else owns it.
-            Arc::new(std::sync::Mutex::new(unsafe {
-                std::fs::File::from_raw_fd(fd)
-            }))
-        });
-    let tell_parent = |line: &str| {
-        if let Some(p) = &parent {
-            use std::io::Write;
-            let _ = writeln!(p.lock().unwrap(), "{line}");
-        }
-    };
+    let parent = daemon::Parent::from_env();
     let Opened {
         cache,
         source,
@@ -199,18 +201,8 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     } = g.open(&args.image).await?;
     tracing::info!("resolved {} in {:.1?}", image.reference, t0.elapsed());
     let mut opts = args.read.view_options(g);
-    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    if parent.is_some() || terminal {
-        let parent = parent.clone();
-        opts.progress = Some(crate::view::ProgressSink(Arc::new(move |p| {
-            let line = describe_progress(p);
-            if let Some(p) = &parent {
-                use std::io::Write;
-                let _ = writeln!(p.lock().unwrap(), "progress {line}");
-            } else {
-                eprintln!("imgfs: {line}");
-            }
-        })));
+    if let Some(sink) = progress_sink(parent.as_ref()) {
+        opts.progress = Some(sink);
     }
     let view = ImageView::open(&cache, Arc::new(source), &image, &opts)
         .await
@@ -220,10 +212,50 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     view.start_prefetch();
     let mut fs = ImageFs::new(view, tokio::runtime::Handle::current());
     fs.may_skip_opendir = !matches!(acl, fuser::SessionACL::RootAndOwner);
+    let config = fuse_config(&image.reference, acl);
+    let session = fuser::spawn_mount(fs, &args.dir, &config)
+        .with_context(|| format!("mounting on {}", args.dir.display()))?;
+    raise_readahead(&args.dir);
+    if let Some(p) = parent {
+        p.say("ready");
+    }
+    tracing::info!(
+        "{} mounted on {} at {:.1?}",
+        image.reference,
+        args.dir.display(),
+        t0.elapsed()
+    );
+    let external = wait_for_end(&session).await?;
+    end_session(session, external, &args.dir)?;
+    tracing::info!("{} unmounted", args.dir.display());
+    Ok(())
+}
+
+/// Where indexing progress goes: to the waiting parent, else to a terminal; nowhere if
+/// neither is there.
+fn progress_sink(parent: Option<&daemon::Parent>) -> Option<crate::view::ProgressSink> {
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if parent.is_none() && !terminal {
+        return None;
+    }
+    let parent = parent.cloned();
+    Some(crate::view::ProgressSink(Arc::new(move |p| {
+        let line = describe_progress(p);
+        if let Some(p) = &parent {
+            p.say(&format!("progress {line}"));
+        } else {
+            eprintln!("imgfs: {line}");
+        }
+    })))
+}
+
+/// The FUSE session's settings: a read-only mount named after the image, open to those
+/// `acl` lets in.
+fn fuse_config(reference: &str, acl: fuser::SessionACL) -> fuser::Config {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
-        fuser::MountOption::FSName(image.reference.clone()),
+        fuser::MountOption::FSName(reference.to_string()),
         // Shown as the type `fuse.imgfs`, by which `imgfs umount` knows its own mounts. fuser
         // gives the subtype only to fusermount3; as root the kernel needs it as an option.
         if rustix::process::geteuid().is_root() {
@@ -243,18 +275,12 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     }
     config.acl = acl;
     config.n_threads = Some(2);
-    let session = fuser::spawn_mount(fs, &args.dir, &config)
-        .with_context(|| format!("mounting on {}", args.dir.display()))?;
-    raise_readahead(&args.dir);
-    tell_parent("ready");
-    drop(parent);
-    tracing::info!(
-        "{} mounted on {} at {:.1?}",
-        image.reference,
-        args.dir.display(),
-        t0.elapsed()
-    );
+    config
+}
 
+/// Wait for Ctrl-C, SIGTERM, or the session's end from outside (`imgfs umount`, an aborted
+/// connection): true for the last.
+async fn wait_for_end(session: &fuser::BackgroundSession) -> Result<bool> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let external = loop {
         tokio::select! {
@@ -267,13 +293,18 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
             }
         }
     };
+    Ok(external)
+}
+
+/// Unmount `dir` if it is still this session's mount, and end the session.
+fn end_session(session: fuser::BackgroundSession, external: bool, dir: &Path) -> Result<()> {
     // fuser unmounts by path. Once this mount is gone (`imgfs umount`), that would take
     // down whatever was mounted on the directory since — a new mount made right after
     // `imgfs umount` returned. So after the session has ended, the directory is unmounted
     // only if it is a dead FUSE mount (this one, its connection aborted); otherwise the
     // session is not dropped, and the process just exits.
     if external || session.guard.is_finished() {
-        let dead = matches!(std::fs::metadata(&args.dir),
+        let dead = matches!(std::fs::metadata(dir),
             Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
         if dead {
             session.join().ok();
@@ -283,17 +314,7 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     } else {
         session
             .umount_and_join()
-            .with_context(|| format!("unmounting {}", args.dir.display()))?;
-    }
-    tracing::info!("{} unmounted", args.dir.display());
-    if std::env::var_os("IMGFS_READY_FD").is_some()
-        && let Ok(cache) = g.cache()
-    {
-        // A daemon that had nothing to say leaves no log behind.
-        let log = daemon_log(&cache.root().join("logs"), std::process::id());
-        if std::fs::metadata(&log).is_ok_and(|m| m.len() == 0) {
-            let _ = std::fs::remove_file(&log);
-        }
+            .with_context(|| format!("unmounting {}", dir.display()))?;
     }
     Ok(())
 }
@@ -349,96 +370,6 @@ fn describe_progress(p: &crate::view::IndexProgress) -> String {
             elapsed,
         } => format!("indexed layer {layer}/{of}: {entries} entries in {elapsed:.1?}"),
     }
-}
-
-/// The log of the mount daemon with process id `pid`.
-fn daemon_log(logs: &Path, pid: u32) -> PathBuf {
-    logs.join(format!("mount-{pid}.log"))
-}
-
-/// Run the daemon and wait until the mount is up (or the daemon has failed).
-async fn spawn_daemon(g: &Global, args: &MountArgs) -> Result<()> {
-    let logs = g.cache()?.root().join("logs");
-    std::fs::create_dir_all(&logs)?;
-    // Named after the daemon once it has a pid (the open file follows the rename).
-    let starting = logs.join(format!("mount-starting-{}.log", std::process::id()));
-    let log = std::fs::File::create(&starting)?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    let argv = super::ARGS
-        .get()
-        .cloned()
-        .unwrap_or_else(|| std::env::args_os().collect());
-    cmd.args(argv.iter().skip(1))
-        .arg("--foreground")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| rustix::process::setsid().map(|_| ()).map_err(Into::into));
-    }
-    let (parent_end, child_end) = std::os::unix::net::UnixStream::pair()?;
-    let child_fd = std::os::fd::AsRawFd::as_raw_fd(&child_end);
-    cmd.env("IMGFS_READY_FD", child_fd.to_string());
-    // SAFETY: only async-signal-safe calls (fcntl) on a descriptor we own.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(move || {
-            let fd = std::os::fd::BorrowedFd::borrow_raw(child_fd);
-            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty()).map_err(Into::into)
-        });
-    }
-    let spawned = cmd.spawn().context("starting the mount daemon");
-    let log_path = match &spawned {
-        Ok(child) => {
-            let named = daemon_log(&logs, child.id());
-            std::fs::rename(&starting, &named)?;
-            named
-        }
-        Err(_) => starting,
-    };
-    let mut child = spawned?;
-    drop(child_end);
-    // Progress lines, then "ready" when the mount is up; end of stream if the daemon dies
-    // first. Progress is shown to a person only.
-    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let ready = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(&parent_end).lines() {
-            let Ok(line) = line else { return false };
-            if line == "ready" {
-                return true;
-            }
-            if let Some(p) = line.strip_prefix("progress ")
-                && terminal
-            {
-                eprintln!("imgfs: {p}");
-            }
-        }
-        false
-    })
-    .await?;
-    if ready && is_mount_point(&args.dir) {
-        println!("{}", child.id());
-        eprintln!(
-            "imgfs: {} mounted on {} (daemon {}, log {})",
-            args.image,
-            args.dir.display(),
-            child.id(),
-            log_path.display()
-        );
-        return Ok(());
-    }
-    let status = child.wait()?;
-    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let last = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    let msg = last.strip_prefix("imgfs: ").unwrap_or(last);
-    bail!("the mount daemon failed ({status}): {msg}");
 }
 
 pub fn umount(args: UmountArgs) -> Result<()> {

@@ -11,7 +11,7 @@ use rustix::fs::{AtFlags, CWD, FileType, Mode, Timespec, Timestamps, XattrFlags}
 
 use crate::error::{IoContext, Result};
 use crate::index::{Entry, Kind};
-use crate::tree::{DentryId, InodeId, Meta, ROOT, Tree};
+use crate::tree::{DentryId, Inode, InodeId, Meta, ROOT, Tree};
 
 /// Warnings said once each, shared by all workers.
 #[derive(Clone, Default)]
@@ -199,66 +199,91 @@ pub fn materialize(tree: &Tree, staging: &[PathBuf], root: &Path, w: &Warnings) 
             .expect("parents come first")
             .join(crate::index::as_path(&de.name));
         let inode = &tree.inodes[de.inode as usize];
-        let m = &inode.meta;
-        if m.kind != Kind::Dir
+        let kind = inode.meta.kind;
+        if kind != Kind::Dir
             && let Some(first) = placed.get(&de.inode)
         {
             std::fs::hard_link(first, &p).ctx(|| format!("linking {}", p.display()))?;
             paths[d as usize] = Some(p);
             continue;
         }
-        match m.kind {
-            Kind::Dir => {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .mode(dir_create_mode(m.mode))
-                    .create(&p)
-                    .ctx(|| format!("creating {}", p.display()))?
-            }
-            Kind::File => {
-                let data = inode.data.expect("regular files have data");
-                let from = staging[data.layer as usize].join(data.entry.to_string());
-                std::fs::rename(&from, &p).ctx(|| format!("placing {}", p.display()))?;
-            }
-            Kind::Symlink => {
-                let target = m.link.as_deref().map_or(&b""[..], |l| l);
-                std::os::unix::fs::symlink(crate::index::as_path(target), &p)
-                    .ctx(|| format!("creating symlink {}", p.display()))?;
-                path_meta(&p, m, m.mode, w)?;
-            }
-            Kind::Char | Kind::Block | Kind::Fifo => {
-                let ft = match m.kind {
-                    Kind::Char => FileType::CharacterDevice,
-                    Kind::Block => FileType::BlockDevice,
-                    _ => FileType::Fifo,
-                };
-                let dev = rustix::fs::makedev(m.dev_major, m.dev_minor);
-                match rustix::fs::mknodat(CWD, &p, ft, Mode::from_raw_mode(m.mode), dev) {
-                    Ok(()) => path_meta(&p, m, m.mode, w)?,
-                    Err(e) if e == rustix::io::Errno::PERM && m.kind != Kind::Fifo => {
-                        w.once("mknod", || {
-                            format!(
-                                "device nodes need root; skipped {} and any others",
-                                p.display()
-                            )
-                        });
-                        continue;
-                    }
-                    Err(e) => {
-                        return Err(std::io::Error::from(e))
-                            .ctx(|| format!("creating {}", p.display()));
-                    }
-                }
-            }
-            Kind::Hardlink | Kind::Whiteout | Kind::Opaque => {
-                unreachable!("the tree holds no links or whiteouts as inodes")
-            }
+        if !create(&p, inode, staging, w)? {
+            continue;
         }
-        if m.kind != Kind::Dir {
+        if kind != Kind::Dir {
             placed.insert(de.inode, p.clone());
         }
         paths[d as usize] = Some(p);
     }
+    dir_metas(tree, &order, &paths, w)
+}
+
+/// Create `inode` at `p`: a directory (its metadata comes last, [`dir_metas`]), a regular
+/// file moved from its staging file, or a symlink or node with its metadata. Returns false
+/// when a device node was skipped for want of privilege.
+fn create(p: &Path, inode: &Inode, staging: &[PathBuf], w: &Warnings) -> Result<bool> {
+    let m = &inode.meta;
+    match m.kind {
+        Kind::Dir => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(dir_create_mode(m.mode))
+                .create(p)
+                .ctx(|| format!("creating {}", p.display()))?
+        }
+        Kind::File => {
+            let data = inode.data.expect("regular files have data");
+            let from = staging[data.layer as usize].join(data.entry.to_string());
+            std::fs::rename(&from, p).ctx(|| format!("placing {}", p.display()))?;
+        }
+        Kind::Symlink => {
+            let target = m.link.as_deref().map_or(&b""[..], |l| l);
+            std::os::unix::fs::symlink(crate::index::as_path(target), p)
+                .ctx(|| format!("creating symlink {}", p.display()))?;
+            path_meta(p, m, m.mode, w)?;
+        }
+        Kind::Char | Kind::Block | Kind::Fifo => return make_node(p, m, w),
+        Kind::Hardlink | Kind::Whiteout | Kind::Opaque => {
+            unreachable!("the tree holds no links or whiteouts as inodes")
+        }
+    }
+    Ok(true)
+}
+
+/// A device node or FIFO at `p`, with its metadata. Returns false when a device node is
+/// skipped: only root may make them, and a pull without root goes on, with one warning.
+fn make_node(p: &Path, m: &Meta, w: &Warnings) -> Result<bool> {
+    let ft = match m.kind {
+        Kind::Char => FileType::CharacterDevice,
+        Kind::Block => FileType::BlockDevice,
+        _ => FileType::Fifo,
+    };
+    let dev = rustix::fs::makedev(m.dev_major, m.dev_minor);
+    match rustix::fs::mknodat(CWD, p, ft, Mode::from_raw_mode(m.mode), dev) {
+        Ok(()) => path_meta(p, m, m.mode, w)?,
+        Err(e) if e == rustix::io::Errno::PERM && m.kind != Kind::Fifo => {
+            w.once("mknod", || {
+                format!(
+                    "device nodes need root; skipped {} and any others",
+                    p.display()
+                )
+            });
+            return Ok(false);
+        }
+        Err(e) => {
+            return Err(std::io::Error::from(e)).ctx(|| format!("creating {}", p.display()));
+        }
+    }
+    Ok(true)
+}
+
+/// Set the metadata of every directory in `order` (placed at `paths`) and of the root.
+fn dir_metas(
+    tree: &Tree,
+    order: &[DentryId],
+    paths: &[Option<PathBuf>],
+    w: &Warnings,
+) -> Result<()> {
     // Directories last, deepest first: creating children changes a directory's mtime, and a
     // read-only mode would stop us creating them.
     let dirs = order

@@ -28,7 +28,7 @@ use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{self, LayerIndex};
-use crate::manifest::Image;
+use crate::manifest::{Image, Layer};
 use crate::source::Source;
 use crate::tree;
 
@@ -316,15 +316,19 @@ async fn extract_all(
 ) -> Result<(Vec<LayerIndex>, Vec<PathBuf>)> {
     let Staging {
         skip_shadowed,
-        with_meta: staging_meta,
+        with_meta,
     } = plan;
     let staging_root = build.join("staging");
     std::fs::create_dir(&staging_root).ctx(|| format!("creating {}", staging_root.display()))?;
     let staging: Vec<PathBuf> = (0..image.layers.len())
         .map(|i| staging_root.join(i.to_string()))
         .collect();
-    let progress = opts.progress.clone();
-    if let Some(p) = &progress {
+    let work = LayerWork {
+        cache,
+        src,
+        progress: opts.progress.clone(),
+    };
+    if let Some(p) = &work.progress {
         let layers: Vec<(Digest, u64)> = image
             .layers
             .iter()
@@ -332,121 +336,175 @@ async fn extract_all(
             .collect();
         p.start(&layers);
     }
-    let tell = |i: usize, state: &str| {
-        if let Some(p) = &progress {
-            p.state(i, state);
-        }
-    };
     let needed = skip_shadowed
         .then(|| needed_entries(cache, image))
         .flatten();
     let indexes: Vec<LayerIndex> = futures_util::stream::iter(image.layers.iter().enumerate())
         .map(|(i, layer)| {
-            let dir = staging[i].clone();
-            let limits = opts.limits;
-            let cancel = opts.cancel.clone();
-            let w = warnings.clone();
-            let needed = needed.as_ref().map(|n| n[i].clone());
-            let sink = progress.clone();
-            async move {
-                let progress = |n: u64| {
-                    if let Some(p) = &sink {
-                        p.bytes(i, n);
-                    }
-                };
-                let compression = layer.compression;
-                let digest = layer.descriptor.digest.clone();
-                let name_errors = move |e: Error| match e {
-                    Error::Malformed { what, reason } => Error::Malformed {
-                        what: format!("{what} in layer {} ({digest})", i + 1),
-                        reason,
-                    },
-                    other => other,
-                };
-                let result = if cache.has_blob(&layer.descriptor.digest) {
-                    let blob = cache.blob_path(&layer.descriptor.digest);
-                    tell(i, "extracting");
-                    tokio::task::spawn_blocking(move || {
-                        let tar = crate::layer::open_tar_stream(&blob, compression)?;
-                        extract_layer(
-                            tar,
-                            &dir,
-                            needed.as_ref(),
-                            staging_meta,
-                            &w,
-                            limits,
-                            &cancel,
-                        )
-                    })
-                    .await
-                    .map_err(Error::worker)?
-                } else {
-                    // Extract while downloading. The bytes are verified when the download
-                    // ends; on a mismatch the fetch fails and this pull's output is dropped.
-                    let attempt = || {
-                        let (d, needed, w) = (dir.clone(), needed.clone(), w.clone());
-                        let cancel = cancel.clone();
-                        move |r| {
-                            let tar = crate::layer::decompress(r, compression)
-                                .ctx(|| "starting to decompress".into())?;
-                            extract_layer(
-                                tar,
-                                &d,
-                                needed.as_ref(),
-                                staging_meta,
-                                &w,
-                                limits,
-                                &cancel,
-                            )
-                        }
-                    };
-                    // Once more from the registry: this layer's staging dir emptied first.
-                    let again = async || {
-                        let d = dir.clone();
-                        tokio::task::spawn_blocking(move || {
-                            if !rustix::process::geteuid().is_root() {
-                                git::make_writable(&d);
-                            }
-                            std::fs::remove_dir_all(&d).ctx(|| format!("emptying {}", d.display()))
-                        })
-                        .await
-                        .map_err(Error::worker)??;
-                        tell(i, "again, from the registry");
-                        Ok(())
-                    };
-                    tell(i, "downloading and extracting");
-                    crate::fetch::consume(
-                        cache,
-                        src,
-                        &layer.descriptor,
-                        true,
-                        &progress,
-                        attempt,
-                        again,
-                    )
-                    .await
-                    .map(|(index, _)| index)
-                }
-                .map_err(name_errors);
-                tell(i, "done");
-                let index = result?;
-                // Never over a cached one: it may carry seek points (built by a mount) that this
-                // one lacks, and rewriting an unchanged index is wasted work.
-                if !cache.has_index(&layer.descriptor.digest)
-                    && let Err(e) = cache.store_index(&layer.descriptor.digest, &index)
-                {
-                    tracing::warn!("not caching the index of {}: {e}", layer.descriptor.digest);
-                }
-                Ok::<_, Error>(index)
-            }
+            let target = Extraction {
+                dir: staging[i].clone(),
+                needed: needed.as_ref().map(|n| n[i].clone()),
+                with_meta,
+                warnings: warnings.clone(),
+                limits: opts.limits,
+                cancel: opts.cancel.clone(),
+            };
+            work.layer(i, layer, target)
         })
         .buffered(opts.jobs.max(1))
         .try_collect()
         .await?;
-    if let Some(p) = &progress {
+    if let Some(p) = &work.progress {
         p.finish();
     }
     Ok((indexes, staging))
+}
+
+/// What the layers of one pull share while they are fetched and extracted.
+struct LayerWork<'a> {
+    cache: &'a Cache,
+    src: &'a Source,
+    progress: Option<Arc<dyn PullProgress>>,
+}
+
+impl LayerWork<'_> {
+    /// Tell the caller what layer `i` is doing now.
+    fn tell(&self, i: usize, state: &str) {
+        if let Some(p) = &self.progress {
+            p.state(i, state);
+        }
+    }
+
+    /// Extract layer `i` (from the cache, else while it downloads) and cache the index made
+    /// on the way.
+    async fn layer(&self, i: usize, layer: &Layer, target: Extraction) -> Result<LayerIndex> {
+        let digest = &layer.descriptor.digest;
+        let result = if self.cache.has_blob(digest) {
+            self.extract_cached(i, layer, target).await
+        } else {
+            self.extract_while_downloading(i, layer, target).await
+        }
+        .map_err(|e| in_layer(e, i, digest));
+        self.tell(i, "done");
+        let index = result?;
+        // Never over a cached one: it may carry seek points (built by a mount) that this
+        // one lacks, and rewriting an unchanged index is wasted work.
+        if !self.cache.has_index(digest)
+            && let Err(e) = self.cache.store_index(digest, &index)
+        {
+            tracing::warn!("not caching the index of {digest}: {e}");
+        }
+        Ok(index)
+    }
+
+    /// Extract layer `i` from its cached blob.
+    async fn extract_cached(
+        &self,
+        i: usize,
+        layer: &Layer,
+        target: Extraction,
+    ) -> Result<LayerIndex> {
+        let blob = self.cache.blob_path(&layer.descriptor.digest);
+        let compression = layer.compression;
+        self.tell(i, "extracting");
+        tokio::task::spawn_blocking(move || {
+            let tar = crate::layer::open_tar_stream(&blob, compression)?;
+            target.extract(tar)
+        })
+        .await
+        .map_err(Error::worker)?
+    }
+
+    /// Extract layer `i` while it downloads. The bytes are verified when the download ends;
+    /// on a mismatch the fetch fails and this pull's output is dropped.
+    async fn extract_while_downloading(
+        &self,
+        i: usize,
+        layer: &Layer,
+        target: Extraction,
+    ) -> Result<LayerIndex> {
+        let compression = layer.compression;
+        let attempt = || {
+            let target = target.clone();
+            move |r| {
+                let tar = crate::layer::decompress(r, compression)
+                    .ctx(|| "starting to decompress".into())?;
+                target.extract(tar)
+            }
+        };
+        // Once more from the registry: this layer's staging dir emptied first.
+        let again = async || {
+            let d = target.dir.clone();
+            tokio::task::spawn_blocking(move || {
+                if !rustix::process::geteuid().is_root() {
+                    git::make_writable(&d);
+                }
+                std::fs::remove_dir_all(&d).ctx(|| format!("emptying {}", d.display()))
+            })
+            .await
+            .map_err(Error::worker)??;
+            self.tell(i, "again, from the registry");
+            Ok(())
+        };
+        let sink = &self.progress;
+        let progress = |n: u64| {
+            if let Some(p) = sink {
+                p.bytes(i, n);
+            }
+        };
+        self.tell(i, "downloading and extracting");
+        crate::fetch::consume(
+            self.cache,
+            self.src,
+            &layer.descriptor,
+            true,
+            &progress,
+            attempt,
+            again,
+        )
+        .await
+        .map(|(index, _)| index)
+    }
+}
+
+/// A malformed-layer error named by the layer it is in (`i`, from 0, with `digest`): the
+/// extractor sees only a tar stream.
+fn in_layer(e: Error, i: usize, digest: &Digest) -> Error {
+    match e {
+        Error::Malformed { what, reason } => Error::Malformed {
+            what: format!("{what} in layer {} ({digest})", i + 1),
+            reason,
+        },
+        other => other,
+    }
+}
+
+/// Where and how one layer is extracted; cloned into the thread that does it (once per try).
+#[derive(Clone)]
+struct Extraction {
+    /// The layer's staging directory.
+    dir: PathBuf,
+    /// The entries whose data the final tree keeps, when that is known.
+    needed: Option<Arc<HashSet<u32>>>,
+    with_meta: bool,
+    warnings: Warnings,
+    limits: index::Limits,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl Extraction {
+    /// Index and extract the layer's tar stream (see [`extract_layer`]).
+    fn extract(&self, tar: Box<dyn std::io::Read + Send>) -> Result<LayerIndex> {
+        extract_layer(
+            tar,
+            &self.dir,
+            self.needed.as_ref(),
+            self.with_meta,
+            &self.warnings,
+            self.limits,
+            &self.cancel,
+        )
+    }
 }
 
 /// When every layer's index is cached, the merged tree is known before any byte is extracted:

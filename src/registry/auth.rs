@@ -193,6 +193,8 @@ impl Auth {
         Ok(())
     }
 
+    /// Buy a bearer token for `scope` from the token server at `realm`, with `host`'s
+    /// credentials if it has any.
     async fn fetch_token(
         &self,
         client: &super::Client,
@@ -201,43 +203,12 @@ impl Auth {
         service: Option<&str>,
         scope: &str,
     ) -> Result<Token> {
-        let fail = |detail: String| Error::Auth {
-            host: host.to_string(),
-            detail,
-        };
+        let fail = |detail: String| token_error(host, detail);
         let http = client.http_for(realm)?;
         // Stalls are booked under the token server's own host: it may not be the registry.
-        let realm_host = reqwest::Url::parse(realm)
-            .ok()
-            .and_then(|u| {
-                let h = u.host_str()?.to_string();
-                Some(match u.port() {
-                    Some(p) => format!("{h}:{p}"),
-                    None => h,
-                })
-            })
-            .unwrap_or_else(|| host.to_string());
+        let realm_host = host_of(realm).unwrap_or_else(|| host.to_string());
         let what = format!("token for {scope} from {realm}");
-        let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
-        if let Some(s) = service {
-            query.push(("service", s));
-        }
-        let req = match self.credential(host) {
-            Some(Credential::IdentityToken(refresh)) => {
-                let mut form = query.clone();
-                form.extend([
-                    ("grant_type", "refresh_token"),
-                    ("refresh_token", refresh.as_str()),
-                    ("client_id", "imgfs"),
-                ]);
-                http.post(realm).form(&form)
-            }
-            Some(Credential::Basic { username, password }) => http.get(realm).query(&query).header(
-                reqwest::header::AUTHORIZATION,
-                basic_header(&username, &password),
-            ),
-            None => http.get(realm).query(&query),
-        };
+        let req = self.token_request(&http, host, realm, service, scope);
         let resp = client
             .execute(&realm_host, &what, req)
             .await
@@ -267,23 +238,80 @@ impl Auth {
                     "token server {realm}: unreadable or oversized answer"
                 )),
             })?;
-        let body: TokenResponse = serde_json::from_slice(&raw)
-            .map_err(|e| fail(format!("token server {realm} sent no usable token: {e}")))?;
-        let value = body
-            .token
-            .or(body.access_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| fail(format!("token server {realm} sent no token")))?;
-        // The spec's default lifetime is 60 s. Refresh a little early so that a token never
-        // expires between our check and the registry's.
-        // Clamped: a token server's number must not overflow our clock arithmetic.
-        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).clamp(1, 24 * 3600));
-        let margin = (lifetime / 10).min(Duration::from_secs(10));
-        Ok(Token {
-            value,
-            refresh_at: Instant::now() + lifetime - margin,
-        })
+        parse_token(&raw, host, realm)
     }
+
+    /// The request for a token: a refresh-token grant (OAuth2 form post) with an identity
+    /// token, else a GET, with a user name and password if `host` has them.
+    fn token_request(
+        &self,
+        http: &reqwest::Client,
+        host: &str,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> reqwest::RequestBuilder {
+        let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        match self.credential(host) {
+            Some(Credential::IdentityToken(refresh)) => {
+                let mut form = query.clone();
+                form.extend([
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh.as_str()),
+                    ("client_id", "imgfs"),
+                ]);
+                http.post(realm).form(&form)
+            }
+            Some(Credential::Basic { username, password }) => http.get(realm).query(&query).header(
+                reqwest::header::AUTHORIZATION,
+                basic_header(&username, &password),
+            ),
+            None => http.get(realm).query(&query),
+        }
+    }
+}
+
+/// An authentication failure at `host`.
+fn token_error(host: &str, detail: String) -> Error {
+    Error::Auth {
+        host: host.to_string(),
+        detail,
+    }
+}
+
+/// `host[:port]` of `url`, if it parses.
+fn host_of(url: &str) -> Option<String> {
+    let u = reqwest::Url::parse(url).ok()?;
+    let h = u.host_str()?.to_string();
+    Some(match u.port() {
+        Some(p) => format!("{h}:{p}"),
+        None => h,
+    })
+}
+
+/// The token in the answer `raw` of the token server at `realm` (for `host`), with when to
+/// buy the next.
+fn parse_token(raw: &[u8], host: &str, realm: &str) -> Result<Token> {
+    let fail = |detail: String| token_error(host, detail);
+    let body: TokenResponse = serde_json::from_slice(raw)
+        .map_err(|e| fail(format!("token server {realm} sent no usable token: {e}")))?;
+    let value = body
+        .token
+        .or(body.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| fail(format!("token server {realm} sent no token")))?;
+    // The spec's default lifetime is 60 s. Refresh a little early so that a token never
+    // expires between our check and the registry's.
+    // Clamped: a token server's number must not overflow our clock arithmetic.
+    let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).clamp(1, 24 * 3600));
+    let margin = (lifetime / 10).min(Duration::from_secs(10));
+    Ok(Token {
+        value,
+        refresh_at: Instant::now() + lifetime - margin,
+    })
 }
 
 fn basic_header(user: &str, pass: &str) -> HeaderValue {

@@ -71,84 +71,21 @@ impl ArchiveSource {
     }
 }
 
+/// Read the archive: find the image `reference` names in its `manifest.json`, locate its
+/// config and layers among the members, and synthesise the manifest it lacks.
 fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSource> {
     let name = match &reference {
         Some(r) => format!("docker-archive:{}:{r}", file.display()),
         None => format!("docker-archive:{}", file.display()),
     };
-    let bad =
-        |reason: String| Error::malformed(format!("docker archive {}", file.display()), reason);
-    let mut f = File::open(&file).ctx(|| format!("opening {}", file.display()))?;
+    let bad = |reason: String| malformed(&file, reason);
+    let f = File::open(&file).ctx(|| format!("opening {}", file.display()))?;
+    let mut members = Members::scan(&file, f)?;
 
-    // Index the members: name → (data offset, size). Older `docker save` stores a layer that
-    // appears twice as a symlink to the first copy; links are followed to their target.
-    let mut members: HashMap<String, (u64, u64)> = HashMap::new();
-    let mut links: HashMap<String, String> = HashMap::new();
-    {
-        let mut ar = tar::Archive::new(&mut f);
-        let entries = ar
-            .entries()
-            .map_err(|e| bad(format!("not a tar file: {e}")))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| bad(format!("bad tar entry: {e}")))?;
-            let path = entry.path().map_err(|e| bad(e.to_string()))?;
-            let key = normalize(&path.to_string_lossy());
-            match entry.header().entry_type() {
-                tar::EntryType::Symlink | tar::EntryType::Link => {
-                    let target = entry
-                        .link_name()
-                        .ok()
-                        .flatten()
-                        .map(|t| t.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    let target = if entry.header().entry_type() == tar::EntryType::Symlink {
-                        let dir = key.rsplit_once('/').map_or("", |(d, _)| d);
-                        crate::index::normalize(format!("{dir}/{target}").as_bytes())
-                            .map(|p| p.to_str_lossy().into_owned())
-                            .unwrap_or_default()
-                    } else {
-                        normalize(&target)
-                    };
-                    links.insert(key, target);
-                }
-                _ => {
-                    members.insert(key, (entry.raw_file_position(), entry.size()));
-                }
-            }
-        }
-    }
-    let resolve = |mut name: String| -> Option<(u64, u64)> {
-        for _ in 0..8 {
-            if let Some(&m) = members.get(&name) {
-                return Some(m);
-            }
-            name = links.get(&name)?.clone();
-        }
-        None
-    };
-    let resolved: Vec<(String, (u64, u64))> = links
-        .keys()
-        .filter_map(|a| resolve(a.clone()).map(|m| (a.clone(), m)))
-        .collect();
-    members.extend(resolved);
-    let mut read_member = |n: &str| -> Result<Vec<u8>> {
-        let (off, size) = *members
-            .get(&normalize(n))
-            .ok_or_else(|| bad(format!("{n} is missing")))?;
-        if size > 64 << 20 {
-            return Err(bad(format!("{n} is implausibly large ({size} bytes)")));
-        }
-        let mut buf = vec![0; size as usize];
-        f.seek(SeekFrom::Start(off))
-            .and_then(|_| f.read_exact(&mut buf))
-            .ctx(|| format!("reading {n} from {}", file.display()))?;
-        Ok(buf)
-    };
-
-    let entries: Vec<Entry> = serde_json::from_slice(&read_member("manifest.json")?)
+    let entries: Vec<Entry> = serde_json::from_slice(&members.read("manifest.json")?)
         .map_err(|e| bad(format!("manifest.json: {e}")))?;
     let entry = pick(&entries, reference.as_deref()).map_err(bad)?;
-    let raw_config = read_member(&entry.config)?;
+    let raw_config = members.read(&entry.config)?;
     let config_digest = Digest::of(&raw_config);
     let probe = ConfigProbe::parse(&raw_config)?;
     let diff_ids = probe
@@ -165,13 +102,117 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
     }
 
     let mut blobs = HashMap::new();
-    let (coff, csize) = members[&normalize(&entry.config)];
+    let (coff, csize) = members.at[&normalize(&entry.config)];
     blobs.insert(config_digest.clone(), (coff, csize));
     let mut layers = Vec::new();
     for (member, diff_id) in entry.layers.iter().zip(&diff_ids) {
         let (off, size) = *members
+            .at
             .get(&normalize(member))
             .ok_or_else(|| bad(format!("layer {member} is missing")))?;
+        let layer = members.layer(member, diff_id, off, size)?;
+        // A digest met twice is the same blob; keep the first (real) copy.
+        blobs
+            .entry(layer.descriptor.digest.clone())
+            .or_insert((off, size));
+        layers.push(layer);
+    }
+
+    let image = synthesize_image(name, raw_config, config_digest, probe.platform(), layers);
+    Ok(ArchiveSource {
+        file,
+        reference,
+        blobs,
+        image,
+    })
+}
+
+/// The error for an archive that is not what `docker save` writes.
+fn malformed(file: &Path, reason: String) -> Error {
+    Error::malformed(format!("docker archive {}", file.display()), reason)
+}
+
+/// The archive's open file and where each member's data lies in it.
+struct Members<'a> {
+    path: &'a Path,
+    f: File,
+    /// Member name (normalised) → (data offset, size); links resolved to their target's data.
+    at: HashMap<String, (u64, u64)>,
+}
+
+impl<'a> Members<'a> {
+    /// Index the members of tar `f`. Older `docker save` stores a layer that appears twice as
+    /// a symlink to the first copy; links are followed to their target.
+    fn scan(path: &'a Path, mut f: File) -> Result<Self> {
+        let bad = |reason: String| malformed(path, reason);
+        let mut members: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut links: HashMap<String, String> = HashMap::new();
+        {
+            let mut ar = tar::Archive::new(&mut f);
+            let entries = ar
+                .entries()
+                .map_err(|e| bad(format!("not a tar file: {e}")))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| bad(format!("bad tar entry: {e}")))?;
+                let path = entry.path().map_err(|e| bad(e.to_string()))?;
+                let key = normalize(&path.to_string_lossy());
+                match entry.header().entry_type() {
+                    tar::EntryType::Symlink | tar::EntryType::Link => {
+                        links.insert(key.clone(), link_target(&entry, &key));
+                    }
+                    _ => {
+                        members.insert(key, (entry.raw_file_position(), entry.size()));
+                    }
+                }
+            }
+        }
+        let resolve = |mut name: String| -> Option<(u64, u64)> {
+            for _ in 0..8 {
+                if let Some(&m) = members.get(&name) {
+                    return Some(m);
+                }
+                name = links.get(&name)?.clone();
+            }
+            None
+        };
+        let resolved: Vec<(String, (u64, u64))> = links
+            .keys()
+            .filter_map(|a| resolve(a.clone()).map(|m| (a.clone(), m)))
+            .collect();
+        members.extend(resolved);
+        Ok(Members {
+            path,
+            f,
+            at: members,
+        })
+    }
+
+    /// The whole of member `n`: for the small JSON files (manifest, config), so its size is
+    /// bounded.
+    fn read(&mut self, n: &str) -> Result<Vec<u8>> {
+        let (off, size) = *self
+            .at
+            .get(&normalize(n))
+            .ok_or_else(|| malformed(self.path, format!("{n} is missing")))?;
+        if size > 64 << 20 {
+            return Err(malformed(
+                self.path,
+                format!("{n} is implausibly large ({size} bytes)"),
+            ));
+        }
+        let mut buf = vec![0; size as usize];
+        let f = &mut self.f;
+        f.seek(SeekFrom::Start(off))
+            .and_then(|_| f.read_exact(&mut buf))
+            .ctx(|| format!("reading {n} from {}", self.path.display()))?;
+        Ok(buf)
+    }
+
+    /// The layer in `member` (at `off`, `size` bytes) whose uncompressed digest is `diff_id`:
+    /// its compression sniffed from its first bytes, its digest found without hashing where
+    /// the archive tells it.
+    fn layer(&mut self, member: &str, diff_id: &Digest, off: u64, size: u64) -> Result<Layer> {
+        let f = &mut self.f;
         let mut head = [0u8; 4];
         let n = size.min(4) as usize;
         f.seek(SeekFrom::Start(off))
@@ -183,11 +224,9 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
         let digest = match member.strip_prefix("blobs/sha256/") {
             Some(hex) => Digest::parse(&format!("sha256:{hex}"))?,
             None if compression == Compression::None => diff_id.clone(),
-            None => hash_range(&mut f, off, size).ctx(|| format!("hashing {member}"))?,
+            None => hash_range(f, off, size).ctx(|| format!("hashing {member}"))?,
         };
-        // A digest met twice is the same blob; keep the first (real) copy.
-        blobs.entry(digest.clone()).or_insert((off, size));
-        layers.push(Layer {
+        Ok(Layer {
             descriptor: manifest::Descriptor {
                 media_type: match compression {
                     Compression::None => media::DOCKER_LAYER_TAR,
@@ -204,9 +243,39 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
             },
             compression,
             diff_id: Some(diff_id.clone()),
-        });
+        })
     }
+}
 
+/// Where link `entry`, member `key`, points, as a member name: a symlink is relative to its
+/// own directory, a hard link names a member. An unreadable target is the empty name, which
+/// matches no member.
+fn link_target<R: Read>(entry: &tar::Entry<R>, key: &str) -> String {
+    let target = entry
+        .link_name()
+        .ok()
+        .flatten()
+        .map(|t| t.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if entry.header().entry_type() == tar::EntryType::Symlink {
+        let dir = key.rsplit_once('/').map_or("", |(d, _)| d);
+        crate::index::normalize(format!("{dir}/{target}").as_bytes())
+            .map(|p| p.to_str_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        normalize(&target)
+    }
+}
+
+/// The image of an archive: a Docker schema 2 manifest made from its config and layers,
+/// serialised the same way every time so the same archive gives the same manifest digest.
+fn synthesize_image(
+    name: String,
+    raw_config: Vec<u8>,
+    config_digest: Digest,
+    platform: manifest::Platform,
+    layers: Vec<Layer>,
+) -> Image {
     let config = manifest::Descriptor {
         media_type: media::DOCKER_CONFIG.into(),
         digest: config_digest,
@@ -223,7 +292,7 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
         "layers": layers.iter().map(|l| &l.descriptor).collect::<Vec<_>>(),
     }))
     .expect("serialising a manifest cannot fail");
-    let image = Image {
+    Image {
         reference: name,
         manifest_digest: Digest::of(&raw_manifest),
         manifest_media_type: media::DOCKER_MANIFEST.into(),
@@ -231,15 +300,9 @@ fn open_blocking(file: PathBuf, reference: Option<String>) -> Result<ArchiveSour
         index_digest: None,
         config: Some(config),
         raw_config,
-        platform: probe.platform(),
+        platform,
         layers,
-    };
-    Ok(ArchiveSource {
-        file,
-        reference,
-        blobs,
-        image,
-    })
+    }
 }
 
 fn normalize(p: &str) -> String {
