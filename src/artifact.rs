@@ -349,13 +349,19 @@ async fn store_offered(
             return Vec::new();
         }
     };
-    let jobs = missing
+    // Collected, not chained: a stream holding closures over borrowed layers makes this
+    // future too particular about lifetimes to be spawned (the layer store spawns it).
+    let jobs: Vec<(Layer, Descriptor)> = missing
         .iter()
-        .filter_map(|l| offered.get(&l.descriptor.digest).map(|d| (*l, d.clone())));
+        .filter_map(|l| {
+            let blob = offered.get(&l.descriptor.digest)?;
+            Some(((*l).clone(), blob.clone()))
+        })
+        .collect();
     let results: Vec<(Digest, bool)> = futures_util::stream::iter(jobs)
         .map(|(layer, blob)| async move {
             let digest = layer.descriptor.digest.clone();
-            let ok = match fetch_one(cache, client, registry, repo, layer, &blob).await {
+            let ok = match fetch_one(cache, client, registry, repo, &layer, &blob).await {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(

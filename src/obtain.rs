@@ -13,7 +13,7 @@ use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{self, LayerIndex};
 use crate::layer::format::{Chunk, TocFormat, build_index, toc_format};
-use crate::manifest::{Descriptor, Layer};
+use crate::manifest::{Descriptor, Image, Layer};
 use crate::source::Source;
 
 /// How a layer's index may be obtained.
@@ -77,6 +77,30 @@ pub struct Obtained {
     /// The index is a published one (if published indexes do not merge, a view opens the
     /// image again without them).
     pub published: bool,
+}
+
+/// How long looking for published layer indexes may take before layers are indexed here.
+pub const REMOTE_INDEX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Look for published indexes of those of `layers` (of `image`) with none in the cache, and
+/// cache what is found (`crate::artifact`), for [`layer_index`] to use with `remote_index`.
+/// Optional work: a registry that does not answer within [`REMOTE_INDEX_DEADLINE`] only costs
+/// the time to index here, and errors are the artifact module's to log.
+pub async fn fetch_published(cache: &Cache, src: &Source, image: &Image, layers: &[Layer]) {
+    let wanted = crate::artifact::layers_wanting_index(cache, layers);
+    if wanted.is_empty() {
+        return;
+    }
+    let lookup = crate::artifact::fetch_indexes(cache, src, image, &wanted);
+    if tokio::time::timeout(REMOTE_INDEX_DEADLINE, lookup)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "no answer about published indexes within {}s; indexing here",
+            REMOTE_INDEX_DEADLINE.as_secs()
+        );
+    }
 }
 
 /// The index of `layer` (layer `place.0 + 1` of `place.1`, for messages and progress).

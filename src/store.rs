@@ -137,6 +137,9 @@ impl Store {
         };
         cell.get_or_try_init(|| async {
             let (src, image) = (self.open_image)(reference.to_string()).await?;
+            if self.opts.remote_index {
+                crate::obtain::fetch_published(&self.cache, &src, &image, &image.layers).await;
+            }
             let diff_ids = diff_ids(&image);
             Ok::<_, Error>(Arc::new(Resolved {
                 src: Arc::new(src),

@@ -353,6 +353,38 @@ fn many_references_at_once_and_a_corrupt_span_never_give_wrong_bytes() {
     assert!(std::fs::read(&paths[0]).unwrap() == files[0]);
 }
 
+#[test]
+fn the_store_runs_as_a_daemon_until_umount() {
+    let reg = registry();
+    let layer = FixtureLayer::gzip(&[("etc/motd", b"daemon\n")]);
+    FixtureImage::new("amd64", vec![layer.clone()]).push(&reg.host, "store/daemon", "v1");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let dir = work.path().join("als");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = imgfs(&cache, &["store", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = common::mounted::Mounted {
+        dir: dir.clone(),
+        pid: String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("the daemon's pid"),
+    };
+    let b64 =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}/store/daemon:v1", reg.host));
+    let motd = dir
+        .join(b64)
+        .join(layer.digest().to_string())
+        .join("diff/etc/motd");
+    assert_eq!(std::fs::read(motd).unwrap(), b"daemon\n");
+    m.unmount(&cache);
+}
+
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let out = Command::new("getfattr")
         .args(["--only-values", "-h", "-n", name])

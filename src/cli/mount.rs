@@ -18,7 +18,7 @@ use super::{Global, Opened};
 use crate::fuse::ImageFs;
 use crate::view::ImageView;
 
-mod daemon;
+pub(super) mod daemon;
 
 #[derive(Args)]
 pub struct MountArgs {
@@ -163,7 +163,7 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     check_mount_dir(&args.dir)?;
     let acl = session_acl(&args.options)?;
     if !args.foreground {
-        return daemon::spawn(g, &args).await;
+        return daemon::spawn(g, &format!("{} mounted", args.image), &args.dir).await;
     }
     serve(g, &args, acl).await?;
     daemon::remove_empty_log(g);
@@ -280,7 +280,7 @@ fn fuse_config(reference: &str, acl: fuser::SessionACL) -> fuser::Config {
 
 /// Wait for Ctrl-C, SIGTERM, or the session's end from outside (`imgfs umount`, an aborted
 /// connection): true for the last.
-async fn wait_for_end(session: &fuser::BackgroundSession) -> Result<bool> {
+pub(super) async fn wait_for_end(session: &fuser::BackgroundSession) -> Result<bool> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let external = loop {
         tokio::select! {
@@ -297,7 +297,11 @@ async fn wait_for_end(session: &fuser::BackgroundSession) -> Result<bool> {
 }
 
 /// Unmount `dir` if it is still this session's mount, and end the session.
-fn end_session(session: fuser::BackgroundSession, external: bool, dir: &Path) -> Result<()> {
+pub(super) fn end_session(
+    session: fuser::BackgroundSession,
+    external: bool,
+    dir: &Path,
+) -> Result<()> {
     // fuser unmounts by path. Once this mount is gone (`imgfs umount`), that would take
     // down whatever was mounted on the directory since — a new mount made right after
     // `imgfs umount` returned. So after the session has ended, the directory is unmounted

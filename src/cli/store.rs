@@ -5,12 +5,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
-use super::{Global, Opened};
+use super::{Global, Opened, mount};
 use crate::store::{OpenImage, Store};
 
 #[derive(Args)]
@@ -18,7 +17,8 @@ pub struct StoreArgs {
     /// Empty directory to serve the store on; in storage.conf, under [storage.options]:
     /// additionallayerstores = ["DIR:ref"]
     pub dir: PathBuf,
-    /// Stay attached and log to stderr; Ctrl-C or SIGTERM unmounts
+    /// Stay attached and log to stderr; Ctrl-C or SIGTERM stops it. Without it, the store is
+    /// served by a daemon (its pid printed) until `imgfs umount DIR`
     #[arg(long, short)]
     pub foreground: bool,
     #[command(flatten)]
@@ -26,7 +26,18 @@ pub struct StoreArgs {
 }
 
 pub async fn run(g: &Global, args: StoreArgs) -> Result<()> {
-    super::mount::check_mount_dir(&args.dir)?;
+    mount::check_mount_dir(&args.dir)?;
+    if !args.foreground {
+        return mount::daemon::spawn(g, "layer store", &args.dir).await;
+    }
+    let served = serve(g, &args).await;
+    mount::daemon::remove_empty_log(g);
+    served
+}
+
+/// Serve the store in this process until a signal or an unmount ends it.
+async fn serve(g: &Global, args: &StoreArgs) -> Result<()> {
+    let parent = mount::daemon::Parent::from_env();
     let cache = g.cache()?;
     let opts = args.read.view_options(g);
     let global = Arc::new(g.clone());
@@ -47,43 +58,35 @@ pub async fn run(g: &Global, args: StoreArgs) -> Result<()> {
     });
     let store = Arc::new(Store::new(cache, opts, open_image));
     let fs = crate::fuse::store::StoreFs::new(store, tokio::runtime::Handle::current());
+    let session = fuser::spawn_mount(fs, &args.dir, &fuse_config())
+        .with_context(|| format!("serving the layer store on {}", args.dir.display()))?;
+    if let Some(p) = parent {
+        p.say("ready");
+    }
+    tracing::info!("layer store on {}", args.dir.display());
+    let external = mount::wait_for_end(&session).await?;
+    mount::end_session(session, external, &args.dir)?;
+    tracing::info!("layer store on {} stopped", args.dir.display());
+    Ok(())
+}
+
+/// Shared with every user (overlay mounts of containers read the layers), with the image's
+/// modes and owners enforced by the kernel. Not read-only: containers/storage announces uses
+/// by creating files (answered, never made). Set-user-ID files and devices work as in a pull.
+fn fuse_config() -> fuser::Config {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("imgfs-store".into()),
-        // The type `fuse.imgfs`, as `imgfs mount` gives its mounts (see there).
+        // The type `fuse.imgfs`, by which `imgfs umount` knows its own mounts.
         if rustix::process::geteuid().is_root() {
             fuser::MountOption::CUSTOM("subtype=imgfs".into())
         } else {
             fuser::MountOption::Subtype("imgfs".into())
         },
-        // Overlay mounts of the container's user read the layers, and the kernel enforces
-        // the image's modes and owners. Set-user-ID files in images work as in a pull.
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::Suid,
         fuser::MountOption::Dev,
     ];
     config.acl = fuser::SessionACL::All;
-    let session = fuser::spawn_mount(fs, &args.dir, &config)
-        .with_context(|| format!("serving the layer store on {}", args.dir.display()))?;
-    tracing::info!("layer store on {}", args.dir.display());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let external = loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => break false,
-            _ = term.recv() => break false,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                if session.guard.is_finished() {
-                    break true;
-                }
-            }
-        }
-    };
-    if external {
-        session.join().ok();
-    } else {
-        session
-            .umount_and_join()
-            .with_context(|| format!("unmounting {}", args.dir.display()))?;
-    }
-    Ok(())
+    config
 }

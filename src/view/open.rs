@@ -16,9 +16,6 @@ use crate::manifest::Image;
 use crate::source::Source;
 use crate::tree::{self};
 
-/// How long looking for published layer indexes may take before layers are indexed here.
-pub(super) const REMOTE_INDEX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
-
 impl ImageView {
     /// Load each layer's index from the cache, or build it by streaming the verified blob
     /// (kept only with `keep_blobs`), then merge. Indexes are built concurrently and always
@@ -85,19 +82,7 @@ impl ImageView {
             None => image.layers.len(),
         };
         if opts.remote_index {
-            let wanted = crate::artifact::layers_wanting_index(cache, &image.layers[..n]);
-            // Optional work: a registry that stalls it only costs the time to index here.
-            let lookup = crate::artifact::fetch_indexes(cache, &src, image, &wanted);
-            if !wanted.is_empty()
-                && tokio::time::timeout(REMOTE_INDEX_DEADLINE, lookup)
-                    .await
-                    .is_err()
-            {
-                tracing::warn!(
-                    "no answer about published indexes within {}s; indexing here",
-                    REMOTE_INDEX_DEADLINE.as_secs()
-                );
-            }
+            crate::obtain::fetch_published(cache, &src, image, &image.layers[..n]).await;
         }
         let src_ref = &src;
         // Largest first: the biggest layer's decompression is usually what the mount waits

@@ -11,23 +11,22 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 
-use super::MountArgs;
 use crate::cli::Global;
 
 /// The environment variable that hands the daemon its end of the socket.
 const READY_FD: &str = "IMGFS_READY_FD";
 
-/// Run the daemon and wait until the mount is up (or the daemon has failed).
-pub(super) async fn spawn(g: &Global, args: &MountArgs) -> Result<()> {
+/// Run the daemon and wait until its filesystem is up on `dir` (or the daemon has failed);
+/// then say `what` is on `dir` ("IMAGE mounted", "layer store").
+pub(in crate::cli) async fn spawn(g: &Global, what: &str, dir: &Path) -> Result<()> {
     let logs = g.cache()?.root().join("logs");
     std::fs::create_dir_all(&logs)?;
     let (mut child, log_path, parent_end) = start(&logs)?;
-    if wait_ready(parent_end).await? && super::is_mount_point(&args.dir) {
+    if wait_ready(parent_end).await? && super::is_mount_point(dir) {
         println!("{}", child.id());
         eprintln!(
-            "imgfs: {} mounted on {} (daemon {}, log {})",
-            args.image,
-            args.dir.display(),
+            "imgfs: {what} on {} (daemon {}, log {})",
+            dir.display(),
             child.id(),
             log_path.display()
         );
@@ -129,11 +128,11 @@ fn daemon_log(logs: &Path, pid: u32) -> PathBuf {
 /// The daemon's end of the socket its parent waits on. Shared: the progress of indexing and
 /// the "ready" both go through it.
 #[derive(Clone)]
-pub(super) struct Parent(Arc<Mutex<std::fs::File>>);
+pub(in crate::cli) struct Parent(Arc<Mutex<std::fs::File>>);
 
 impl Parent {
     /// The socket the parent passed, if this process is a mount daemon.
-    pub(super) fn from_env() -> Option<Parent> {
+    pub(in crate::cli) fn from_env() -> Option<Parent> {
         std::env::var(READY_FD)
             .ok()
             .and_then(|v| v.parse::<i32>().ok())
@@ -147,14 +146,14 @@ impl Parent {
     }
 
     /// Send one line; a parent that stopped listening is ignored.
-    pub(super) fn say(&self, line: &str) {
+    pub(in crate::cli) fn say(&self, line: &str) {
         use std::io::Write;
         let _ = writeln!(self.0.lock().unwrap(), "{line}");
     }
 }
 
 /// At a daemon's exit: a daemon that had nothing to say leaves no log behind.
-pub(super) fn remove_empty_log(g: &Global) {
+pub(in crate::cli) fn remove_empty_log(g: &Global) {
     if std::env::var_os(READY_FD).is_some()
         && let Ok(cache) = g.cache()
     {
