@@ -430,136 +430,177 @@ fn merge_where(
 ) -> Result<Tree> {
     let mut t = Tree::new();
     for (li, layer) in layers.iter().enumerate() {
-        let fail = |e: &Entry, reason: String| {
-            Error::malformed(
-                format!(
-                    "layer {} ({})",
-                    li + 1,
-                    names.get(li).map(String::as_str).unwrap_or("?")
-                ),
-                format!("entry {:?}: {reason}", e.path.as_bstr()),
-            )
-        };
         // Whiteouts first: they hide lower layers only, wherever they sit in this layer's tar.
-        for e in layer.entries.iter().filter(|e| keep(e)) {
-            match e.kind {
-                Kind::Whiteout => {
-                    let (parent, name) = split(&e.path);
-                    if let Ok(dir) = t.resolve_dir(ROOT, parent, &mut 0)
-                        && let Some(victim) = t.child(dir, name)
-                    {
-                        t.remove(victim);
-                    }
+        apply_whiteouts(&mut t, layer, &keep);
+        apply_entries(&mut t, li, layer, names, &keep)?;
+    }
+    count_links(&mut t);
+    Ok(t)
+}
+
+/// Apply one layer's whiteouts and opaque markers (those `keep` accepts) to the tree of the
+/// layers below it.
+fn apply_whiteouts(t: &mut Tree, layer: &LayerIndex, keep: &impl Fn(&Entry) -> bool) {
+    for e in layer.entries.iter().filter(|e| keep(e)) {
+        match e.kind {
+            Kind::Whiteout => {
+                let (parent, name) = split(&e.path);
+                if let Ok(dir) = t.resolve_dir(ROOT, parent, &mut 0)
+                    && let Some(victim) = t.child(dir, name)
+                {
+                    t.remove(victim);
                 }
-                Kind::Opaque => {
-                    let (parent, name) = split(&e.path);
-                    let dir = if e.path.is_empty() {
-                        Some(ROOT)
-                    } else {
-                        t.resolve_dir(ROOT, parent, &mut 0)
-                            .ok()
-                            .and_then(|p| t.child(p, name))
-                    };
-                    if let Some(d) = dir.filter(|d| t.kind(*d) == Kind::Dir) {
-                        t.dentries[d as usize].children = Some(BTreeMap::new());
-                    }
-                }
-                _ => {}
             }
-        }
-        // Parents resolved in this layer, by path: most entries share a parent with many
-        // others. Forgotten whenever an entry replaces something that is not a plain file —
-        // the only way a resolved path can come to mean another directory.
-        let mut parents: std::collections::HashMap<&[u8], DentryId> =
-            std::collections::HashMap::new();
-        for (ei, e) in layer.entries.iter().enumerate() {
-            if matches!(e.kind, Kind::Whiteout | Kind::Opaque) || !keep(e) {
-                continue;
-            }
-            if e.path.is_empty() {
-                if e.kind == Kind::Dir {
-                    t.inodes[0].meta = Meta::from_entry(e);
-                }
-                continue;
-            }
-            let (parent, name) = split(&e.path);
-            let dir = match parents.get(parent) {
-                Some(&d) => d,
-                None => {
-                    let d = t.resolve_or_create_dir(parent).map_err(|r| {
-                        fail(e, format!("its parent cannot be made a directory: {r}"))
-                    })?;
-                    parents.insert(parent, d);
-                    d
-                }
-            };
-            let existing = t.child(dir, name);
-            if existing.is_some_and(|d| t.kind(d) != Kind::File) && e.kind != Kind::Dir
-                || existing.is_some_and(|d| t.kind(d) != Kind::Dir) && e.kind == Kind::Dir
-            {
-                parents.clear();
-            }
-            match e.kind {
-                Kind::Dir => match existing {
-                    Some(d) if t.kind(d) == Kind::Dir => {
-                        let ino = t.dentries[d as usize].inode;
-                        t.inodes[ino as usize].meta = Meta::from_entry(e);
-                    }
-                    _ => {
-                        if let Some(d) = existing {
-                            t.remove(d);
-                        }
-                        let ino = t.new_inode(Meta::from_entry(e), None);
-                        t.add(dir, name, ino);
-                    }
-                },
-                Kind::Hardlink => {
-                    let target_path = e.link.as_deref().map_or(&b""[..], |l| l.as_slice());
-                    let (tp, tn) = split(target_path);
-                    let target = t
-                        .resolve_dir(ROOT, tp, &mut 0)
+            Kind::Opaque => {
+                let (parent, name) = split(&e.path);
+                let dir = if e.path.is_empty() {
+                    Some(ROOT)
+                } else {
+                    t.resolve_dir(ROOT, parent, &mut 0)
                         .ok()
-                        .and_then(|d| t.child(d, tn))
-                        .ok_or_else(|| {
-                            fail(
-                                e,
-                                format!(
-                                    "hardlink to {:?}, which does not exist",
-                                    target_path.as_bstr()
-                                ),
-                            )
-                        })?;
-                    if t.kind(target) == Kind::Dir {
-                        return Err(fail(
-                            e,
-                            format!("hardlink to directory {:?}", target_path.as_bstr()),
-                        ));
-                    }
-                    if existing == Some(target) {
-                        continue;
-                    }
-                    let ino = t.dentries[target as usize].inode;
-                    if let Some(d) = existing {
-                        t.remove(d);
-                    }
-                    t.add(dir, name, ino);
-                }
-                _ => {
-                    if let Some(d) = existing {
-                        t.remove(d);
-                    }
-                    let data = (e.kind == Kind::File).then_some(DataRef {
-                        layer: li as u32,
-                        entry: ei as u32,
-                    });
-                    let ino = t.new_inode(Meta::from_entry(e), data);
-                    t.add(dir, name, ino);
+                        .and_then(|p| t.child(p, name))
+                };
+                if let Some(d) = dir.filter(|d| t.kind(*d) == Kind::Dir) {
+                    t.dentries[d as usize].children = Some(BTreeMap::new());
                 }
             }
+            _ => {}
         }
     }
-    // Link counts as Linux has them: a name each for a file; for a directory its entry, its
-    // own `.` and each subdirectory's `..`.
+}
+
+/// Add one layer's entries other than whiteouts (those `keep` accepts), each replacing what
+/// was at its path. `li` is the layer's position, for data references and, with `names`,
+/// for errors.
+fn apply_entries(
+    t: &mut Tree,
+    li: usize,
+    layer: &LayerIndex,
+    names: &[String],
+    keep: &impl Fn(&Entry) -> bool,
+) -> Result<()> {
+    let fail = |e: &Entry, reason: String| {
+        Error::malformed(
+            format!(
+                "layer {} ({})",
+                li + 1,
+                names.get(li).map(String::as_str).unwrap_or("?")
+            ),
+            format!("entry {:?}: {reason}", e.path.as_bstr()),
+        )
+    };
+    // Parents resolved in this layer, by path: most entries share a parent with many
+    // others. Forgotten whenever an entry replaces something that is not a plain file —
+    // the only way a resolved path can come to mean another directory.
+    let mut parents: std::collections::HashMap<&[u8], DentryId> = std::collections::HashMap::new();
+    for (ei, e) in layer.entries.iter().enumerate() {
+        if matches!(e.kind, Kind::Whiteout | Kind::Opaque) || !keep(e) {
+            continue;
+        }
+        if e.path.is_empty() {
+            if e.kind == Kind::Dir {
+                t.inodes[0].meta = Meta::from_entry(e);
+            }
+            continue;
+        }
+        let (parent, name) = split(&e.path);
+        let dir = match parents.get(parent) {
+            Some(&d) => d,
+            None => {
+                let d = t
+                    .resolve_or_create_dir(parent)
+                    .map_err(|r| fail(e, format!("its parent cannot be made a directory: {r}")))?;
+                parents.insert(parent, d);
+                d
+            }
+        };
+        let existing = t.child(dir, name);
+        if existing.is_some_and(|d| t.kind(d) != Kind::File) && e.kind != Kind::Dir
+            || existing.is_some_and(|d| t.kind(d) != Kind::Dir) && e.kind == Kind::Dir
+        {
+            parents.clear();
+        }
+        let data = DataRef {
+            layer: li as u32,
+            entry: ei as u32,
+        };
+        place(t, dir, name, existing, e, data).map_err(|r| fail(e, r))?;
+    }
+    Ok(())
+}
+
+/// Put entry `e` at `name` in `dir`, where `existing` is: a directory keeps its children
+/// when replaced by a directory, a hardlink shares its target's inode, anything else is a
+/// new inode (`data` is where a file's bytes are). The error is the reason, for the caller
+/// to name the entry.
+fn place(
+    t: &mut Tree,
+    dir: DentryId,
+    name: &[u8],
+    existing: Option<DentryId>,
+    e: &Entry,
+    data: DataRef,
+) -> std::result::Result<(), String> {
+    match e.kind {
+        Kind::Dir => match existing {
+            Some(d) if t.kind(d) == Kind::Dir => {
+                let ino = t.dentries[d as usize].inode;
+                t.inodes[ino as usize].meta = Meta::from_entry(e);
+            }
+            _ => {
+                if let Some(d) = existing {
+                    t.remove(d);
+                }
+                let ino = t.new_inode(Meta::from_entry(e), None);
+                t.add(dir, name, ino);
+            }
+        },
+        Kind::Hardlink => {
+            let target = link_target(t, e)?;
+            if existing == Some(target) {
+                return Ok(());
+            }
+            let ino = t.dentries[target as usize].inode;
+            if let Some(d) = existing {
+                t.remove(d);
+            }
+            t.add(dir, name, ino);
+        }
+        _ => {
+            if let Some(d) = existing {
+                t.remove(d);
+            }
+            let data = (e.kind == Kind::File).then_some(data);
+            let ino = t.new_inode(Meta::from_entry(e), data);
+            t.add(dir, name, ino);
+        }
+    }
+    Ok(())
+}
+
+/// The dentry hardlink `e` points at, which must exist and not be a directory.
+fn link_target(t: &Tree, e: &Entry) -> std::result::Result<DentryId, String> {
+    let target_path = e.link.as_deref().map_or(&b""[..], |l| l.as_slice());
+    let (tp, tn) = split(target_path);
+    let target = t
+        .resolve_dir(ROOT, tp, &mut 0)
+        .ok()
+        .and_then(|d| t.child(d, tn))
+        .ok_or_else(|| {
+            format!(
+                "hardlink to {:?}, which does not exist",
+                target_path.as_bstr()
+            )
+        })?;
+    if t.kind(target) == Kind::Dir {
+        return Err(format!("hardlink to directory {:?}", target_path.as_bstr()));
+    }
+    Ok(target)
+}
+
+/// Link counts as Linux has them: a name each for a file; for a directory its entry, its
+/// own `.` and each subdirectory's `..`.
+fn count_links(t: &mut Tree) {
     for ino in &mut t.inodes {
         ino.nlink = 0;
     }
@@ -577,7 +618,6 @@ fn merge_where(
             t.inodes[ino].nlink += 1;
         }
     }
-    Ok(t)
 }
 
 #[cfg(test)]
