@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::names::quote;
-use super::plan::Plan;
+use super::plan::{Listing, Plan};
 use super::process::FastImport;
 use crate::error::{Error, IoContext, Result};
 
@@ -105,8 +105,7 @@ pub(super) fn write_commits(
     )?;
     let n = plan.commits.len();
     let first = plan.blobs.len() as u32 + 1;
-    // The previous commit's paths, with their mode and blob.
-    let mut before: Option<HashMap<&[u8], (&str, u32)>> = None;
+    let mut before: Option<Paths> = None;
     for (i, listing) in plan.commits.iter().enumerate() {
         let k = i + 1;
         let digest = &names[i];
@@ -126,33 +125,7 @@ pub(super) fn write_commits(
         if i > 0 {
             let _ = writeln!(fi.line, "from :{}", mark - 1);
         }
-        // Only what changed since the commit before: fast-import's cost per path listed grows
-        // with the size of its directory, and a layer changes few of the image's paths.
-        // Deletions first, so that a path that turns from a directory into a file, or back,
-        // is cleared before it is set. fast-import drops directories left empty.
-        let now: HashMap<&[u8], (&str, u32)> = listing
-            .iter()
-            .map(|(mode, blob, path)| (path.as_slice(), (*mode, *blob)))
-            .collect();
-        if let Some(prev) = &before {
-            for path in prev.keys().filter(|p| !now.contains_key(*p)) {
-                fi.line.extend_from_slice(b"D ");
-                quote(path, &mut fi.line);
-                fi.line.push(b'\n');
-            }
-        }
-        for (mode, blob, path) in listing {
-            if before.as_ref().and_then(|b| b.get(path.as_slice())) == Some(&(*mode, *blob)) {
-                continue;
-            }
-            let _ = write!(fi.line, "M {mode} :{blob} ");
-            quote(path, &mut fi.line);
-            fi.line.push(b'\n');
-            if fi.line.len() > 64 << 10 {
-                fi.send_line()?;
-            }
-        }
-        before = Some(now);
+        before = Some(send_changes(&mut fi, before.as_ref(), listing)?);
         let _ = write!(
             fi.line,
             "\nreset refs/heads/layer-{k}-{short}\nfrom :{mark}\n\n"
@@ -160,6 +133,45 @@ pub(super) fn write_commits(
         fi.send_line()?;
     }
     fi.finish()
+}
+
+/// A commit's paths, each with its git mode and blob mark.
+type Paths<'a> = HashMap<&'a [u8], (&'static str, u32)>;
+
+/// Send the file commands of the commit listing `listing`: only what changed since the
+/// commit `before` (none for the first). fast-import's cost per path listed grows with the
+/// size of its directory, and a layer changes few of the image's paths. Returns the
+/// commit's paths, for the next one.
+fn send_changes<'a>(
+    fi: &mut FastImport,
+    before: Option<&Paths<'a>>,
+    listing: &'a Listing,
+) -> Result<Paths<'a>> {
+    // Deletions first, so that a path that turns from a directory into a file, or back,
+    // is cleared before it is set. fast-import drops directories left empty.
+    let now: Paths = listing
+        .iter()
+        .map(|(mode, blob, path)| (path.as_slice(), (*mode, *blob)))
+        .collect();
+    if let Some(prev) = before {
+        for path in prev.keys().filter(|p| !now.contains_key(*p)) {
+            fi.line.extend_from_slice(b"D ");
+            quote(path, &mut fi.line);
+            fi.line.push(b'\n');
+        }
+    }
+    for (mode, blob, path) in listing {
+        if before.and_then(|b| b.get(path.as_slice())) == Some(&(*mode, *blob)) {
+            continue;
+        }
+        let _ = write!(fi.line, "M {mode} :{blob} ");
+        quote(path, &mut fi.line);
+        fi.line.push(b'\n');
+        if fi.line.len() > 64 << 10 {
+            fi.send_line()?;
+        }
+    }
+    Ok(now)
 }
 
 /// Read fast-import's marks files: the object id of each blob mark `1..=count`, by position.
