@@ -156,7 +156,35 @@ pub fn is_other_version(bytes: &[u8]) -> bool {
 /// Deserialise the index of `layer`, refusing anything damaged, truncated, of another
 /// version, or describing another layer.
 pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
-    let bad = |reason: &str| Error::malformed("layer index", reason);
+    let payload = unframe(layer, bytes)?;
+    let p: Payload = postcard::from_bytes(&payload).map_err(|e| bad(&e.to_string()))?;
+    if let Some(sp) = &p.seek {
+        check_seek_points(sp)?;
+    }
+    // Shared prefixes let a small file describe huge paths; real indexes hold a few path
+    // bytes per payload byte.
+    let mut path_budget = payload.len().saturating_mul(16).saturating_add(16 << 20);
+    let mut entries: Vec<Entry> = Vec::with_capacity(p.entries.len());
+    let mut prev_offset = 0i64;
+    for enc in p.entries {
+        let prev_path: &[u8] = entries.last().map_or(b"", |e| e.path.as_slice());
+        let entry = decode_entry(enc, prev_path, prev_offset, &mut path_budget)?;
+        prev_offset = entry.offset as i64;
+        entries.push(entry);
+    }
+    Ok(LayerIndex {
+        entries,
+        seek: p.seek,
+    })
+}
+
+fn bad(reason: &str) -> Error {
+    Error::malformed("layer index", reason)
+}
+
+/// The decompressed payload of `bytes`, once its magic, version, layer and checksum are
+/// right.
+fn unframe(layer: &Digest, bytes: &[u8]) -> Result<Vec<u8>> {
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return Err(bad("not an imgfs index (bad magic or too short)"));
     }
@@ -180,92 +208,100 @@ pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
         .flatten()
         .filter(|&n| n <= 1 << 30)
         .ok_or_else(|| bad("payload size missing or too large"))?;
-    let payload =
-        zstd::bulk::decompress(payload, size as usize).map_err(|e| bad(&e.to_string()))?;
-    let p: Payload = postcard::from_bytes(&payload).map_err(|e| bad(&e.to_string()))?;
-    if let Some(sp) = &p.seek {
-        // Readers index one by the other, and walk checkpoints by offset.
-        let ordered = sp
-            .checkpoints
-            .windows(2)
-            .all(|w| w[0].out_offset < w[1].out_offset && w[0].in_offset < w[1].in_offset);
-        let sane = sp
-            .checkpoints
-            .iter()
-            .all(|c| c.bits < 8 && (c.bits == 0 || c.in_offset > 0) && c.window.len() <= 32 << 10);
-        if sp.checkpoints.len() != sp.span_digests.len() || !ordered || !sane {
-            return Err(bad("inconsistent seek points"));
-        }
+    zstd::bulk::decompress(payload, size as usize).map_err(|e| bad(&e.to_string()))
+}
+
+/// Seek points as readers rely on them: one digest per checkpoint, checkpoints in order
+/// (readers index one by the other, and walk checkpoints by offset), each one possible.
+fn check_seek_points(sp: &crate::index::SeekPoints) -> Result<()> {
+    let ordered = sp
+        .checkpoints
+        .windows(2)
+        .all(|w| w[0].out_offset < w[1].out_offset && w[0].in_offset < w[1].in_offset);
+    let sane = sp
+        .checkpoints
+        .iter()
+        .all(|c| c.bits < 8 && (c.bits == 0 || c.in_offset > 0) && c.window.len() <= 32 << 10);
+    if sp.checkpoints.len() != sp.span_digests.len() || !ordered || !sane {
+        return Err(bad("inconsistent seek points"));
     }
-    // Shared prefixes let a small file describe huge paths; real indexes hold a few path
-    // bytes per payload byte.
-    let mut path_budget = payload.len().saturating_mul(16).saturating_add(16 << 20);
-    let mut entries: Vec<Entry> = Vec::with_capacity(p.entries.len());
-    let mut prev_offset = 0i64;
-    for enc in p.entries {
-        let prev_path: &[u8] = entries.last().map_or(b"", |e| e.path.as_slice());
-        let shared = enc.shared as usize;
-        if shared > prev_path.len() {
-            return Err(bad("path prefix out of range"));
-        }
-        let len = shared + enc.suffix.len();
-        if len > 4096 || len > path_budget {
-            return Err(bad("paths longer than any layer's"));
-        }
-        path_budget -= len;
-        let mut path = Vec::with_capacity(len);
-        path.extend_from_slice(&prev_path[..shared]);
-        path.extend_from_slice(&enc.suffix);
-        let path = BString::from(path);
-        let kind = code_kind(enc.kind).ok_or_else(|| bad("unknown entry kind"))?;
-        // What the indexer writes: normalised, whiteouts decoded (a directory `.wh.x/` is a
-        // whiteout, but `.wh.x/y` puts `y` in a directory of that name). Anything else was
-        // not written by it (an index from a registry is not trusted to be well-formed).
-        let normal = path.is_empty()
-            || path
-                .split_str("/")
-                .all(|c| !c.is_empty() && c != b"." && c != b"..");
-        let decoded = matches!(kind, Kind::Whiteout | Kind::Opaque)
-            || !crate::index::split(&path).1.starts_with(b".wh.");
-        if !normal || !decoded {
-            return Err(bad(&format!("entry path {path:?} is not normalised")));
-        }
-        let mut sparse = Vec::with_capacity(enc.sparse.len());
-        let mut end = 0u64;
-        for (offset, len) in enc.sparse {
-            let r_end = offset.checked_add(len).filter(|e| *e <= enc.size);
-            if kind != Kind::File || offset < end || r_end.is_none() {
-                return Err(bad(&format!("entry {path:?}: inconsistent sparse map")));
-            }
-            end = r_end.unwrap_or(0);
-            sparse.push(crate::index::Region { offset, len });
-        }
-        let offset = prev_offset + enc.offset_delta;
-        if offset < 0 {
-            return Err(bad("negative data offset"));
-        }
-        let (dev_major, dev_minor) = enc.dev.unwrap_or((0, 0));
-        entries.push(Entry {
-            path,
-            kind,
-            mode: enc.mode,
-            uid: enc.uid,
-            gid: enc.gid,
-            size: enc.size,
-            mtime: enc.mtime,
-            link: enc.link.map(BString::from),
-            dev_major,
-            dev_minor,
-            xattrs: enc.xattrs,
-            offset: offset as u64,
-            sparse,
-        });
-        prev_offset = offset;
+    Ok(())
+}
+
+/// One entry, from its encoding and the entry before it (`prev_path`, `prev_offset`), held
+/// to what the indexer writes. Its path is charged to `path_budget`.
+fn decode_entry(
+    enc: Enc,
+    prev_path: &[u8],
+    prev_offset: i64,
+    path_budget: &mut usize,
+) -> Result<Entry> {
+    let path = entry_path(prev_path, enc.shared as usize, &enc.suffix, path_budget)?;
+    let kind = code_kind(enc.kind).ok_or_else(|| bad("unknown entry kind"))?;
+    // What the indexer writes: normalised, whiteouts decoded (a directory `.wh.x/` is a
+    // whiteout, but `.wh.x/y` puts `y` in a directory of that name). Anything else was
+    // not written by it (an index from a registry is not trusted to be well-formed).
+    let normal = path.is_empty()
+        || path
+            .split_str("/")
+            .all(|c| !c.is_empty() && c != b"." && c != b"..");
+    let decoded = matches!(kind, Kind::Whiteout | Kind::Opaque)
+        || !crate::index::split(&path).1.starts_with(b".wh.");
+    if !normal || !decoded {
+        return Err(bad(&format!("entry path {path:?} is not normalised")));
     }
-    Ok(LayerIndex {
-        entries,
-        seek: p.seek,
+    let mut sparse = Vec::with_capacity(enc.sparse.len());
+    let mut end = 0u64;
+    for (offset, len) in enc.sparse {
+        let r_end = offset.checked_add(len).filter(|e| *e <= enc.size);
+        if kind != Kind::File || offset < end || r_end.is_none() {
+            return Err(bad(&format!("entry {path:?}: inconsistent sparse map")));
+        }
+        end = r_end.unwrap_or(0);
+        sparse.push(crate::index::Region { offset, len });
+    }
+    let offset = prev_offset + enc.offset_delta;
+    if offset < 0 {
+        return Err(bad("negative data offset"));
+    }
+    let (dev_major, dev_minor) = enc.dev.unwrap_or((0, 0));
+    Ok(Entry {
+        path,
+        kind,
+        mode: enc.mode,
+        uid: enc.uid,
+        gid: enc.gid,
+        size: enc.size,
+        mtime: enc.mtime,
+        link: enc.link.map(BString::from),
+        dev_major,
+        dev_minor,
+        xattrs: enc.xattrs,
+        offset: offset as u64,
+        sparse,
     })
+}
+
+/// A path: the first `shared` bytes of `prev_path`, then `suffix`; refused past 4096 bytes
+/// or past what is left of `budget`, which it is charged to.
+fn entry_path(
+    prev_path: &[u8],
+    shared: usize,
+    suffix: &[u8],
+    budget: &mut usize,
+) -> Result<BString> {
+    if shared > prev_path.len() {
+        return Err(bad("path prefix out of range"));
+    }
+    let len = shared + suffix.len();
+    if len > 4096 || len > *budget {
+        return Err(bad("paths longer than any layer's"));
+    }
+    *budget -= len;
+    let mut path = Vec::with_capacity(len);
+    path.extend_from_slice(&prev_path[..shared]);
+    path.extend_from_slice(suffix);
+    Ok(BString::from(path))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ pub use tarstream::{Limits, Region};
 
 use std::io::Read;
 
-use bstr::{BString, ByteSlice};
+use bstr::{BStr, BString, ByteSlice};
 
 use crate::error::{Error, Result};
 
@@ -202,18 +202,8 @@ fn decode(h: tarstream::Header) -> Result<Option<Entry>> {
     let raw_path = h.name.as_bstr();
     let bad =
         |reason: String| Error::malformed("layer tar", format!("entry {raw_path:?}: {reason}"));
-    let kind = match h.typeflag {
-        b'5' => Kind::Dir,
-        b'0' | b'7' => Kind::File,
-        b'2' => Kind::Symlink,
-        b'1' => Kind::Hardlink,
-        b'3' => Kind::Char,
-        b'4' => Kind::Block,
-        b'6' => Kind::Fifo,
-        b'g' => return Ok(None),
-        other => {
-            return Err(bad(format!("unsupported entry type {:?}", other as char)));
-        }
+    let Some(kind) = entry_kind(h.typeflag).map_err(bad)? else {
+        return Ok(None);
     };
     let (path, kind) = classify(&h.name, kind)?;
     if path.is_empty() && !matches!(kind, Kind::Dir | Kind::Opaque) {
@@ -221,49 +211,15 @@ fn decode(h: tarstream::Header) -> Result<Option<Entry>> {
             "names the image root, which must be a directory, as a {kind:?}"
         )));
     }
-    // Linux ids are 32 bits, and (uid_t)-1 means "leave unchanged" to chown: an id Linux
-    // cannot hold is refused rather than truncated (Go's chown would make 2^32 root).
-    let id = |v: i64, what: &str| {
-        u32::try_from(v)
-            .ok()
-            .filter(|v| *v != u32::MAX)
-            .ok_or_else(|| bad(format!("{what} {v} is not a Linux id")))
-    };
-    let (uid, gid) = (id(h.uid, "uid")?, id(h.gid, "gid")?);
+    let (uid, gid) = (
+        linux_id(h.uid, "uid").map_err(bad)?,
+        linux_id(h.gid, "gid").map_err(bad)?,
+    );
     // Only permission bits matter; some writers put type bits in the mode field.
     let mode = (h.mode as u64 & 0o7777) as u32;
     let dev = |v: i64| u32::try_from(v).unwrap_or(0);
-    let link = match kind {
-        Kind::Symlink => {
-            if h.link.is_empty() {
-                return Err(bad("symlink without a target".into()));
-            }
-            Some(BString::from(h.link))
-        }
-        Kind::Hardlink => {
-            if h.link.is_empty() {
-                return Err(bad("hardlink without a target".into()));
-            }
-            Some(normalize(&h.link).map_err(|_| {
-                bad(format!(
-                    "hardlink target {:?} climbs out of the image root",
-                    h.link.as_bstr()
-                ))
-            })?)
-        }
-        _ => None,
-    };
-    let mut xattrs = Vec::new();
-    for (name, value) in h.xattrs {
-        // Linux has no empty or non-UTF-8 xattr names in any namespace it accepts.
-        match String::from_utf8(name) {
-            Ok(name) if keep_xattr(&name) => xattrs.push((name, value)),
-            Ok(name) => tracing::debug!("entry {raw_path:?}: xattr {name:?} dropped"),
-            Err(_) => {
-                tracing::debug!("entry {raw_path:?}: an xattr whose name is not UTF-8 dropped")
-            }
-        }
-    }
+    let link = link_target(kind, h.link).map_err(bad)?;
+    let xattrs = kept_xattrs(raw_path, h.xattrs);
     let size = if kind == Kind::File {
         h.size.max(0) as u64
     } else {
@@ -293,6 +249,73 @@ fn decode(h: tarstream::Header) -> Result<Option<Entry>> {
             _ => Vec::new(),
         },
     }))
+}
+
+/// The kind a tar type flag makes; `None` for a PAX global header, which is no file.
+fn entry_kind(typeflag: u8) -> std::result::Result<Option<Kind>, String> {
+    Ok(Some(match typeflag {
+        b'5' => Kind::Dir,
+        b'0' | b'7' => Kind::File,
+        b'2' => Kind::Symlink,
+        b'1' => Kind::Hardlink,
+        b'3' => Kind::Char,
+        b'4' => Kind::Block,
+        b'6' => Kind::Fifo,
+        b'g' => return Ok(None),
+        other => return Err(format!("unsupported entry type {:?}", other as char)),
+    }))
+}
+
+/// A uid or gid as Linux holds it. Linux ids are 32 bits, and (uid_t)-1 means "leave
+/// unchanged" to chown: an id Linux cannot hold is refused rather than truncated (Go's
+/// chown would make 2^32 root).
+fn linux_id(v: i64, what: &str) -> std::result::Result<u32, String> {
+    u32::try_from(v)
+        .ok()
+        .filter(|v| *v != u32::MAX)
+        .ok_or_else(|| format!("{what} {v} is not a Linux id"))
+}
+
+/// A link's target: a symlink's as written, a hardlink's normalised (it names a path in the
+/// image, and must not climb out of it); `None` for other kinds.
+fn link_target(kind: Kind, link: Vec<u8>) -> std::result::Result<Option<BString>, String> {
+    match kind {
+        Kind::Symlink => {
+            if link.is_empty() {
+                return Err("symlink without a target".into());
+            }
+            Ok(Some(BString::from(link)))
+        }
+        Kind::Hardlink => {
+            if link.is_empty() {
+                return Err("hardlink without a target".into());
+            }
+            normalize(&link).map(Some).map_err(|_| {
+                format!(
+                    "hardlink target {:?} climbs out of the image root",
+                    link.as_bstr()
+                )
+            })
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The xattrs an entry keeps (see [`keep_xattr`]); the others are dropped with a debug line
+/// naming the entry.
+fn kept_xattrs(raw_path: &BStr, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+    let mut kept = Vec::new();
+    for (name, value) in xattrs {
+        // Linux has no empty or non-UTF-8 xattr names in any namespace it accepts.
+        match String::from_utf8(name) {
+            Ok(name) if keep_xattr(&name) => kept.push((name, value)),
+            Ok(name) => tracing::debug!("entry {raw_path:?}: xattr {name:?} dropped"),
+            Err(_) => {
+                tracing::debug!("entry {raw_path:?}: an xattr whose name is not UTF-8 dropped")
+            }
+        }
+    }
+    kept
 }
 
 #[cfg(test)]

@@ -30,8 +30,11 @@ const TRAILING_MAX: u64 = 64 << 20;
 const BLOCK: usize = 512;
 
 mod header;
+mod sparse;
 
-use header::{RawHeader, Records, merge_pax, numeric, parse_int, parse_pax};
+use header::{RawHeader, Records, merge_pax, parse_pax};
+pub use sparse::Region;
+use sparse::check_regions;
 
 /// Limits for one layer.
 #[derive(Clone, Copy, Debug)]
@@ -49,14 +52,6 @@ impl Default for Limits {
             max_members: DEFAULT_MAX_MEMBERS,
         }
     }
-}
-
-/// A stretch of a sparse file that holds data; everything between regions reads as zeros.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Region {
-    /// Where the region starts in the file.
-    pub offset: u64,
-    pub len: u64,
 }
 
 /// One member that describes a file system entry, with every extension header before it
@@ -97,6 +92,16 @@ fn header_only(typeflag: u8) -> bool {
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Extension headers read for the entry that follows them.
+#[derive(Default)]
+struct Pending {
+    pax: Records,
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    /// Where the first of them started: the entry's `header_offset`.
+    first_header: Option<u64>,
 }
 
 /// The tar stream of one layer, member by member.
@@ -222,6 +227,28 @@ impl<R: Read> TarReader<R> {
         if self.ended {
             return Ok(None);
         }
+        if !self.skip_rest()? {
+            self.ended = true;
+            return Ok(None);
+        }
+        self.sparse = false;
+        let mut pending = Pending::default();
+        loop {
+            let at = self.pos;
+            pending.first_header.get_or_insert(at);
+            let Some(raw) = self.read_header(at)? else {
+                self.ended = true;
+                return Ok(None);
+            };
+            if !self.extension(&raw.header, at, &mut pending)? {
+                return self.entry(raw, pending, at).map(Some);
+            }
+        }
+    }
+
+    /// Skip what the previous entry's reader left unread, and its padding; false when the
+    /// stream ends where padding was due.
+    fn skip_rest(&mut self) -> io::Result<bool> {
         self.discard(self.remaining)?;
         self.remaining = 0;
         // Padding missing at the very end of the stream is a clean end, as in Go.
@@ -229,278 +256,156 @@ impl<R: Read> TarReader<R> {
         if pad > 0 {
             let mut buf = vec![0u8; pad as usize];
             if !self.fill(&mut buf)? {
-                self.ended = true;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The header block at `at`, counted against the member limit and parsed; `None` at the
+    /// end of the archive (the stream ends, or the two zero blocks that close it).
+    fn read_header(&mut self, at: u64) -> io::Result<Option<RawHeader>> {
+        let mut block = [0u8; BLOCK];
+        match self.fill_some(&mut block)? {
+            0 => return Ok(None),
+            BLOCK => {}
+            _ if at == 0 && compressed(&block).is_some() => {
+                return Err(not_a_tar(&block));
+            }
+            _ => return Err(io::ErrorKind::UnexpectedEof.into()),
+        }
+        if block.iter().all(|&b| b == 0) {
+            // End of archive: two zero blocks. One zero block, then a header, is an
+            // error in Go (an archive joined to another, or damage).
+            if !self.fill(&mut block)? || block.iter().all(|&b| b == 0) {
                 return Ok(None);
             }
+            return Err(invalid(format!(
+                "a single zero block at byte {at} is followed by more data (an archive \
+                 ends with two)"
+            )));
         }
-        self.sparse = false;
-        let mut pax: Records = Vec::new();
-        let mut long_name: Option<Vec<u8>> = None;
-        let mut long_link: Option<Vec<u8>> = None;
-        let mut first_header = None;
-        loop {
-            let at = self.pos;
-            first_header.get_or_insert(at);
-            let mut block = [0u8; BLOCK];
-            match self.fill_some(&mut block)? {
-                0 => {
-                    self.ended = true;
-                    return Ok(None);
-                }
-                BLOCK => {}
-                _ if at == 0 && compressed(&block).is_some() => {
-                    return Err(not_a_tar(&block));
-                }
-                _ => return Err(io::ErrorKind::UnexpectedEof.into()),
+        self.members += 1;
+        if self.members > self.limits.max_members {
+            return Err(invalid(format!(
+                "the layer has more than {} tar members",
+                self.limits.max_members
+            )));
+        }
+        RawHeader::parse(&block).map(Some).map_err(|why| {
+            if at == 0 && compressed(&block).is_some() {
+                not_a_tar(&block)
+            } else {
+                invalid(format!("bad tar header at byte {at}: {why}"))
             }
-            if block.iter().all(|&b| b == 0) {
-                // End of archive: two zero blocks. One zero block, then a header, is an
-                // error in Go (an archive joined to another, or damage).
-                if !self.fill(&mut block)? || block.iter().all(|&b| b == 0) {
-                    self.ended = true;
-                    return Ok(None);
+        })
+    }
+
+    /// If `h` (at `at`) is an extension header — PAX (`x`, `g`) or GNU long name or link
+    /// (`L`, `K`) — read it into `pending` and say so.
+    fn extension(&mut self, h: &Header, at: u64, pending: &mut Pending) -> io::Result<bool> {
+        match h.typeflag {
+            b'x' | b'g' => {
+                if h.size < 0 {
+                    return Err(invalid(format!("PAX header at byte {at}: negative size")));
                 }
-                return Err(invalid(format!(
-                    "a single zero block at byte {at} is followed by more data (an archive \
-                     ends with two)"
-                )));
-            }
-            self.members += 1;
-            if self.members > self.limits.max_members {
-                return Err(invalid(format!(
-                    "the layer has more than {} tar members",
-                    self.limits.max_members
-                )));
-            }
-            let raw = RawHeader::parse(&block).map_err(|why| {
-                if at == 0 && compressed(&block).is_some() {
-                    not_a_tar(&block)
+                let data = self.read_meta(h.size as u64, "a PAX header", at)?;
+                let records = parse_pax(&data)
+                    .map_err(|why| invalid(format!("PAX header at byte {at}: {why}")))?;
+                if h.typeflag == b'g' {
+                    // Go returns a global header as an entry of its own, which ends
+                    // what was pending; nothing applies it to later entries.
+                    *pending = Pending::default();
                 } else {
-                    invalid(format!("bad tar header at byte {at}: {why}"))
+                    pending.pax = records;
                 }
-            })?;
-            let mut h = raw.header;
-            match h.typeflag {
-                b'x' | b'g' => {
-                    if h.size < 0 {
-                        return Err(invalid(format!("PAX header at byte {at}: negative size")));
-                    }
-                    let data = self.read_meta(h.size as u64, "a PAX header", at)?;
-                    let records = parse_pax(&data)
-                        .map_err(|why| invalid(format!("PAX header at byte {at}: {why}")))?;
-                    if h.typeflag == b'g' {
-                        // Go returns a global header as an entry of its own, which ends
-                        // what was pending; nothing applies it to later entries.
-                        pax.clear();
-                        long_name = None;
-                        long_link = None;
-                        first_header = None;
-                    } else {
-                        pax = records;
-                    }
-                    continue;
+                Ok(true)
+            }
+            b'L' | b'K' => {
+                if h.size < 0 {
+                    return Err(invalid(format!(
+                        "GNU long name at byte {at}: negative size"
+                    )));
                 }
-                b'L' | b'K' => {
-                    if h.size < 0 {
-                        return Err(invalid(format!(
-                            "GNU long name at byte {at}: negative size"
-                        )));
-                    }
-                    let what = if h.typeflag == b'L' {
-                        "a GNU long name"
-                    } else {
-                        "a GNU long link target"
-                    };
-                    let mut data = self.read_meta(h.size as u64, what, at)?;
-                    if let Some(nul) = data.iter().position(|&b| b == 0) {
-                        data.truncate(nul);
-                    }
-                    if h.typeflag == b'L' {
-                        long_name = Some(data);
-                    } else {
-                        long_link = Some(data);
-                    }
-                    continue;
-                }
-                _ => {}
-            }
-            let bad = |why: String| invalid(format!("tar header at byte {at}: {why}"));
-            merge_pax(&mut h, &pax).map_err(bad)?;
-            if let Some(n) = long_name.take().filter(|n| !n.is_empty()) {
-                h.name = n;
-            }
-            if let Some(l) = long_link.take().filter(|l| !l.is_empty()) {
-                h.link = l;
-            }
-            if h.typeflag == 0 {
-                h.typeflag = if h.name.ends_with(b"/") { b'5' } else { b'0' };
-            }
-            let stored = if header_only(h.typeflag) { 0 } else { h.size };
-            if stored < 0 {
-                return Err(bad(format!("negative size {stored}")));
-            }
-            let stored = stored as u64;
-            h.header_offset = first_header.unwrap_or(at);
-            self.pad = padding(stored);
-            self.remaining = stored;
-            let map = if h.typeflag == b'S' {
-                Some(
-                    self.old_gnu_sparse(&mut h, &raw.block)
-                        .map_err(|e| with_at(e, at))?,
-                )
-            } else {
-                self.pax_sparse(&mut h, &pax).map_err(|e| with_at(e, at))?
-            };
-            h.data_offset = self.pos;
-            h.stored = self.remaining;
-            if let Some(regions) = map {
-                if header_only(h.typeflag) {
-                    return Err(bad("a sparse map on an entry that has no data".into()));
-                }
-                check_regions(&regions, h.size, self.remaining).map_err(bad)?;
-                self.sparse = true;
-                self.logical = 0;
-                self.region = 0;
-                self.logical_size = h.size as u64;
-                self.regions.clone_from(&regions);
-                h.sparse = Some(regions);
-                // Old GNU sparse members are regular files with a map.
-                if h.typeflag == b'S' {
-                    h.typeflag = b'0';
-                }
-            }
-            return Ok(Some(h));
-        }
-    }
-
-    /// Old GNU sparse (`tar --sparse --format=gnu`): the map is in the header and in
-    /// extension blocks that follow it (before the data); the header's size is what is
-    /// stored, `realsize` the file's size.
-    fn old_gnu_sparse(&mut self, h: &mut Header, block: &[u8; BLOCK]) -> io::Result<Vec<Region>> {
-        if &block[257..263] != b"ustar " || &block[263..265] != b" \0" {
-            return Err(invalid(
-                "a sparse member (type S) without a GNU header".into(),
-            ));
-        }
-        h.size = numeric(&block[483..495]).map_err(|e| invalid(format!("realsize: {e}")))?;
-        let mut regions = Vec::new();
-        let mut table: Vec<u8> = block[386..483].to_vec();
-        let mut entries = 4;
-        loop {
-            for i in 0..entries {
-                let e = &table[i * 24..i * 24 + 24];
-                if e[0] == 0 {
-                    break;
-                }
-                let offset = numeric(&e[..12]).map_err(|e| invalid(format!("sparse map: {e}")))?;
-                let len = numeric(&e[12..]).map_err(|e| invalid(format!("sparse map: {e}")))?;
-                push_region(&mut regions, offset, len)?;
-            }
-            if table[entries * 24] == 0 {
-                return Ok(regions);
-            }
-            let mut ext = [0u8; BLOCK];
-            self.fill_exact(&mut ext)?;
-            table = ext.to_vec();
-            entries = 21;
-        }
-    }
-
-    /// PAX sparse files (`tar --sparse --format=pax`), versions 0.0, 0.1 and 1.0, decided
-    /// as Go decides them. 1.0 keeps its map at the start of the stored data.
-    fn pax_sparse(&mut self, h: &mut Header, pax: &Records) -> io::Result<Option<Vec<Region>>> {
-        let get = |k: &str| {
-            pax.iter()
-                .find(|(key, _)| key == k.as_bytes())
-                .map(|(_, v)| v.as_slice())
-                .unwrap_or_default()
-        };
-        let (major, minor) = (get("GNU.sparse.major"), get("GNU.sparse.minor"));
-        let v1 = match (major, minor) {
-            (b"0", b"0" | b"1") => false,
-            (b"1", b"0") => true,
-            (b"", b"") if !get("GNU.sparse.map").is_empty() => false,
-            _ => return Ok(None),
-        };
-        let name = get("GNU.sparse.name");
-        if !name.is_empty() {
-            h.name = name.to_vec();
-        }
-        let size = match get("GNU.sparse.size") {
-            b"" => get("GNU.sparse.realsize"),
-            s => s,
-        };
-        if !size.is_empty() {
-            h.size = parse_int(size).ok_or_else(|| invalid("bad GNU.sparse.size".into()))?;
-        }
-        let mut regions = Vec::new();
-        if v1 {
-            regions = self.sparse_map_v1()?;
-        } else {
-            let count = parse_int(get("GNU.sparse.numblocks"))
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| invalid("bad GNU.sparse.numblocks".into()))?;
-            let map = get("GNU.sparse.map");
-            let fields: Vec<&[u8]> = if map.is_empty() {
-                Vec::new()
-            } else {
-                map.split(|&b| b == b',').collect()
-            };
-            if fields.len() as i64 != count.saturating_mul(2) {
-                return Err(invalid(format!(
-                    "GNU.sparse.map has {} numbers for {count} regions",
-                    fields.len()
-                )));
-            }
-            for pair in fields.chunks(2) {
-                let (Some(offset), Some(len)) = (parse_int(pair[0]), parse_int(pair[1])) else {
-                    return Err(invalid("bad GNU.sparse.map entry".into()));
+                let what = if h.typeflag == b'L' {
+                    "a GNU long name"
+                } else {
+                    "a GNU long link target"
                 };
-                push_region(&mut regions, offset, len)?;
+                let mut data = self.read_meta(h.size as u64, what, at)?;
+                if let Some(nul) = data.iter().position(|&b| b == 0) {
+                    data.truncate(nul);
+                }
+                if h.typeflag == b'L' {
+                    pending.long_name = Some(data);
+                } else {
+                    pending.long_link = Some(data);
+                }
+                Ok(true)
             }
+            _ => Ok(false),
         }
-        Ok(Some(regions))
     }
 
-    /// The 1.0 sparse map at the start of the stored data: `N\n`, then N pairs of
-    /// `offset\nlength\n`, padded to whole blocks (Go's `readGNUSparseMap1x0`).
-    fn sparse_map_v1(&mut self) -> io::Result<Vec<Region>> {
-        let mut text: Vec<u8> = Vec::new();
-        let mut lines = 0usize;
-        let mut cursor = 0usize;
-        let mut token = |this: &mut Self, text: &mut Vec<u8>| -> io::Result<Option<i64>> {
-            while lines == 0 {
-                if this.remaining < BLOCK as u64 {
-                    return Err(invalid("the sparse map runs past the entry's data".into()));
-                }
-                let mut blk = [0u8; BLOCK];
-                this.fill_exact(&mut blk)?;
-                this.remaining -= BLOCK as u64;
-                lines += blk.iter().filter(|&&b| b == b'\n').count();
-                text.extend_from_slice(&blk);
-            }
-            lines -= 1;
-            let end = cursor + text[cursor..].iter().position(|&b| b == b'\n').unwrap_or(0);
-            let tok = parse_int(&text[cursor..end]);
-            cursor = end + 1;
-            Ok(tok)
+    /// The entry of header `raw` (at `at`) with the `pending` extensions applied, its data
+    /// (and sparse map, if any) set up for [`TarReader::data`].
+    fn entry(&mut self, raw: RawHeader, pending: Pending, at: u64) -> io::Result<Header> {
+        let RawHeader {
+            header: mut h,
+            block,
+        } = raw;
+        let Pending {
+            pax,
+            long_name,
+            long_link,
+            first_header,
+        } = pending;
+        let bad = |why: String| invalid(format!("tar header at byte {at}: {why}"));
+        merge_pax(&mut h, &pax).map_err(bad)?;
+        if let Some(n) = long_name.filter(|n| !n.is_empty()) {
+            h.name = n;
+        }
+        if let Some(l) = long_link.filter(|l| !l.is_empty()) {
+            h.link = l;
+        }
+        if h.typeflag == 0 {
+            h.typeflag = if h.name.ends_with(b"/") { b'5' } else { b'0' };
+        }
+        let stored = if header_only(h.typeflag) { 0 } else { h.size };
+        if stored < 0 {
+            return Err(bad(format!("negative size {stored}")));
+        }
+        let stored = stored as u64;
+        h.header_offset = first_header.unwrap_or(at);
+        self.pad = padding(stored);
+        self.remaining = stored;
+        let map = if h.typeflag == b'S' {
+            Some(
+                self.old_gnu_sparse(&mut h, &block)
+                    .map_err(|e| with_at(e, at))?,
+            )
+        } else {
+            self.pax_sparse(&mut h, &pax).map_err(|e| with_at(e, at))?
         };
-        let n = token(self, &mut text)?
-            .filter(|n| *n >= 0)
-            .ok_or_else(|| invalid("bad sparse map count".into()))?;
-        if n > MAX_SPARSE_REGIONS as i64 {
-            return Err(too_many_regions());
+        h.data_offset = self.pos;
+        h.stored = self.remaining;
+        if let Some(regions) = map {
+            if header_only(h.typeflag) {
+                return Err(bad("a sparse map on an entry that has no data".into()));
+            }
+            check_regions(&regions, h.size, self.remaining).map_err(bad)?;
+            self.sparse = true;
+            self.logical = 0;
+            self.region = 0;
+            self.logical_size = h.size as u64;
+            self.regions.clone_from(&regions);
+            h.sparse = Some(regions);
+            // Old GNU sparse members are regular files with a map.
+            if h.typeflag == b'S' {
+                h.typeflag = b'0';
+            }
         }
-        let mut regions = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            let offset = token(self, &mut text)?;
-            let len = token(self, &mut text)?;
-            let (Some(offset), Some(len)) = (offset, len) else {
-                return Err(invalid("bad sparse map entry".into()));
-            };
-            push_region(&mut regions, offset, len)?;
-        }
-        Ok(regions)
+        Ok(h)
     }
 
     /// Read the stream to its end after the archive's end marker, so that a decompressor's
@@ -552,56 +457,6 @@ fn too_many_regions() -> io::Error {
     invalid(format!(
         "a sparse map of more than {MAX_SPARSE_REGIONS} regions"
     ))
-}
-
-fn push_region(regions: &mut Vec<Region>, offset: i64, len: i64) -> io::Result<()> {
-    if offset < 0 || len < 0 {
-        return Err(invalid(format!("sparse region {offset}+{len} is negative")));
-    }
-    if regions.len() >= MAX_SPARSE_REGIONS {
-        return Err(too_many_regions());
-    }
-    regions.push(Region {
-        offset: offset as u64,
-        len: len as u64,
-    });
-    Ok(())
-}
-
-/// Go's `validateSparseEntries`, and what its reader checks as it reads: regions in order,
-/// not overlapping, inside the file, and together exactly the bytes stored.
-fn check_regions(regions: &[Region], size: i64, stored: u64) -> Result<(), String> {
-    if size < 0 {
-        return Err(format!("negative sparse file size {size}"));
-    }
-    let mut end = 0u64;
-    let mut total = 0u64;
-    for r in regions {
-        let r_end = r
-            .offset
-            .checked_add(r.len)
-            .filter(|e| *e <= size as u64)
-            .ok_or_else(|| {
-                format!(
-                    "sparse region {}+{} runs past the file's size {size}",
-                    r.offset, r.len
-                )
-            })?;
-        if r.offset < end {
-            return Err(format!(
-                "sparse region at {} overlaps or precedes the one before",
-                r.offset
-            ));
-        }
-        end = r_end;
-        total += r.len;
-    }
-    if total != stored {
-        return Err(format!(
-            "the sparse map lists {total} bytes of data but the entry stores {stored}"
-        ));
-    }
-    Ok(())
 }
 
 fn with_at(e: io::Error, at: u64) -> io::Error {

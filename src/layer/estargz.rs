@@ -255,14 +255,57 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<TocLayer> {
             value: toc.version.to_string(),
         });
     }
-    // Every chunk ends where the next gzip member that holds file data starts (or the TOC).
-    let mut starts: Vec<u64> = toc
-        .entries
+    let starts = member_starts(&toc.entries, toc_offset)?;
+    let mut out = TocLayer::default();
+    let mut by_name: BTreeMap<bstr::BString, usize> = BTreeMap::new();
+    let mut landmark_seen = false;
+    for e in &toc.entries {
+        let raw = e.name.trim_start_matches("./").trim_start_matches('/');
+        if HIDDEN.contains(&raw.trim_end_matches('/')) {
+            if raw == PREFETCH_LANDMARK {
+                landmark_seen = true;
+            }
+            continue;
+        }
+        if e.kind == "chunk" {
+            let path = index::normalize(raw.as_bytes())?;
+            let &i = by_name
+                .get(&path)
+                .ok_or_else(|| bad(format!("chunk of {:?} before its file", e.name)))?;
+            let chunk = later_chunk(e, out.index.entries[i].size, &starts)?;
+            out.chunks[i].push(chunk);
+            continue;
+        }
+        let entry = toc_entry(e, raw)?;
+        let i = out.index.entries.len();
+        let mut chunks = Vec::new();
+        if entry.kind == Kind::File && e.size > 0 {
+            chunks.push(first_chunk(e, &starts)?);
+        }
+        if !landmark_seen && entry.kind == Kind::File {
+            out.prefetch.push(i);
+        }
+        by_name.insert(entry.path.clone(), i);
+        out.index.entries.push(entry);
+        out.chunks.push(chunks);
+    }
+    if !landmark_seen {
+        out.prefetch.clear();
+    }
+    check_tiling(&mut out)?;
+    Ok(out)
+}
+
+/// Where each gzip member that holds file data starts, and the TOC's offset, in order:
+/// every chunk ends where the next of them starts. Refuses layouts imgfs cannot read by
+/// chunk (payloads sharing a member, two chunks at one offset).
+fn member_starts(entries: &[TocEntry], toc_offset: u64) -> Result<Vec<u64>> {
+    let mut starts: Vec<u64> = entries
         .iter()
         .filter(|e| (e.kind == "reg" && e.size > 0) || e.kind == "chunk")
         .map(|e| e.offset)
         .collect();
-    if toc.entries.iter().any(|e| e.inner_offset != 0) {
+    if entries.iter().any(|e| e.inner_offset != 0) {
         return Err(Error::Unsupported {
             what: "eStargz layout".into(),
             value: "payloads sharing a gzip member (innerOffset)".into(),
@@ -276,121 +319,111 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<TocLayer> {
     if starts.len() != data_count + 1 {
         return Err(bad("two chunks share an offset (or one sits at the TOC)"));
     }
-    let end_of = |offset: u64| -> Result<u64> {
-        let i = starts.partition_point(|&s| s <= offset);
-        starts
-            .get(i)
-            .copied()
-            .ok_or_else(|| bad(format!("chunk at {offset} lies past the TOC")))
-    };
+    Ok(starts)
+}
 
-    let mut out = TocLayer::default();
-    let mut by_name: BTreeMap<bstr::BString, usize> = BTreeMap::new();
-    let mut landmark_seen = false;
-    for e in &toc.entries {
-        let raw = e.name.trim_start_matches("./").trim_start_matches('/');
-        if HIDDEN.contains(&raw.trim_end_matches('/')) {
-            if raw == PREFETCH_LANDMARK {
-                landmark_seen = true;
-            }
-            continue;
+/// Where the chunk at `offset` ends: the next member start after it (see [`member_starts`]).
+fn end_of(starts: &[u64], offset: u64) -> Result<u64> {
+    let i = starts.partition_point(|&s| s <= offset);
+    starts
+        .get(i)
+        .copied()
+        .ok_or_else(|| bad(format!("chunk at {offset} lies past the TOC")))
+}
+
+/// The digest a chunk entry's bytes must have once decompressed.
+fn chunk_digest(e: &TocEntry) -> Result<Digest> {
+    let d = e.chunk_digest.as_deref().or(
+        // A file in one chunk may carry only the whole file's digest.
+        if e.chunk_offset == 0 && (e.chunk_size == 0 || e.chunk_size == e.size) {
+            e.digest.as_deref()
+        } else {
+            None
+        },
+    );
+    let d = d.ok_or_else(|| bad(format!("{:?}: a chunk without a digest", e.name)))?;
+    Digest::parse(d).map_err(|_| bad(format!("{:?}: bad chunk digest {d:?}", e.name)))
+}
+
+/// The first chunk of a regular file, from its own entry (the whole file when its chunk
+/// size is 0).
+fn first_chunk(e: &TocEntry, starts: &[u64]) -> Result<Chunk> {
+    let first = if e.chunk_size == 0 {
+        e.size
+    } else {
+        e.chunk_size
+    };
+    Ok(Chunk {
+        offset: e.offset,
+        end: end_of(starts, e.offset)?,
+        file_offset: 0,
+        size: first,
+        digest: chunk_digest(e)?,
+    })
+}
+
+/// A later chunk of a file `size` bytes long, from a `chunk` entry (to the file's end when
+/// its chunk size is 0).
+fn later_chunk(e: &TocEntry, size: u64, starts: &[u64]) -> Result<Chunk> {
+    let chunk_size = if e.chunk_size == 0 {
+        size.saturating_sub(e.chunk_offset)
+    } else {
+        e.chunk_size
+    };
+    Ok(Chunk {
+        offset: e.offset,
+        end: end_of(starts, e.offset)?,
+        file_offset: e.chunk_offset,
+        size: chunk_size,
+        digest: chunk_digest(e)?,
+    })
+}
+
+/// The index entry of a TOC entry other than a chunk; `raw` is its name without a leading
+/// `./` or `/`.
+fn toc_entry(e: &TocEntry, raw: &str) -> Result<Entry> {
+    let kind = match e.kind.as_str() {
+        "dir" => Kind::Dir,
+        "reg" => Kind::File,
+        "symlink" => Kind::Symlink,
+        "hardlink" => Kind::Hardlink,
+        "char" => Kind::Char,
+        "block" => Kind::Block,
+        "fifo" => Kind::Fifo,
+        other => return Err(bad(format!("{:?}: unknown entry type {other:?}", e.name))),
+    };
+    let (path, kind) = index::classify(raw.as_bytes(), kind)?;
+    let link = match kind {
+        Kind::Symlink => Some(e.link_name.clone().into()),
+        Kind::Hardlink => Some(index::normalize(e.link_name.as_bytes())?),
+        _ => None,
+    };
+    let mut xattrs = Vec::new();
+    for (k, v) in &e.xattrs {
+        if index::keep_xattr(k) {
+            xattrs.push((k.clone(), base64_decode(v)?));
         }
-        let chunk_digest = |e: &TocEntry| -> Result<Digest> {
-            let d = e.chunk_digest.as_deref().or(
-                // A file in one chunk may carry only the whole file's digest.
-                if e.chunk_offset == 0 && (e.chunk_size == 0 || e.chunk_size == e.size) {
-                    e.digest.as_deref()
-                } else {
-                    None
-                },
-            );
-            let d = d.ok_or_else(|| bad(format!("{:?}: a chunk without a digest", e.name)))?;
-            Digest::parse(d).map_err(|_| bad(format!("{:?}: bad chunk digest {d:?}", e.name)))
-        };
-        if e.kind == "chunk" {
-            let path = index::normalize(raw.as_bytes())?;
-            let &i = by_name
-                .get(&path)
-                .ok_or_else(|| bad(format!("chunk of {:?} before its file", e.name)))?;
-            let size = out.index.entries[i].size;
-            let chunk_size = if e.chunk_size == 0 {
-                size.saturating_sub(e.chunk_offset)
-            } else {
-                e.chunk_size
-            };
-            out.chunks[i].push(Chunk {
-                offset: e.offset,
-                end: end_of(e.offset)?,
-                file_offset: e.chunk_offset,
-                size: chunk_size,
-                digest: chunk_digest(e)?,
-            });
-            continue;
-        }
-        let kind = match e.kind.as_str() {
-            "dir" => Kind::Dir,
-            "reg" => Kind::File,
-            "symlink" => Kind::Symlink,
-            "hardlink" => Kind::Hardlink,
-            "char" => Kind::Char,
-            "block" => Kind::Block,
-            "fifo" => Kind::Fifo,
-            other => return Err(bad(format!("{:?}: unknown entry type {other:?}", e.name))),
-        };
-        let (path, kind) = index::classify(raw.as_bytes(), kind)?;
-        let link = match kind {
-            Kind::Symlink => Some(e.link_name.clone().into()),
-            Kind::Hardlink => Some(index::normalize(e.link_name.as_bytes())?),
-            _ => None,
-        };
-        let mut xattrs = Vec::new();
-        for (k, v) in &e.xattrs {
-            if index::keep_xattr(k) {
-                xattrs.push((k.clone(), base64_decode(v)?));
-            }
-        }
-        let entry = Entry {
-            path: path.clone(),
-            kind,
-            mode: (e.mode & 0o7777) as u32,
-            uid: e.uid,
-            gid: e.gid,
-            size: if kind == Kind::File { e.size } else { 0 },
-            mtime: e.modtime.as_deref().and_then(parse_time).unwrap_or(0),
-            link,
-            dev_major: e.dev_major,
-            dev_minor: e.dev_minor,
-            xattrs,
-            offset: 0,
-            sparse: Vec::new(),
-        };
-        let i = out.index.entries.len();
-        let mut chunks = Vec::new();
-        if kind == Kind::File && e.size > 0 {
-            let first = if e.chunk_size == 0 {
-                e.size
-            } else {
-                e.chunk_size
-            };
-            chunks.push(Chunk {
-                offset: e.offset,
-                end: end_of(e.offset)?,
-                file_offset: 0,
-                size: first,
-                digest: chunk_digest(e)?,
-            });
-        }
-        if !landmark_seen && kind == Kind::File {
-            out.prefetch.push(i);
-        }
-        by_name.insert(path, i);
-        out.index.entries.push(entry);
-        out.chunks.push(chunks);
     }
-    if !landmark_seen {
-        out.prefetch.clear();
-    }
-    // Chunks must tile each file exactly: a gap or an overlap would serve wrong bytes.
+    Ok(Entry {
+        path,
+        kind,
+        mode: (e.mode & 0o7777) as u32,
+        uid: e.uid,
+        gid: e.gid,
+        size: if kind == Kind::File { e.size } else { 0 },
+        mtime: e.modtime.as_deref().and_then(parse_time).unwrap_or(0),
+        link,
+        dev_major: e.dev_major,
+        dev_minor: e.dev_minor,
+        xattrs,
+        offset: 0,
+        sparse: Vec::new(),
+    })
+}
+
+/// Chunks must tile each file exactly: a gap or an overlap would serve wrong bytes. Sorts
+/// each file's chunks by their offset in the file.
+fn check_tiling(out: &mut TocLayer) -> Result<()> {
     for (i, chunks) in out.chunks.iter_mut().enumerate() {
         chunks.sort_by_key(|c| c.file_offset);
         let mut at = 0;
@@ -416,7 +449,7 @@ pub fn parse_toc(json: &[u8], toc_offset: u64) -> Result<TocLayer> {
             )));
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The bytes of `chunk` from its fetched compressed bytes, verified against its digest.

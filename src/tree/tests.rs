@@ -1,4 +1,5 @@
 use super::*;
+use crate::index::LayerIndex;
 
 fn e(path: &str, kind: Kind) -> Entry {
     Entry {

@@ -3,6 +3,7 @@
 //! a whole blob fetched once where a source ignores ranges.
 
 use std::fs::File;
+use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
@@ -16,6 +17,7 @@ use crate::bufpool;
 use crate::cache::Cache;
 use crate::digest::SpanDigest;
 use crate::error::{Error, Result};
+use crate::index::seek_points::SeekPoints;
 use crate::layer::format::Chunk;
 
 /// A span bigger than this (a single-frame zstd layer has one span) is not fetched by
@@ -71,8 +73,7 @@ impl Fetcher {
         let digest = sp.span_digests.get(k).ok_or_else(|| {
             SpanError::Failed(std::io::Error::other("index has no digest for this span"))
         })?;
-        if let Some(b) = self.cache.load_chunk(digest) {
-            self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = self.stored_chunk(digest) {
             return Ok(b);
         }
         if layer.no_ranges.load(Ordering::Relaxed) || layer.descriptor.size_unknown {
@@ -94,20 +95,29 @@ impl Fetcher {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Dropped before `_turn`: however this ends, the gate goes with the turn.
         let _done = Done(&self.gates, (layer.id, k));
-        if let Some(b) = self.cache.load_chunk(digest) {
-            self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = self.stored_chunk(digest) {
             return Ok(b);
         }
+        self.fetch_span(layer, k, (a, b), digest)
+    }
+
+    /// Span `k`, bytes `[a, b)` of `layer`'s blob, fetched by range and checked against
+    /// `digest`, up to [`RANGE_ATTEMPTS`] times; kept in the chunk store when it verifies.
+    /// The caller holds the span's gate.
+    fn fetch_span(
+        &self,
+        layer: &LayerData,
+        k: usize,
+        (a, b): (u64, u64),
+        digest: &SpanDigest,
+    ) -> std::result::Result<Bytes, SpanError> {
         let what = || format!("span {k} (bytes {a}-{b}) of layer {}", layer.digest);
         let mut last = None;
         for attempt in 1..=RANGE_ATTEMPTS {
             let t = std::time::Instant::now();
             match self.read_range(layer, a, b) {
                 Ok(Some(bytes)) => {
-                    self.stats.ranges.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .range_bytes
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.count_range(bytes.len() as u64);
                     let actual = SpanDigest::of(&bytes);
                     if actual == *digest {
                         tracing::debug!("fetched {} in {:.1?}", what(), t.elapsed());
@@ -147,11 +157,23 @@ impl Fetcher {
         Err(SpanError::Failed(last.expect("at least one attempt")))
     }
 
+    /// A chunk (a span or an eStargz chunk) from the chunk store, counted as a hit.
+    fn stored_chunk<N: crate::cache::ChunkName>(&self, digest: &N) -> Option<Bytes> {
+        let b = self.cache.load_chunk(digest)?;
+        self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
+        Some(b)
+    }
+
+    /// Count one range request that brought `bytes`.
+    fn count_range(&self, bytes: u64) {
+        self.stats.ranges.fetch_add(1, Ordering::Relaxed);
+        self.stats.range_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// The bytes of a TOC layer's chunk (eStargz): from the chunk store (stored uncompressed,
     /// under the chunk's digest), or fetched by range, decoded and verified.
     pub(super) fn toc_chunk(&self, layer: &LayerData, chunk: &Chunk) -> std::io::Result<Vec<u8>> {
-        if let Some(b) = self.cache.load_chunk(&chunk.digest) {
-            self.stats.chunk_hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = self.stored_chunk(&chunk.digest) {
             return Ok(b.to_vec());
         }
         let what = || {
@@ -164,10 +186,7 @@ impl Fetcher {
         for attempt in 1..=RANGE_ATTEMPTS {
             let res = match self.read_range(layer, chunk.offset, chunk.end) {
                 Ok(Some(bytes)) => {
-                    self.stats.ranges.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .range_bytes
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.count_range(bytes.len() as u64);
                     match &layer.toc {
                         Some(toc) => toc.format.decode_chunk(chunk, &bytes),
                         None => Err(Error::malformed("layer", "chunks of a layer without a TOC")),
@@ -205,28 +224,13 @@ impl Fetcher {
     /// effort: a span that fails here is fetched again, alone, by the read that needs it.
     ///
     /// Returns the spans of `ks` that did not come in verified.
-    pub(super) fn fetch_batch(&self, layer: &LayerData, ks: std::ops::Range<usize>) -> Vec<usize> {
+    pub(super) fn fetch_batch(&self, layer: &LayerData, ks: Range<usize>) -> Vec<usize> {
         let all = ks.clone().collect();
         let Ok(sp) = layer.seek() else { return all };
-        let size = layer.descriptor.size;
-        let mut bounds: Vec<(u64, u64)> = ks.clone().map(|k| sp.span_range(k, size)).collect();
-        // No more than MAX_RANGE in one request: the batch is cut short (its first span
-        // alone may be more, and is then left to its reader).
-        let a = bounds.first().map_or(0, |s| s.0);
-        bounds.truncate(bounds.partition_point(|s| s.1.saturating_sub(a) <= MAX_RANGE));
-        let ks = ks.start..ks.start + bounds.len();
-        let Some(&(_, b)) = bounds.last() else {
+        let Some((ks, bounds)) = batch_bounds(sp, layer.descriptor.size, ks) else {
             return all;
         };
-        // Each span starts inside the one before (they share a byte when a seek point falls
-        // inside one) and ends after it; anything else is a malformed index, which the
-        // reader's own fetch will report.
-        let contiguous = bounds
-            .windows(2)
-            .all(|w| w[0].0 <= w[1].0 && w[1].0 <= w[0].1 && w[0].1 <= w[1].1);
-        if b <= a || !contiguous || bounds.iter().any(|(x, y)| y <= x) {
-            return all;
-        }
+        let (a, b) = (bounds[0].0, bounds[bounds.len() - 1].1);
         // Claim every span first, so that readers wait for this fetch instead of repeating it.
         let gates: Vec<_> = ks.clone().map(|k| self.gates.gate((layer.id, k))).collect();
         let mut turns: Vec<_> = gates
@@ -237,76 +241,10 @@ impl Fetcher {
         let digests: Vec<SpanDigest> = ks.clone().map(|k| sp.span_digests[k]).collect();
         // The body is read and hashed on the runtime (where socket reads are cheap); spans
         // come here one at a time, checked, to be stored and handed to their readers.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, bool, Bytes)>(2);
+        let (tx, rx) = tokio::sync::mpsc::channel::<BatchSpan>(2);
         let (src, desc, want) = (layer.src.clone(), layer.descriptor.clone(), digests.clone());
-        let stream_task = self.rt.spawn(async move {
-            let Some(mut body) = src.range_stream(&desc, a, b).await? else {
-                return Ok::<_, Error>(false);
-            };
-            let mut i = 0;
-            let mut pos = a;
-            let mut buf = bufpool::take((bounds[0].1 - bounds[0].0) as usize);
-            let mut hasher = blake3::Hasher::new();
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| Error::Io {
-                    context: format!("reading bytes {a}-{b} of {}", desc.digest),
-                    cause: e,
-                })?;
-                let mut c = &chunk[..];
-                while !c.is_empty() && i < bounds.len() {
-                    // `buf` holds span i's bytes `[start, pos)`.
-                    let (sa, sb) = bounds[i];
-                    let take = c.len().min((sb - pos) as usize);
-                    hasher.update(&c[..take]);
-                    buf.extend_from_slice(&c[..take]);
-                    c = &c[take..];
-                    pos += take as u64;
-                    if pos < sb {
-                        continue;
-                    }
-                    let next = bounds.get(i + 1).map_or(0, |&(na, nb)| (nb - na) as usize);
-                    let span = bufpool::freeze(std::mem::replace(&mut buf, bufpool::take(next)));
-                    let good = SpanDigest::of_hasher(&hasher) == want[i];
-                    hasher.reset();
-                    if tx.send((i, good, span.clone())).await.is_err() {
-                        return Ok(true);
-                    }
-                    i += 1;
-                    if let Some(&(na, nb)) = bounds.get(i) {
-                        let shared = &span[(na - sa) as usize..];
-                        debug_assert!(buf.capacity() >= (nb - na) as usize);
-                        buf.extend_from_slice(shared);
-                        hasher.update(shared);
-                    }
-                }
-                if i == bounds.len() {
-                    break;
-                }
-            }
-            Ok(true)
-        });
-        let mut got = 0u64;
-        let mut verified = vec![false; ks.len()];
-        while let Some((i, good, span)) = rx.blocking_recv() {
-            let k = ks.start + i;
-            got += span.len() as u64;
-            if good {
-                self.keep_chunk(layer, &digests[i], &span);
-                verified[i] = true;
-            } else {
-                tracing::warn!(
-                    "read-ahead: span {k} of layer {} does not match its digest; dropped",
-                    layer.digest
-                );
-            }
-            // Out of the gates first, then the turn: a waiter wakes to find the span.
-            self.gates.done(&(layer.id, k));
-            turns[i] = None;
-        }
-        if got > 0 {
-            self.stats.ranges.fetch_add(1, Ordering::Relaxed);
-            self.stats.range_bytes.fetch_add(got, Ordering::Relaxed);
-        }
+        let stream_task = self.rt.spawn(stream_spans(src, desc, bounds, want, tx));
+        let verified = self.receive_spans(layer, &ks, &digests, rx, &mut turns);
         match self.rt.block_on(stream_task) {
             Ok(Ok(true)) => tracing::debug!(
                 "read ahead spans {ks:?} ({} bytes) of layer {} in {:.1?}",
@@ -328,6 +266,41 @@ impl Fetcher {
         all.into_iter()
             .filter(|&k| !ks.contains(&k) || !verified[k - ks.start])
             .collect()
+    }
+
+    /// Take a batch's spans as [`stream_spans`] sends them (the `i`th is span
+    /// `ks.start + i`): store each that verified, and let its readers go at once by
+    /// leaving its gate and dropping its turn. Returns which spans verified.
+    fn receive_spans(
+        &self,
+        layer: &LayerData,
+        ks: &Range<usize>,
+        digests: &[SpanDigest],
+        mut rx: tokio::sync::mpsc::Receiver<BatchSpan>,
+        turns: &mut [Option<std::sync::MutexGuard<'_, ()>>],
+    ) -> Vec<bool> {
+        let mut got = 0u64;
+        let mut verified = vec![false; ks.len()];
+        while let Some((i, good, span)) = rx.blocking_recv() {
+            let k = ks.start + i;
+            got += span.len() as u64;
+            if good {
+                self.keep_chunk(layer, &digests[i], &span);
+                verified[i] = true;
+            } else {
+                tracing::warn!(
+                    "read-ahead: span {k} of layer {} does not match its digest; dropped",
+                    layer.digest
+                );
+            }
+            // Out of the gates first, then the turn: a waiter wakes to find the span.
+            self.gates.done(&(layer.id, k));
+            turns[i] = None;
+        }
+        if got > 0 {
+            self.count_range(got);
+        }
+        verified
     }
 
     /// Every span of `layer` into the chunk store (`--prefetch all`): the missing ones in
@@ -419,4 +392,94 @@ impl Fetcher {
         let f = File::open(&path)?;
         Ok(layer.local.get_or_init(|| f))
     }
+}
+
+/// One span of a batch as [`stream_spans`] hands it over: its position in the batch,
+/// whether it matched its digest, its bytes.
+type BatchSpan = (usize, bool, Bytes);
+
+/// Each span's compressed bytes `[start, end)` in the blob, in order.
+type Bounds = Vec<(u64, u64)>;
+
+/// The spans `ks` can be fetched as one range, and each one's bytes (`span_range`): cut
+/// short at [`MAX_RANGE`] bytes in all. `None` when no span fits, or the index's ranges are
+/// not a run of overlapping or touching spans (a malformed index, which the reader's own
+/// fetch will report).
+fn batch_bounds(sp: &SeekPoints, size: u64, ks: Range<usize>) -> Option<(Range<usize>, Bounds)> {
+    let mut bounds: Bounds = ks.clone().map(|k| sp.span_range(k, size)).collect();
+    // No more than MAX_RANGE in one request: the batch is cut short (its first span
+    // alone may be more, and is then left to its reader).
+    let a = bounds.first().map_or(0, |s| s.0);
+    bounds.truncate(bounds.partition_point(|s| s.1.saturating_sub(a) <= MAX_RANGE));
+    let ks = ks.start..ks.start + bounds.len();
+    let &(_, b) = bounds.last()?;
+    // Each span starts inside the one before (they share a byte when a seek point falls
+    // inside one) and ends after it; anything else is a malformed index, which the
+    // reader's own fetch will report.
+    let contiguous = bounds
+        .windows(2)
+        .all(|w| w[0].0 <= w[1].0 && w[1].0 <= w[0].1 && w[0].1 <= w[1].1);
+    if b <= a || !contiguous || bounds.iter().any(|(x, y)| y <= x) {
+        return None;
+    }
+    Some((ks, bounds))
+}
+
+/// Stream bytes `[bounds[0].0, last end)` of the blob and cut them into the spans `bounds`,
+/// each hashed as it arrives and sent to `tx` with whether it matched `want` (a byte two
+/// spans share is copied into both). `false` when the source ignores ranges. Runs on the
+/// runtime; each span is gathered once, into a pooled buffer of its size taken before its
+/// bytes come.
+async fn stream_spans(
+    src: std::sync::Arc<crate::source::Source>,
+    desc: crate::manifest::Descriptor,
+    bounds: Bounds,
+    want: Vec<SpanDigest>,
+    tx: tokio::sync::mpsc::Sender<BatchSpan>,
+) -> Result<bool> {
+    let (a, b) = (bounds[0].0, bounds[bounds.len() - 1].1);
+    let Some(mut body) = src.range_stream(&desc, a, b).await? else {
+        return Ok(false);
+    };
+    let mut i = 0;
+    let mut pos = a;
+    let mut buf = bufpool::take((bounds[0].1 - bounds[0].0) as usize);
+    let mut hasher = blake3::Hasher::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Error::Io {
+            context: format!("reading bytes {a}-{b} of {}", desc.digest),
+            cause: e,
+        })?;
+        let mut c = &chunk[..];
+        while !c.is_empty() && i < bounds.len() {
+            // `buf` holds span i's bytes `[start, pos)`.
+            let (sa, sb) = bounds[i];
+            let take = c.len().min((sb - pos) as usize);
+            hasher.update(&c[..take]);
+            buf.extend_from_slice(&c[..take]);
+            c = &c[take..];
+            pos += take as u64;
+            if pos < sb {
+                continue;
+            }
+            let next = bounds.get(i + 1).map_or(0, |&(na, nb)| (nb - na) as usize);
+            let span = bufpool::freeze(std::mem::replace(&mut buf, bufpool::take(next)));
+            let good = SpanDigest::of_hasher(&hasher) == want[i];
+            hasher.reset();
+            if tx.send((i, good, span.clone())).await.is_err() {
+                return Ok(true);
+            }
+            i += 1;
+            if let Some(&(na, nb)) = bounds.get(i) {
+                let shared = &span[(na - sa) as usize..];
+                debug_assert!(buf.capacity() >= (nb - na) as usize);
+                buf.extend_from_slice(shared);
+                hasher.update(shared);
+            }
+        }
+        if i == bounds.len() {
+            break;
+        }
+    }
+    Ok(true)
 }
