@@ -178,4 +178,3 @@ fn schema1_platform(config: &[u8], architecture: String) -> Platform {
         variant: None,
     }
 }
-

@@ -314,15 +314,15 @@ async fn open_toc(
             .ok_or_else(no_range)?
     };
     let range = format.toc_range(&footer, &desc.annotations, size)?;
-    let toc = match cache.load_chunk(toc_digest) {
-        Some(toc) => toc.to_vec(),
+    let covered = match cache.load_chunk(toc_digest) {
+        Some(covered) => covered.to_vec(),
         None => {
             let stored = src
                 .read_range(desc, range.start, range.end)
                 .await?
                 .ok_or_else(no_range)?;
-            let toc = format.toc_bytes(&stored)?;
-            let actual = Digest::of(&toc);
+            let covered = format.covered(&stored)?;
+            let actual = Digest::of(&covered);
             if actual != *toc_digest {
                 return Err(Error::DigestMismatch {
                     what: format!("{} TOC of layer {}", format.name(), desc.digest),
@@ -330,11 +330,11 @@ async fn open_toc(
                     actual,
                 });
             }
-            if let Err(e) = cache.store_chunk(toc_digest, &toc) {
+            if let Err(e) = cache.store_chunk(toc_digest, &covered) {
                 tracing::warn!("not keeping the TOC of {}: {e}", desc.digest);
             }
-            toc
+            covered
         }
     };
-    format.parse(&toc, range.start)
+    format.parse(&format.json(&covered)?, range.start)
 }

@@ -4,7 +4,7 @@
 //! - [`Seekable`]: stream formats, indexed by decompressing the blob once and recording a
 //!   seek point per span (gzip with zran and stored blocks, zstd frames, plain tar). A read
 //!   decompresses from the nearest seek point.
-//! - [`TocFormat`]: formats that carry their own index (eStargz; zstd:chunked next), found
+//! - [`TocFormat`]: formats that carry their own index (eStargz, zstd:chunked), found
 //!   from the layer's annotations and the blob's tail; each file's data is a list of chunks
 //!   fetched and decoded one by one.
 
@@ -81,6 +81,8 @@ pub struct Chunk {
     pub file_offset: u64,
     pub size: u64,
     pub digest: Digest,
+    /// A run of zeros (a hole): made here, never fetched.
+    pub zeros: bool,
 }
 
 /// A layer as its TOC describes it.
@@ -119,8 +121,12 @@ pub trait TocFormat: Send + Sync {
         size: u64,
     ) -> Result<Range<u64>>;
 
-    /// The TOC's bytes (what its digest covers) out of the blob's `[toc_range)`.
-    fn toc_bytes(&self, stored: &[u8]) -> Result<Vec<u8>>;
+    /// What the TOC digest covers, out of the blob's `[toc_range)` (kept in the chunk store
+    /// under that digest).
+    fn covered(&self, stored: &[u8]) -> Result<Vec<u8>>;
+
+    /// The TOC's JSON from what its digest covers.
+    fn json(&self, covered: &[u8]) -> Result<Vec<u8>>;
 
     /// The verified TOC as an index and chunk tables; `toc_offset` ends the last chunk.
     fn parse(&self, toc: &[u8], toc_offset: u64) -> Result<TocLayer>;
@@ -130,7 +136,8 @@ pub trait TocFormat: Send + Sync {
 }
 
 /// Every TOC format imgfs reads.
-const TOC_FORMATS: [&dyn TocFormat; 1] = [&super::estargz::Estargz];
+const TOC_FORMATS: [&dyn TocFormat; 2] =
+    [&super::estargz::Estargz, &super::zstd_chunked::ZstdChunked];
 
 /// The TOC format a layer announces (and its TOC digest), if any.
 pub fn toc_format(

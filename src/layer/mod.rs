@@ -1,12 +1,15 @@
 //! Layer blobs as tar streams: undo gzip or zstd (or nothing) on a verified blob, as one
 //! stream (`decompress`), or at random, through the traits of `format` with one
-//! implementation per format (`gzip`, `zstd`, plain in `span`, `estargz`).
+//! implementation per format (`gzip`, `zstd`, plain in `span`, `estargz`, `zstd_chunked`; the
+//! last two share the TOC of `toc`).
 
 pub mod estargz;
 pub mod format;
 pub mod gzip;
 pub mod span;
+pub mod toc;
 pub mod zstd;
+pub mod zstd_chunked;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};

@@ -1,4 +1,4 @@
-//! Range fetching for a view: compressed spans and eStargz chunks fetched by range, verified
+//! Range fetching for a view: compressed spans and TOC chunks (eStargz, zstd:chunked) fetched by range, verified
 //! (span by span as a batch streams in), kept in the cache's chunk store within its bound;
 //! a whole blob fetched once where a source ignores ranges.
 
@@ -170,15 +170,20 @@ impl Fetcher {
         self.stats.range_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// The bytes of a TOC layer's chunk (eStargz): from the chunk store (stored uncompressed,
+    /// The bytes of a TOC layer's chunk (eStargz, zstd:chunked): from the chunk store (stored uncompressed,
     /// under the chunk's digest), or fetched by range, decoded and verified.
     pub(super) fn toc_chunk(&self, layer: &LayerData, chunk: &Chunk) -> std::io::Result<Vec<u8>> {
+        if chunk.zeros {
+            // The TOC says so, and the TOC is verified.
+            return Ok(vec![0; chunk.size as usize]);
+        }
         if let Some(b) = self.stored_chunk(&chunk.digest) {
             return Ok(b.to_vec());
         }
+        let format = layer.toc.as_ref().map_or("TOC", |t| t.format.name());
         let what = || {
             format!(
-                "eStargz chunk at {} of layer {}",
+                "{format} chunk at {} of layer {}",
                 chunk.offset, layer.digest
             )
         };
@@ -193,7 +198,7 @@ impl Fetcher {
                     }
                 }
                 Ok(None) => Err(Error::Unsupported {
-                    what: "source for eStargz chunks".into(),
+                    what: format!("source for {format} chunks"),
                     value: format!("{} (it ignores Range)", layer.src.name()),
                 }),
                 Err(e) => Err(e),

@@ -43,7 +43,7 @@ pub struct LayerData {
     pub(super) id: u32,
     /// Where the layer's bytes come from (the source of the image it was opened with).
     pub(super) src: Arc<crate::source::Source>,
-    /// For a layer read through its TOC (eStargz): each file's chunks.
+    /// For a layer read through its TOC (eStargz, zstd:chunked): each file's chunks.
     pub(super) toc: Option<TocFiles>,
     /// For a gzip layer read from its local blob: the run of stored blocks from each span's
     /// checkpoint (None: the span starts compressed), walked on first use.

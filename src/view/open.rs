@@ -1,5 +1,5 @@
 //! Opening a view: each layer's index obtained (`crate::obtain`: the cache, a published index
-//! artifact, an eStargz TOC, or streaming the layer once), then the layers merged into one
+//! artifact, a TOC (eStargz, zstd:chunked), or streaming the layer once), then the layers merged into one
 //! tree.
 
 use std::fs::File;

@@ -1,5 +1,5 @@
 //! Reads: a file's bytes from its layer — a local blob, the piece cache, spans fetched by
-//! range, eStargz chunks; sparse files' holes as zeros.
+//! range, chunks of TOC layers (eStargz, zstd:chunked); sparse files' holes as zeros.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -121,7 +121,7 @@ impl Reader {
         self.read_spans(layer, start, len, file_end, exact)
     }
 
-    /// Read `len` bytes at `offset` of eStargz file `entry`, chunk by chunk.
+    /// Read `len` bytes at `offset` of TOC-layer file `entry`, chunk by chunk.
     pub(super) fn read_toc(
         &self,
         layer: &LayerData,
