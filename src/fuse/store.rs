@@ -17,7 +17,7 @@
 //! then pulls it itself. Inode numbers: the store's own nodes count from 1; the diff tree of
 //! the layer in slot `k` (1-based) is `k << 32 | (tree inode + 1)`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -30,13 +30,12 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-use super::{TTL, file_type, libc_flags, reply_xattr, tree_attr};
-use crate::digest::Digest;
-use crate::index::Kind;
-use crate::store::{Store, StoreLayer};
-use crate::tree::{DentryId, InodeId, ROOT};
+use super::{TTL, file_type, libc_flags, reply_xattr};
+use crate::store::Store;
 
-const SLOT_SHIFT: u32 = 32;
+mod nodes;
+use nodes::{Ino, Node, Nodes, attr_of, reference_of, split_ino, tree_ino};
+
 const STATUS: &[u8] = b".status";
 /// The status file's inode (the root is 1).
 const STATUS_INO: u64 = 2;
@@ -47,121 +46,6 @@ pub struct StoreFs {
     nodes: Arc<RwLock<Nodes>>,
     /// Shown as every store node's times.
     started: SystemTime,
-}
-
-/// The store's own nodes, and the layers being served.
-#[derive(Default)]
-struct Nodes {
-    /// Inode `i + 1` is `list[i]`; the root is first.
-    list: Vec<Node>,
-    /// The root's children: reference directories by name.
-    refs: HashMap<Vec<u8>, u64>,
-    /// Layer `k` (1-based) is `slots[k - 1]`; a layer under several references has one.
-    slots: Vec<Served>,
-    slot_of: HashMap<Digest, u64>,
-}
-
-enum Node {
-    Root,
-    Status,
-    RefDir {
-        reference: String,
-        layers: BTreeMap<Vec<u8>, u64>,
-    },
-    LayerDir {
-        slot: u64,
-        info: u64,
-        blob: u64,
-    },
-    Info(u64),
-    Blob(u64),
-}
-
-/// A layer being served, with each directory inode's entry (as `ImageFs` keeps them).
-struct Served {
-    layer: Arc<StoreLayer>,
-    dir_dentry: HashMap<InodeId, DentryId>,
-}
-
-/// What an inode number names.
-enum Ino {
-    Store(u64),
-    Tree(u64, InodeId),
-}
-
-fn split_ino(ino: INodeNo) -> Option<Ino> {
-    let n = u64::from(ino);
-    match n >> SLOT_SHIFT {
-        0 => Some(Ino::Store(n)),
-        slot => Some(Ino::Tree(
-            slot,
-            (n & 0xffff_ffff).checked_sub(1)? as InodeId,
-        )),
-    }
-}
-
-fn tree_ino(slot: u64, i: InodeId) -> INodeNo {
-    INodeNo((slot << SLOT_SHIFT) | (i as u64 + 1))
-}
-
-/// The reference a root entry's name encodes: standard base64 with padding, as
-/// containers/storage writes it, of a reference as it prints one (`host/repo:tag`).
-fn reference_of(name: &[u8]) -> Option<String> {
-    use base64::Engine;
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(name)
-        .ok()?;
-    let reference = String::from_utf8(raw).ok()?;
-    (!reference.is_empty() && !reference.contains(char::is_whitespace)).then_some(reference)
-}
-
-impl Nodes {
-    fn node(&self, ino: u64) -> Option<&Node> {
-        self.list.get(usize::try_from(ino).ok()?.checked_sub(1)?)
-    }
-
-    fn push(&mut self, node: Node) -> u64 {
-        self.list.push(node);
-        self.list.len() as u64
-    }
-
-    fn served(&self, slot: u64) -> Option<&Served> {
-        self.slots.get(usize::try_from(slot).ok()?.checked_sub(1)?)
-    }
-
-    /// The layer directory for `layer` under reference directory `parent`, made if new.
-    fn add_layer(&mut self, parent: u64, name: &[u8], layer: Arc<StoreLayer>) -> u64 {
-        if let Some(Node::RefDir { layers, .. }) = self.node(parent)
-            && let Some(&ino) = layers.get(name)
-        {
-            return ino;
-        }
-        let digest = layer.descriptor.digest.clone();
-        let slot = match self.slot_of.get(&digest) {
-            Some(&slot) => slot,
-            None => {
-                let tree = &layer.view.tree;
-                let dir_dentry = tree
-                    .walk()
-                    .into_iter()
-                    .chain([ROOT])
-                    .map(|d| (tree.dentries[d as usize].inode, d))
-                    .filter(|(i, _)| tree.inodes[*i as usize].meta.kind == Kind::Dir)
-                    .collect();
-                self.slots.push(Served { layer, dir_dentry });
-                let slot = self.slots.len() as u64;
-                self.slot_of.insert(digest, slot);
-                slot
-            }
-        };
-        let info = self.push(Node::Info(slot));
-        let blob = self.push(Node::Blob(slot));
-        let ino = self.push(Node::LayerDir { slot, info, blob });
-        if let Some(Node::RefDir { layers, .. }) = self.list.get_mut(parent as usize - 1) {
-            layers.insert(name.to_vec(), ino);
-        }
-        ino
-    }
 }
 
 impl StoreFs {
@@ -176,50 +60,6 @@ impl StoreFs {
             started: SystemTime::now(),
         }
     }
-}
-
-/// The attributes of inode `ino`; the store's own nodes show `started` as their times.
-fn attr_of(nodes: &Nodes, started: SystemTime, ino: INodeNo) -> Option<FileAttr> {
-    match split_ino(ino)? {
-        Ino::Store(n) => store_attr(nodes, started, n),
-        Ino::Tree(slot, i) => {
-            let tree = &nodes.served(slot)?.layer.view.tree;
-            ((i as usize) < tree.inodes.len()).then(|| tree_attr(tree, i, tree_ino(slot, i)))
-        }
-    }
-}
-
-fn store_attr(nodes: &Nodes, started: SystemTime, ino: u64) -> Option<FileAttr> {
-    let (kind, size) = match nodes.node(ino)? {
-        Node::Root | Node::RefDir { .. } | Node::LayerDir { .. } => (FileType::Directory, 0),
-        Node::Status => (FileType::RegularFile, 0),
-        Node::Info(slot) => (
-            FileType::RegularFile,
-            nodes.served(*slot)?.layer.info.len() as u64,
-        ),
-        Node::Blob(slot) => (
-            FileType::RegularFile,
-            nodes.served(*slot)?.layer.descriptor.size,
-        ),
-    };
-    let dir = kind == FileType::Directory;
-    Some(FileAttr {
-        ino: INodeNo(ino),
-        size,
-        blocks: size.div_ceil(512),
-        atime: started,
-        mtime: started,
-        ctime: started,
-        crtime: started,
-        kind,
-        perm: if dir { 0o755 } else { 0o444 },
-        nlink: if dir { 2 } else { 1 },
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        flags: 0,
-        blksize: 4096,
-    })
 }
 
 impl StoreFs {
