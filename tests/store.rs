@@ -385,6 +385,55 @@ fn the_store_runs_as_a_daemon_until_umount() {
     m.unmount(&cache);
 }
 
+#[test]
+fn podman_pulls_a_layer_the_store_cannot_serve_and_the_store_says_why() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let (lower, upper) = two_layers(&show_binary(work.path()));
+    FixtureImage::new("amd64", vec![lower.clone(), upper]).push(&reg.host, "store/mixed", "v1");
+    let reference = format!("{}/store/mixed:v1", reg.host);
+    // The lower layer (a static program) expands past the store's limit: refused, and
+    // pulled by podman; the upper one is served.
+    let store = Served::start(
+        &work.path().join("cache"),
+        &work.path().join("als"),
+        &["--max-uncompressed-size", "64KiB"],
+    );
+    let podman = Podman::new(work.path(), &store.dir);
+    let out = podman.run(&[
+        "run",
+        "--rm",
+        "--tls-verify=false",
+        "--network=none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        &reference,
+        "/bin/show",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout,
+        "/etc/base: from the lower layer\n/etc/top: from the upper layer\n/etc/gone: absent\nopq: new\n"
+    );
+    let status = store.status();
+    assert!(
+        status.contains("served 1") && status.contains("refused 1"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&lower.digest().to_string()) && status.contains("max-uncompressed-size"),
+        "{status}"
+    );
+    let _ = podman.run(&["rmi", "-a", "-f"]);
+}
+
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let out = Command::new("getfattr")
         .args(["--only-values", "-h", "-n", name])
