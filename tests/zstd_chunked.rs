@@ -1,6 +1,6 @@
 //! zstd:chunked layers made by a real producer (Debian's skopeo 1.9, `--dest-compress-format
 //! zstd:chunked`): a mount from an empty cache fetches the TOCs and nothing else before reads,
-//! the mounted tree equals the pulled one byte for byte, the current annotation keys work as
+//! the mounted tree equals the pulled one byte for byte (and the pull umoci's unpack), the current annotation keys work as
 //! the legacy ones do, and a tampered TOC, a damaged chunk or a position past the blob's end
 //! give a clear error or a fallback, never wrong bytes.
 
@@ -145,6 +145,19 @@ fn a_mount_reads_only_the_tocs_then_serves_the_pulled_tree() {
             &["pull", "-q", &image, pulled.to_str().unwrap()],
         );
         assert_same_tree(&m.dir, &pulled, name);
+        if name == "legacy" {
+            // The pull equals umoci's unpack of the same layers uncompressed (Debian's umoci
+            // reads no zstd).
+            let bundle = work.path().join("bundle");
+            let ok = Command::new("umoci")
+                .args(["unpack", "--image"])
+                .arg(format!("{}:v1", work.path().join("plain").display()))
+                .arg(&bundle)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "umoci unpack");
+            assert_same_tree(&pulled, &bundle.join("rootfs"), "pull vs umoci");
+        }
         assert!(!m.dir.join("gone").exists());
         m.unmount(&cache);
     }
