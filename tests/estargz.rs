@@ -8,6 +8,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use common::compare::assert_same_tree;
+use common::containerd::Containerd;
 use common::estargz::{self, Entry};
 use common::mounted::Mounted;
 use common::proxy::Proxy;
@@ -281,82 +282,6 @@ fn chunk_offset_of(toc: &[u8], name: &str) -> u64 {
         .find(|e| e["name"] == name && e["type"] == "reg")
         .and_then(|e| e["offset"].as_u64())
         .unwrap()
-}
-
-/// A containerd daemon of the test's own (temporary root, state and socket), for
-/// `ctr-remote`, stargz-snapshotter's converter: an eStargz producer that is not ours.
-struct Containerd {
-    dir: tempfile::TempDir,
-    child: std::process::Child,
-}
-
-impl Containerd {
-    fn start() -> Containerd {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::write(
-            d.join("config.toml"),
-            format!(
-                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/sock\"\n",
-                d.display()
-            ),
-        )
-        .unwrap();
-        let child = std::process::Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .stdout(std::fs::File::create(d.join("log")).unwrap())
-            .stderr(std::fs::File::create(d.join("err")).unwrap())
-            .spawn()
-            .expect("containerd (Debian containerd) is installed by scripts/test");
-        let c = Containerd { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.ctr(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "containerd did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c
-    }
-
-    fn ctr(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new("ctr-remote")
-            .arg("-a")
-            .arg(self.dir.path().join("sock"))
-            .args(args)
-            .output()
-            .expect("ctr-remote (Debian stargz-snapshotter) is installed by scripts/test")
-    }
-
-    /// Run a ctr-remote command that must succeed. Retried: once in a dozen runs here a
-    /// command failed right after the daemon came up (the error is printed); these commands
-    /// are idempotent.
-    fn ctr_ok(&self, args: &[&str]) {
-        let mut out = self.ctr(args);
-        for _ in 0..2 {
-            if out.status.success() {
-                break;
-            }
-            eprintln!(
-                "ctr-remote {args:?} failed, retrying: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(500));
-            out = self.ctr(args);
-        }
-        assert!(
-            out.status.success(),
-            "ctr-remote {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! zstd:chunked layers made by a real producer (Debian's skopeo 1.9, `--dest-compress-format
-//! zstd:chunked`): a mount from an empty cache fetches the TOCs and nothing else before reads,
+//! zstd:chunked layers made by real producers (Debian's skopeo 1.9, `--dest-compress-format
+//! zstd:chunked`, and stargz-snapshotter's `ctr-remote images convert --zstdchunked`): a mount from an empty cache fetches the TOCs and nothing else before reads,
 //! the mounted tree equals the pulled one byte for byte (and the pull umoci's unpack), the current annotation keys work as
 //! the legacy ones do, and a tampered TOC, a damaged chunk or a position past the blob's end
 //! give a clear error or a fallback, never wrong bytes.
@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::compare::assert_same_tree;
+use common::containerd::Containerd;
 use common::layers::Tar;
 use common::mounted::Mounted;
 use common::*;
@@ -235,5 +236,71 @@ fn bad_tocs_and_chunks_are_refused_or_fall_back_never_wrong_bytes() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     proxy.corrupt_next_ranges(0);
     assert!(std::fs::read(m.dir.join("usr/bin/big")).unwrap() == noise(700_000, 3));
+    m.unmount(&cache);
+}
+
+/// ctr-remote writes zstd:chunked its own way (several files may share a frame, no
+/// `endOffset`, the stargz TOC annotation beside the legacy keys): the same promise holds.
+#[test]
+fn layers_converted_by_ctr_remote_mount_from_their_tocs() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let mut holey = noise(3000, 7);
+    holey.extend(std::iter::repeat_n(0u8, 300_000));
+    let lower = Tar::new()
+        .dir("etc", 0o755)
+        .file("etc/hostname", 0o644, b"converted\n")
+        .file("etc/empty", 0o644, b"")
+        .dir("usr", 0o755)
+        .dir("usr/bin", 0o755)
+        .file("usr/bin/big", 0o755, &noise(5 << 20, 3))
+        .file("usr/bin/holey", 0o644, &holey)
+        .symlink("usr/bin/link", "big")
+        .hardlink("usr/bin/again", "usr/bin/big")
+        .file("gone", 0o644, b"whited out above\n")
+        .bytes();
+    let upper = Tar::new()
+        .file("etc/top", 0o600, &text(50_000, 9))
+        .whiteout("gone")
+        .bytes();
+    FixtureImage::new(
+        "amd64",
+        vec![FixtureLayer::from_tar(lower), FixtureLayer::from_tar(upper)],
+    )
+    .push(&reg.host, "zc/ctr", "gzip");
+    let src = format!("{}/zc/ctr:gzip", reg.host);
+    let dst = format!("{}/zc/ctr:zchunked", reg.host);
+    let ctd = Containerd::start();
+    ctd.ctr_ok(&["images", "pull", "--plain-http", &src]);
+    ctd.ctr_ok(&["images", "convert", "--zstdchunked", "--oci", &src, &dst]);
+    ctd.ctr_ok(&["images", "push", "--plain-http", &dst, &dst]);
+
+    let v = inspect_json(&work.path().join("c0"), &dst, &[]);
+    let layers = v["layers"].as_array().unwrap();
+    let chunked = (layers.iter())
+        .filter(|l| l["annotations"][format!("{LEGACY}manifest-position")].is_string())
+        .count();
+    assert_eq!(chunked, 2, "{v:#}");
+
+    let proxy = proxy::Proxy::start(&reg.host);
+    let image = format!("{}/zc/ctr:zchunked", proxy.host);
+    let cache = work.path().join("c1");
+    let m = Mounted::new(&cache, &image, &work.path().join("mnt"), &["--prefetch", "none"]);
+    assert_eq!(
+        count_files(&cache.join("indexes/sha256")),
+        0,
+        "read through the TOCs"
+    );
+    let whole_gets = (proxy.log().iter())
+        .filter(|l| l.contains("/blobs/") && !l.to_ascii_lowercase().contains("range:"))
+        .count();
+    assert_eq!(whole_gets, 1, "only the config: {:?}", proxy.log());
+    let pulled = work.path().join("pulled");
+    imgfs_ok(
+        &work.path().join("c2"),
+        &["pull", "-q", &src, pulled.to_str().unwrap()],
+    );
+    assert_same_tree(&m.dir, &pulled, "mount of ctr-remote's zstd:chunked vs pull of the original");
+    assert!(!m.dir.join("gone").exists());
     m.unmount(&cache);
 }

@@ -7,7 +7,9 @@ RAW.tsv, one line per measurement, tab-separated:
     metric  run  status  wall_s  bytes  requests  ranged  check  note
 metric: index (imgfs ls building every index through the relay), cat_cold / cat_warm (imgfs
 cat of one small file, empty chunk store / again), read_range (dd of the big file through a
-mount reading by range), download (curl of the big file's layer blob). "-" where nothing was
+mount reading by range), download (curl of the big file's layer blob), esgz_mount / esgz_find
+and zchunked_mount / zchunked_find (the eStargz and zstd:chunked twins: a mount from an empty
+cache, then a find). "-" where nothing was
 measured. key=value pairs go to the JSON's "context".
 """
 
@@ -58,8 +60,13 @@ def main():
         "estargz_mount_s": med("esgz_mount", "wall_s"),
         "estargz_mount_registry_bytes": med("esgz_mount", "bytes"),
         "estargz_find_s": med("esgz_find", "wall_s"),
+        "zchunked_mount_s": med("zchunked_mount", "wall_s"),
+        "zchunked_mount_registry_bytes": med("zchunked_mount", "bytes"),
+        "zchunked_find_s": med("zchunked_find", "wall_s"),
     }
     esgz_bytes = summary["estargz_mount_registry_bytes"]
+    zc_bytes = summary["zchunked_mount_registry_bytes"]
+    zc_total = int(ctx["zchunked_bytes"]) if ctx.get("zchunked_bytes", "").isdigit() else None
     goals = {
         "cat under 50 ms (no relay, empty chunk store)": None if summary["cat_direct_s"] is None
         else summary["cat_direct_s"] < GOALS["cat_s"],
@@ -71,6 +78,10 @@ def main():
         else summary["estargz_mount_s"] < 0.300,
         "eStargz mount fetches under 1% of the image": None if esgz_bytes is None
         else esgz_bytes < 0.01 * image["compressed_bytes"],
+        "zstd:chunked mount under 300 ms": None if summary["zchunked_mount_s"] is None
+        else summary["zchunked_mount_s"] < 0.300,
+        "zstd:chunked mount fetches under 1% of its twin": None if zc_bytes is None or not zc_total
+        else zc_bytes < 0.01 * zc_total,
     }
     mismatches = [r for rs in rows.values() for r in rs if r["check"] and "MISMATCH" in r["check"]]
 
@@ -96,6 +107,11 @@ def main():
           f"({fmt(None if esgz_bytes is None else 100 * esgz_bytes / image['compressed_bytes'], '.3f')}% "
           f"of the gzip layers)")
     print(f"  find on it                       {fmt(summary['estargz_find_s'], '.3f')} s")
+    print(f"  zstd:chunked mount, empty cache  {fmt(summary['zchunked_mount_s'], '.3f')} s, "
+          f"{fmt(zc_bytes, ',.0f')} bytes from the registry "
+          f"({fmt(None if zc_bytes is None or not zc_total else 100 * zc_bytes / zc_total, '.3f')}% "
+          f"of its {fmt(zc_total, ',.0f')} bytes)")
+    print(f"  find on it                       {fmt(summary['zchunked_find_s'], '.3f')} s")
     for g, ok in goals.items():
         print(f"  goal: {g}: {'met' if ok else 'NOT met' if ok is not None else 'n/a'}")
     if mismatches:

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod compare;
+pub mod containerd;
 pub mod estargz;
 pub mod fixtures;
 pub mod layers;
