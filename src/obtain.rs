@@ -11,13 +11,14 @@ use std::sync::Arc;
 use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
+use crate::index::seek_points::SPAN;
 use crate::index::{self, LayerIndex};
 use crate::layer::format::{Chunk, TocFormat, build_index, toc_format};
 use crate::manifest::{Descriptor, Image, Layer};
 use crate::source::Source;
 
 /// How a layer's index may be obtained.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Use an index published in the registry (fetched beforehand by `artifact`).
     pub remote_index: bool,
@@ -27,6 +28,21 @@ pub struct Options {
     pub limits: index::Limits,
     /// Told when a layer is indexed here (it can take a while).
     pub progress: Option<ProgressSink>,
+    /// Uncompressed bytes between the seek points of a layer indexed here: a read fetches
+    /// and decompresses at most about this much more than it asked for.
+    pub span: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            remote_index: false,
+            keep_blobs: false,
+            limits: index::Limits::default(),
+            progress: None,
+            span: SPAN,
+        }
+    }
 }
 
 /// What [`layer_index`] tells its [`ProgressSink`].
@@ -265,12 +281,12 @@ async fn stream_and_index(
     layer: &Layer,
     opts: &Options,
 ) -> Result<(LayerIndex, Option<PathBuf>)> {
-    let (compression, limits) = (layer.compression, opts.limits);
+    let (compression, limits, span) = (layer.compression, opts.limits, opts.span);
     let digest = &layer.descriptor.digest;
     if cache.has_blob(digest) {
         let blob = cache.blob_path(digest);
         let f = std::fs::File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
-        let idx = tokio::task::spawn_blocking(move || build_index(f, compression, limits))
+        let idx = tokio::task::spawn_blocking(move || build_index(f, compression, limits, span))
             .await
             .map_err(Error::worker)??;
         return Ok((idx, Some(blob)));
@@ -281,7 +297,7 @@ async fn stream_and_index(
         &layer.descriptor,
         opts.keep_blobs,
         &|_| {},
-        || move |r| build_index(r, compression, limits),
+        || move |r| build_index(r, compression, limits, span),
         async || Ok(()),
     )
     .await

@@ -444,3 +444,39 @@ fn a_sequential_read_fetches_ahead_in_a_few_requests_and_not_past_its_file() {
     );
     m.unmount(&cache);
 }
+
+#[test]
+fn smaller_spans_make_a_small_read_fetch_less_and_read_the_same_bytes() {
+    let l = lazy_image("lazy/small-spans");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let built = imgfs_ok(
+        &cache,
+        &["index", "build", "--span-size", "256KiB", &l.image],
+    );
+    assert_eq!(built.lines().count(), 3, "{built}");
+
+    l.proxy.reset_counts();
+    assert_eq!(cat(&cache, &l.image, "mid/small.txt").stdout, l.files[1].1);
+    let served = l.proxy.blob_bytes();
+    assert_eq!(ranged_gets(&l.proxy), 1, "{:?}", l.proxy.log());
+    assert!(
+        served <= 256 * 1024 + 64 * 1024,
+        "{served} bytes served for a small file with 256 KiB spans"
+    );
+    for (path, data) in &l.files {
+        let out = cat(&cache, &l.image, path);
+        assert!(
+            out.stdout == *data,
+            "{path}: wrong bytes with 256 KiB spans"
+        );
+    }
+
+    let refused = imgfs(&cache, &["index", "build", "--span-size", "1KiB", &l.image]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("--span-size") && err.contains("64KiB"),
+        "{err}"
+    );
+}

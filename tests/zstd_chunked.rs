@@ -285,7 +285,12 @@ fn layers_converted_by_ctr_remote_mount_from_their_tocs() {
     let proxy = proxy::Proxy::start(&reg.host);
     let image = format!("{}/zc/ctr:zchunked", proxy.host);
     let cache = work.path().join("c1");
-    let m = Mounted::new(&cache, &image, &work.path().join("mnt"), &["--prefetch", "none"]);
+    let m = Mounted::new(
+        &cache,
+        &image,
+        &work.path().join("mnt"),
+        &["--prefetch", "none"],
+    );
     assert_eq!(
         count_files(&cache.join("indexes/sha256")),
         0,
@@ -300,7 +305,11 @@ fn layers_converted_by_ctr_remote_mount_from_their_tocs() {
         &work.path().join("c2"),
         &["pull", "-q", &src, pulled.to_str().unwrap()],
     );
-    assert_same_tree(&m.dir, &pulled, "mount of ctr-remote's zstd:chunked vs pull of the original");
+    assert_same_tree(
+        &m.dir,
+        &pulled,
+        "mount of ctr-remote's zstd:chunked vs pull of the original",
+    );
     assert!(!m.dir.join("gone").exists());
     m.unmount(&cache);
 }

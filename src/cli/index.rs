@@ -32,6 +32,21 @@ struct ImageArg {
     /// Layers fetched and indexed at once
     #[arg(long, short = 'j', default_value_t = 4)]
     jobs: usize,
+    /// Uncompressed bytes between seek points in layers indexed now (a layer already
+    /// indexed in the cache keeps its index): smaller spans make a small read fetch less
+    /// and the index bigger (BENCHMARKS.md, "Span size")
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_span)]
+    span_size: bytesize::ByteSize,
+}
+
+/// A span size imgfs can read back: at least 64 KiB (a checkpoint carries a 32 KiB window),
+/// at most 64 MiB (the largest range a read fetches).
+fn parse_span(s: &str) -> Result<bytesize::ByteSize, String> {
+    let size: bytesize::ByteSize = s.parse()?;
+    if !(64 << 10..=64 << 20).contains(&size.as_u64()) {
+        return Err(format!("{size} is not between 64KiB and 64MiB"));
+    }
+    Ok(size)
 }
 
 pub async fn run(g: &Global, args: IndexArgs) -> Result<()> {
@@ -96,6 +111,7 @@ async fn build(g: &Global, a: &ImageArg) -> Result<Opened> {
     let opts = crate::obtain::Options {
         remote_index: false,
         limits: g.limits(),
+        span: a.span_size.as_u64(),
         ..Default::default()
     };
     let n = image.layers.len();

@@ -24,8 +24,14 @@ impl<T: BufRead + Seek> Blob for T {}
 
 /// A stream format read at random from the seek points recorded while it was indexed.
 pub trait Seekable: Send + Sync {
-    /// Index the tar `blob` decompresses to, recording seek points and span digests.
-    fn index(&self, blob: Box<dyn BufRead + Send>, limits: index::Limits) -> Result<LayerIndex>;
+    /// Index the tar `blob` decompresses to, recording seek points (about every `span`
+    /// uncompressed bytes) and span digests.
+    fn index(
+        &self,
+        blob: Box<dyn BufRead + Send>,
+        limits: index::Limits,
+        span: u64,
+    ) -> Result<LayerIndex>;
 
     /// `len` uncompressed bytes from `start`, decompressed from the last checkpoint at or
     /// before it, into `out` (emptied first; its capacity is used). Fewer come back only at
@@ -49,15 +55,17 @@ pub fn seekable(compression: Compression) -> &'static dyn Seekable {
     }
 }
 
-/// Index a layer blob read from `blob`: entries, and seek points with span digests.
+/// Index a layer blob read from `blob`: entries, and seek points about every `span`
+/// uncompressed bytes, with span digests.
 pub fn build_index(
     blob: impl Read + Send + 'static,
     compression: Compression,
     limits: index::Limits,
+    span: u64,
 ) -> Result<LayerIndex> {
     let buffered =
         std::io::BufReader::with_capacity(256 << 10, super::NotEmpty::new(blob, compression));
-    seekable(compression).index(Box::new(buffered), limits)
+    seekable(compression).index(Box::new(buffered), limits, span)
 }
 
 /// Index the tar an indexing reader produces, then take its seek points: what each

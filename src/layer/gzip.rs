@@ -253,9 +253,14 @@ impl<R: BufRead> Read for IndexingReader<R> {
 pub struct Gzip;
 
 impl Seekable for Gzip {
-    fn index(&self, blob: Box<dyn BufRead + Send>, limits: index::Limits) -> Result<LayerIndex> {
+    fn index(
+        &self,
+        blob: Box<dyn BufRead + Send>,
+        limits: index::Limits,
+        span: u64,
+    ) -> Result<LayerIndex> {
         indexed(
-            IndexingReader::new(blob).ctx(|| "starting to decompress".into())?,
+            IndexingReader::with_span(blob, span).ctx(|| "starting to decompress".into())?,
             IndexingReader::seek_points,
             limits,
         )

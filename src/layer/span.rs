@@ -93,9 +93,10 @@ impl Seekable for Plain {
         &self,
         blob: Box<dyn BufRead + Send>,
         limits: index::Limits,
+        span: u64,
     ) -> crate::error::Result<LayerIndex> {
         indexed(
-            PlainIndexingReader::new(blob),
+            PlainIndexingReader::with_span(blob, span),
             PlainIndexingReader::seek_points,
             limits,
         )

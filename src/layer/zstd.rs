@@ -18,7 +18,7 @@ fn zerr(code: usize) -> std::io::Error {
 }
 
 /// Decompresses a zstd stream (any number of frames) as a `Read`, recording a seek point at
-/// each frame start at least [`SPAN`] bytes of output after the previous one.
+/// each frame start at least a span (by default [`SPAN`]) of output after the previous one.
 pub struct ZstdIndexingReader<R: BufRead> {
     src: SpanHasher<R>,
     dctx: DCtx<'static>,
@@ -27,10 +27,15 @@ pub struct ZstdIndexingReader<R: BufRead> {
     /// Between frames: the next byte starts a frame.
     at_frame_start: bool,
     checkpoints: Vec<Checkpoint>,
+    span: u64,
 }
 
 impl<R: BufRead> ZstdIndexingReader<R> {
     pub fn new(src: R) -> ZstdIndexingReader<R> {
+        Self::with_span(src, SPAN)
+    }
+
+    pub fn with_span(src: R, span: u64) -> ZstdIndexingReader<R> {
         ZstdIndexingReader {
             src: SpanHasher::new(src),
             dctx: DCtx::create(),
@@ -38,6 +43,7 @@ impl<R: BufRead> ZstdIndexingReader<R> {
             out_pos: 0,
             at_frame_start: true,
             checkpoints: Vec::new(),
+            span: span.max(1),
         }
     }
 
@@ -63,7 +69,7 @@ impl<R: BufRead> Read for ZstdIndexingReader<R> {
                 let due = self
                     .checkpoints
                     .last()
-                    .is_none_or(|c| self.out_pos - c.out_offset >= SPAN);
+                    .is_none_or(|c| self.out_pos - c.out_offset >= self.span);
                 if due {
                     self.src.cut(false);
                     self.checkpoints.push(Checkpoint {
@@ -109,9 +115,10 @@ impl Seekable for Zstd {
         &self,
         blob: Box<dyn BufRead + Send>,
         limits: index::Limits,
+        span: u64,
     ) -> crate::error::Result<LayerIndex> {
         indexed(
-            ZstdIndexingReader::new(blob),
+            ZstdIndexingReader::with_span(blob, span),
             ZstdIndexingReader::seek_points,
             limits,
         )

@@ -87,6 +87,7 @@ impl ViewOptions {
             keep_blobs: self.keep_blobs,
             limits: self.limits,
             progress: self.progress.clone(),
+            ..crate::obtain::Options::default()
         }
     }
 }
