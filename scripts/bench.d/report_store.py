@@ -4,9 +4,10 @@
     report_store.py RAW.tsv STATS.json OUT.json [key=value ...]
 
 RAW.tsv has the lazy benchmark's columns (metric run status wall_s bytes requests ranged
-check note). Metrics: store (podman run through `imgfs store`, published indexes, empty
-caches) and pull (podman pull, then podman run), each until the command's output; bytes are
-what the registry sent through the counting relay. STATS.json is the distro layout's.
+check note). Metrics: store@SPAN (podman run through `imgfs store`, indexes published with
+that span size, empty caches), artifact@SPAN (the published artifact: bytes) and pull
+(podman pull, then podman run), each until the command's output; bytes are what the
+registry sent through the counting relay. STATS.json is the distro layout's.
 """
 
 import datetime
@@ -18,6 +19,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import machine  # noqa: E402
 from report_lazy_rows import load  # noqa: E402
+
+
+def size(text):
+    """Bytes in a size like 512KiB or 4MiB."""
+    for unit, mult in (("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)):
+        if text.endswith(unit):
+            return float(text[:-3]) * mult
+    return float(text)
 
 
 def med(rows, key):
@@ -34,24 +43,32 @@ def main():
     out = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
            "machine": machine(ctx.pop("nproc", None)), "image": image, "context": ctx}
     compressed = image.get("compressed_bytes") or image.get("layers_compressed_bytes")
-    for m in ("store", "pull"):
+    stores = sorted((m for m in rows if m.startswith("store@")), key=lambda m: size(m[6:]))
+    for m in stores + ["pull"]:
         r = rows.get(m, [])
         out[m] = {"runs": r, "median_s": med(r, "wall_s"), "median_bytes": med(r, "bytes"),
                   "failed": sum(1 for x in r if x["status"] != "ok")}
-    s, p = out["store"]["median_s"], out["pull"]["median_s"]
-    out["ratio"] = p / s if s and p else None
-    if compressed and out["store"]["median_bytes"] is not None:
-        out["store_share_of_image"] = out["store"]["median_bytes"] / compressed
+        art = rows.get("artifact@" + m[6:], [])
+        if m != "pull" and art:
+            out[m]["artifact_bytes"] = art[0]["bytes"]
+    p = out["pull"]["median_s"]
     print(f"store: podman run through imgfs store vs podman pull + run ({ctx.get('workload', '')})")
-    for m in ("store", "pull"):
+    for m in stores + ["pull"]:
         o = out[m]
-        print(f"  {m:6} median {o['median_s']} s, {o['median_bytes']} bytes from the registry"
+        s = o["median_s"]
+        if m != "pull":
+            o["ratio"] = p / s if s and p else None
+            if compressed and o["median_bytes"] is not None:
+                o["share_of_image"] = o["median_bytes"] / compressed
+        print(f"  {m:12} median {o['median_s']} s, {o['median_bytes']} bytes from the registry"
               f"{'' if not o['failed'] else ', FAILED runs: %d' % o['failed']}")
-    if out["ratio"]:
-        print(f"  ratio pull/store: {out['ratio']:.2f}x (goal >= 5x)")
-    if out.get("store_share_of_image") is not None:
-        print(f"  store fetched {100 * out['store_share_of_image']:.1f}% of the image's "
-              f"{compressed} compressed bytes (goal < 10%)")
+        if o.get("artifact_bytes") is not None:
+            print(f"    index artifact {o['artifact_bytes']} bytes")
+        if o.get("ratio"):
+            print(f"    ratio pull/store: {o['ratio']:.2f}x (goal >= 5x)")
+        if o.get("share_of_image") is not None:
+            print(f"    fetched {100 * o['share_of_image']:.1f}% of the image's "
+                  f"{compressed} compressed bytes (goal < 10%)")
     with open(out_path, "w") as f:
         json.dump(out, f, indent=1)
 
