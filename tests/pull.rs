@@ -12,37 +12,6 @@ use common::fixtures::rich_image;
 use common::layers::Tar;
 use common::*;
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `skopeo copy` the image to a layout and `umoci unpack` it; returns the rootfs.
-fn umoci_unpack(image: &str, work: &Path) -> std::path::PathBuf {
-    std::fs::create_dir_all(work).unwrap();
-    let layout = work.join("layout");
-    run(Command::new("skopeo").args([
-        "copy",
-        "--quiet",
-        "--src-tls-verify=false",
-        &format!("docker://{image}"),
-        &format!("oci:{}:ref", layout.display()),
-    ]));
-    let bundle = work.join("bundle");
-    run(Command::new("umoci").args([
-        "unpack",
-        "--image",
-        &format!("{}:ref", layout.display()),
-        bundle.to_str().unwrap(),
-    ]));
-    bundle.join("rootfs")
-}
-
 #[test]
 fn pull_matches_umoci_on_every_overlay_rule_and_entry_kind() {
     let reg = registry();
@@ -114,16 +83,18 @@ fn pull_matches_umoci_on_every_overlay_rule_and_entry_kind() {
     );
     let extracted = work.path().join("from-tar");
     std::fs::create_dir(&extracted).unwrap();
-    run(Command::new("tar")
-        .args([
-            "-xpf",
-            tar_file.to_str().unwrap(),
-            "--xattrs",
-            "--xattrs-include=*",
-            "--numeric-owner",
-            "-C",
-        ])
-        .arg(&extracted));
+    run_ok(
+        Command::new("tar")
+            .args([
+                "-xpf",
+                tar_file.to_str().unwrap(),
+                "--xattrs",
+                "--xattrs-include=*",
+                "--numeric-owner",
+                "-C",
+            ])
+            .arg(&extracted),
+    );
     assert_same_tree(
         &extracted,
         &ours,

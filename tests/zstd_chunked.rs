@@ -310,6 +310,8 @@ fn layers_converted_by_ctr_remote_mount_from_their_tocs() {
         &pulled,
         "mount of ctr-remote's zstd:chunked vs pull of the original",
     );
+    let reference = umoci_unpack(&src, &work.path().join("umoci"));
+    assert_same_tree(&pulled, &reference, "pull vs umoci unpack of the original");
     assert!(!m.dir.join("gone").exists());
     m.unmount(&cache);
 }

@@ -518,3 +518,35 @@ pub fn pull_build_dirs(dir: &Path) -> Vec<String> {
         .filter(|n| n.starts_with(".imgfs-pull-"))
         .collect()
 }
+
+/// Run a command that must succeed, its output in the panic message.
+pub fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `skopeo copy` the image to a layout and `umoci unpack` it; returns the rootfs.
+pub fn umoci_unpack(image: &str, work: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(work).unwrap();
+    let layout = work.join("layout");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{image}"),
+        &format!("oci:{}:ref", layout.display()),
+    ]));
+    let bundle = work.join("bundle");
+    run_ok(Command::new("umoci").args([
+        "unpack",
+        "--image",
+        &format!("{}:ref", layout.display()),
+        bundle.to_str().unwrap(),
+    ]));
+    bundle.join("rootfs")
+}
