@@ -32,7 +32,7 @@ PATHS = (
     ("pull", "imgfs pull, then run"),
     ("skopeo", "skopeo copy + umoci unpack, then run"),
     ("cat", "imgfs cat of one small file"),
-    ("read", "sequential read of the biggest file"),
+    ("read", "dd of the biggest file under /usr"),
 )
 CHECKS = ("check_small", "check_reuse", "check_range", "check_shared")
 HEADLINE = "40ms-200Mbit"
