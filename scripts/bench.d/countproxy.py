@@ -28,8 +28,8 @@ Network conditions (both off by default: then bytes are passed on as they arrive
                  registry is slowed by TCP back-pressure, not buffered in the relay.
   --log FILE     one JSON line per request: connection, method, path, range, seconds since
                  the last reset when the client sent its head (t), when the first and last
-                 byte of its answer reached the client (first, end), bytes, and whether it
-                 opened its connection (new_conn).
+                 byte of its answer were handed to the client (first, end), bytes, and whether
+                 it opened its connection (new_conn).
 """
 
 import argparse
@@ -179,12 +179,13 @@ def pump(src, dst, down, conn):
                 break
             if down:
                 bump("down_bytes", len(data))
+                # (before sending: once it is sent, the client may send its next request
+                # before this thread runs again)
+                conn.delivered(len(data), time.monotonic())
             else:
                 conn.requests_seen(data, time.monotonic())
                 tail = count_up(data, tail)
             dst.sendall(data)
-            if down:
-                conn.delivered(len(data), time.monotonic())
     except OSError:
         pass
     finally:
@@ -228,14 +229,15 @@ def delay_writer(q, src, dst, down, conn):
         if broken:
             continue  # drain, so that the reader never blocks on a full queue
         sleep_until(due)
+        if down:
+            # before sending: once it is sent, the client may send its next request before
+            # this thread runs again
+            conn.delivered(len(data), time.monotonic())
         try:
             dst.sendall(data)
         except OSError:
             broken = True
             shut(src, dst)
-            continue
-        if down:
-            conn.delivered(len(data), time.monotonic())
     shut(src, dst)
 
 
