@@ -7,7 +7,8 @@ can put an emulated wide-area link between the two.
 Listens on a free 127.0.0.1 port (printed on stdout), relays every connection to
 127.0.0.1:UPSTREAM_PORT, and keeps STATS_FILE up to date (every 50 ms when it changed) with
 one JSON object: bytes sent by the registry (headers included), requests and ranged requests
-(request heads sniffed on the client side), connections accepted, and the link's settings.
+(request heads sniffed on the client side), connections accepted, the link's settings, and
+the wall-clock time of the last reset (reset_at).
 Truncate the counts (and the request log) by writing "reset" to STATS_FILE + ".ctl".
 Loopback only; for measuring, not for serving.
 
@@ -62,6 +63,7 @@ lock = threading.Lock()
 counts = {"down_bytes": 0, "requests": 0, "ranged_requests": 0, "connections": 0}
 version = [0]
 epoch = [time.monotonic()]  # request log times are seconds since the last reset
+reset_at = [time.time()]  # the same instant by the wall clock (in the stats, for the bench)
 log_file = [open(args.log, "w") if args.log else None]  # noqa: SIM115 (kept open)
 REQ_LINE = re.compile(rb"(GET|HEAD|POST|PUT|PATCH|DELETE) (\S+) HTTP/1\.[01]\r\n")
 RANGE = re.compile(rb"\r\nrange: *bytes=([0-9,-]+)", re.IGNORECASE)
@@ -286,14 +288,14 @@ def writer():
                 for k in counts:
                     counts[k] = 0
                 version[0] += 1
-                epoch[0] = time.monotonic()
+                epoch[0], reset_at[0] = time.monotonic(), time.time()
                 if log_file[0] is not None:
                     log_file[0].close()
                     log_file[0] = open(args.log, "w")  # noqa: SIM115
         with lock:
             v, snapshot = version[0], dict(counts)
         if v != seen:
-            snapshot.update(rtt_ms=args.rtt_ms, rate_mbit=args.rate_mbit)
+            snapshot.update(rtt_ms=args.rtt_ms, rate_mbit=args.rate_mbit, reset_at=reset_at[0])
             tmp = stats_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(snapshot, f)

@@ -9,7 +9,10 @@ read; check_* rows are the relay's own check, their check column the expected se
 STATS.json is the distro layout's. REQUEST_DIR holds the relay's request log of each
 measurement, SCENARIO.PATH.RUN.jsonl: from it, for the requests sent while the measurement
 ran, how many there were, on how many connections, how many were in flight at most and on
-average while any was, and for how long at least one was (busy).
+average while any was, for how long at least one was (busy; idle is the rest of the
+measurement), and how many times one was sent while none was in flight (waves: a path whose
+requests go one after another has as many waves as requests). SCENARIO.PATH.RUN.meta says
+when the measurement began (start) and the relay's counts were reset (reset_at), wall clock.
 key=value pairs go to the JSON's "context" (scenarios, load, workload, ...).
 """
 
@@ -50,6 +53,14 @@ def requests_of(path, wall):
     """What the relay's request log says about one measurement (None without a log)."""
     if not os.path.exists(path):
         return None
+    # the log's times count from the relay's reset; the measurement began a little later
+    shift = 0.0
+    try:
+        with open(path[:-len(".jsonl")] + ".meta") as f:
+            meta = json.load(f)
+        shift = meta["start"] - meta["reset_at"]
+    except (OSError, ValueError, KeyError):
+        pass
     reqs = []
     with open(path) as f:
         for line in f:
@@ -57,18 +68,22 @@ def requests_of(path, wall):
                 r = json.loads(line)
             except ValueError:
                 continue
+            for k in ("t", "first", "end"):
+                if r[k] is not None:
+                    r[k] -= shift
             if wall is None or r["t"] <= wall:
                 reqs.append(r)
     if not reqs:
         return {"requests": 0}
     spans = [(r["t"], r["end"] if r["end"] is not None else r["t"]) for r in reqs]
     events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans], key=lambda e: (e[0], e[1]))
-    inflight = peak = 0
+    inflight = peak = waves = 0
     busy = 0.0
     since = None
     for t, d in events:
         if inflight == 0 and d > 0:
             since = t
+            waves += 1
         inflight += d
         peak = max(peak, inflight)
         if inflight == 0 and since is not None:
@@ -83,6 +98,8 @@ def requests_of(path, wall):
         "ranged": sum(1 for r in reqs if r["range"]),
         "max_in_flight": peak,
         "busy_s": round(busy, 3),
+        "idle_s": round(wall - busy, 3) if wall is not None else None,
+        "waves": waves,
         "mean_in_flight": round(total / busy, 2) if busy > 0 else None,
         "first_request_s": round(min(a for a, _ in spans), 3),
         "last_answer_s": round(max(b for _, b in spans), 3),
@@ -115,7 +132,8 @@ def summarise(rows, reqdir, scenario, path):
         "median_bytes": med([r["bytes"] for r in ok]),
         "median_requests": med([r["requests"] for r in ok]),
     }
-    for k in ("connections", "max_in_flight", "busy_s", "mean_in_flight", "median_ttfb_s"):
+    for k in ("connections", "max_in_flight", "busy_s", "idle_s", "waves", "mean_in_flight",
+              "median_ttfb_s"):
         out["median_" + k] = med([lg.get(k) for lg in logs])
     return out
 
@@ -194,7 +212,7 @@ def main():
         for c, v in sc["checks"].items():
             print(f"  relay {c:13} {fmt(v['measured_s'], '.3f')} s (expected {fmt(v['expected_s'], '.3f')} s)")
         print(f"  {'path':38} {'median':>7} {'min':>7} {'max':>7} {'MB':>8} {'req':>5} {'conn':>4} "
-              f"{'peak':>4} {'busy s':>6} {'x pull':>6}")
+              f"{'peak':>4} {'waves':>5} {'busy s':>6} {'idle s':>6} {'x pull':>6}")
         for p, label in PATHS:
             if p not in sc:
                 continue
@@ -203,7 +221,8 @@ def main():
             print(f"  {label:38} {fmt(o['median_s']):>7} {fmt(o['min_s']):>7} {fmt(o['max_s']):>7} "
                   f"{fmt(None if o['median_bytes'] is None else o['median_bytes'] / 1e6, '.1f'):>8} "
                   f"{fmt(o['median_requests'], '.0f'):>5} {fmt(o['median_connections'], '.0f'):>4} "
-                  f"{fmt(o['median_max_in_flight'], '.0f'):>4} {fmt(o['median_busy_s']):>6} "
+                  f"{fmt(o['median_max_in_flight'], '.0f'):>4} {fmt(o['median_waves'], '.0f'):>5} "
+                  f"{fmt(o['median_busy_s']):>6} {fmt(o['median_idle_s']):>6} "
                   f"{fmt(x, '.1f'):>6}{'  FAILED runs: %d' % o['failed'] if o['failed'] else ''}")
         for g in sc["goals"]:
             print(f"  goal{' (set for 40 ms / 200 Mbit/s)' if scen != HEADLINE else ''}: {g['goal']}: {g['measured']} -> {'met' if g['met'] else 'NOT met'}")
