@@ -249,6 +249,11 @@ def serve(client):
     conn = Conn()
     try:
         up = socket.create_connection(("127.0.0.1", upstream_port))
+        # Without TCP_NODELAY a relay that passes on a response head and its body in two
+        # writes meets Nagle and delayed ACKs: ~13 ms more per request on loopback, measured
+        # (a python3 start on an eStargz mount took 3.0 s through the relay, 1.1 s without).
+        for s in (up, client):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         shut(client)
         client.close()

@@ -9,7 +9,7 @@
 //! index was built from the verified blob, kept in the cache's chunk store, and decompressed:
 //! bytes that do not match are never served. A source that ignores ranges (or a span too big
 //! to fetch whole) makes the layer fall back to downloading its blob once. Decompressed
-//! pieces (at most 4 MiB each) sit in a bounded LRU, so sequential and repeated reads
+//! pieces (at most 4 MiB each) sit in an LRU bounded by bytes, so sequential and repeated reads
 //! decompress each once; moving sequentially into a new span fetches the next ones ahead.
 //! What a local gzip blob holds in stored blocks (data deflate could not shrink) is not
 //! decompressed at all: it is copied straight out of the blob.
@@ -60,7 +60,8 @@ pub struct ViewOptions {
     pub layers: Option<usize>,
     /// Layers fetched and indexed at once.
     pub jobs: usize,
-    /// Decompressed spans kept in memory.
+    /// Decompressed pieces kept in memory, as a budget of this many full-size pieces
+    /// (smaller ones, TOC chunks of small files, take less of it).
     pub cached_pieces: usize,
     /// Keep whole blobs in the cache when indexing (default: indexes and fetched spans only).
     pub keep_blobs: bool,
@@ -99,7 +100,7 @@ impl Default for ViewOptions {
             jobs: 4,
             // Three: the piece a sequential reader is in, the one made ahead for it, one
             // more for a second reader or a read that crosses into the next piece. Each is
-            // ~4.5 MiB of daemon RSS.
+            // up to ~5 MiB of daemon RSS.
             cached_pieces: 3,
             keep_blobs: false,
             prefetch: Prefetch::Auto,
@@ -184,7 +185,7 @@ pub struct Reader {
     fetcher: Arc<Fetcher>,
     prefetch: Prefetch,
     keep_blobs: bool,
-    pieces: Mutex<lru::LruCache<PieceKey, Bytes>>,
+    pieces: Mutex<pieces::PieceCache>,
     /// One gate per piece being decompressed: readahead sends several reads into one cold
     /// span at once, and only the first should decompress it (CPU, and memory).
     making: Gates<PieceKey>,
@@ -210,8 +211,8 @@ impl Reader {
             }),
             prefetch: opts.prefetch,
             keep_blobs: opts.keep_blobs,
-            pieces: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(opts.cached_pieces.max(1)).expect("at least one"),
+            pieces: Mutex::new(pieces::PieceCache::new(
+                opts.cached_pieces.max(1) * crate::bufpool::CAP,
             )),
             making: Gates::new(),
             background: tokio_util::sync::CancellationToken::new(),

@@ -1,5 +1,6 @@
-//! The piece cache: decompressed pieces (at most 4 MiB from a seek point) in a bounded LRU,
-//! each made once (single-flight), and how a span is cut into pieces.
+//! The piece cache: decompressed pieces (at most 4 MiB from a seek point, or one TOC chunk)
+//! in an LRU bounded by bytes, each made once (single-flight), and how a span is cut into
+//! pieces.
 
 use std::sync::Arc;
 
@@ -13,6 +14,52 @@ use crate::bufpool;
 use crate::index::SeekPoints;
 use crate::index::seek_points::SPAN;
 use crate::layer::span::SpanBytes;
+
+/// Decompressed pieces, least recently used out first, bounded by their bytes: a count
+/// would let a run of small pieces (the small files of a TOC layer, one chunk each) push out
+/// the big one a reader keeps coming back to (a shared library read through page faults),
+/// which then costs a decompression and a digest every time.
+pub(super) struct PieceCache {
+    lru: lru::LruCache<PieceKey, Bytes>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl PieceCache {
+    pub(super) fn new(budget: usize) -> PieceCache {
+        PieceCache {
+            lru: lru::LruCache::unbounded(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    pub(super) fn get(&mut self, key: &PieceKey) -> Option<&Bytes> {
+        self.lru.get(key)
+    }
+
+    pub(super) fn contains(&self, key: &PieceKey) -> bool {
+        self.lru.contains(key)
+    }
+
+    /// Keep `piece`, the most recently used unless `ahead` (then the next to go); older
+    /// pieces go until the cache is within its budget, except the newest.
+    pub(super) fn put(&mut self, key: PieceKey, piece: Bytes, ahead: bool) {
+        self.bytes += piece.len();
+        if let Some(old) = self.lru.put(key, piece) {
+            self.bytes -= old.len();
+        }
+        if ahead {
+            self.lru.demote(&key);
+        }
+        while self.bytes > self.budget && self.lru.len() > 1 {
+            match self.lru.pop_lru() {
+                Some((_, gone)) => self.bytes -= gone.len(),
+                None => break,
+            }
+        }
+    }
+}
 
 impl Reader {
     pub(super) fn piece(
@@ -48,11 +95,7 @@ impl Reader {
         let made = make().map(bufpool::freeze);
         if let Ok(s) = &made {
             // Cached before the gate goes, so a newcomer finds it rather than a new gate.
-            let mut pieces = self.pieces.lock().unwrap();
-            pieces.put(key, s.clone());
-            if ahead {
-                pieces.demote(&key);
-            }
+            self.pieces.lock().unwrap().put(key, s.clone(), ahead);
         }
         made
     }
@@ -128,6 +171,48 @@ pub(super) fn piece_of(cp_start: u64, cp_end: Option<u64>, pos: u64) -> (u64, us
     let piece_start = cp_start + i.min(last) * span;
     let piece_end = if i >= last { end } else { piece_start + span };
     (piece_start, (piece_end - piece_start) as usize)
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::PieceCache;
+    use bytes::Bytes;
+
+    fn piece(len: usize) -> Bytes {
+        Bytes::from(vec![7u8; len])
+    }
+
+    #[test]
+    fn small_pieces_do_not_push_out_a_big_one_within_the_budget() {
+        let mut c = PieceCache::new(10_000);
+        c.put((0, 0), piece(6_000), false);
+        for k in 1..=30 {
+            c.put((1, k), piece(100), false);
+        }
+        assert!(
+            c.contains(&(0, 0)),
+            "the big piece stays: 6,000 + 3,000 bytes fit"
+        );
+        assert!((1..=30).all(|k| c.contains(&(1, k))));
+    }
+
+    #[test]
+    fn the_budget_holds_least_recently_used_first_and_ahead_goes_next() {
+        let mut c = PieceCache::new(10_000);
+        c.put((0, 0), piece(4_000), false);
+        c.put((0, 1), piece(4_000), false);
+        assert!(c.get(&(0, 0)).is_some());
+        c.put((0, 2), piece(4_000), false);
+        assert!(!c.contains(&(0, 1)), "least recently used went");
+        assert!(c.contains(&(0, 0)) && c.contains(&(0, 2)));
+        c.put((0, 3), piece(1_000), true);
+        c.put((0, 4), piece(1_500), false);
+        assert!(!c.contains(&(0, 3)), "a piece made ahead is the next to go");
+        // One piece over the budget is still kept: the reader that made it needs it.
+        let mut one = PieceCache::new(10);
+        one.put((0, 0), piece(100), false);
+        assert!(one.contains(&(0, 0)));
+    }
 }
 
 #[cfg(test)]
