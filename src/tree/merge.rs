@@ -39,25 +39,17 @@ pub fn merge_for_path(
         return None;
     }
     // An entry written through a link (`lib/x` with `lib -> usr/lib`) lands elsewhere than
-    // its name says, maybe on this path: then only the whole merge knows.
-    // Links by their first path component: one lookup per entry instead of one per
-    // ancestor (this check is most of a scoped merge's cost).
-    let first = |p: &[u8]| p.find_byte(b'/').unwrap_or(p.len());
-    let mut links: std::collections::HashMap<&[u8], Vec<&[u8]>> = std::collections::HashMap::new();
-    for e in all().filter(|e| is_link(e)) {
-        links
-            .entry(&e.path[..first(&e.path)])
-            .or_default()
-            .push(&e.path);
-    }
+    // its name says, maybe on this path: then only the whole merge knows. Each entry's
+    // ancestors are looked up among the links: a few lookups per entry however many links
+    // share a directory (a Debian userland has thousands under usr/, and matching each entry
+    // against the links below its first component took 200 ms of a 0.45 s `cat`).
+    let links: std::collections::HashSet<&[u8]> = all()
+        .filter(|e| is_link(e))
+        .map(|e| e.path.as_slice())
+        .collect();
     if !links.is_empty() {
-        let through = |p: &[u8]| {
-            links.get(&p[..first(p)]).is_some_and(|links| {
-                links
-                    .iter()
-                    .any(|l| p.len() > l.len() && p.starts_with(l) && p[l.len()] == b'/')
-            })
-        };
+        let through =
+            |p: &[u8]| (p.iter().enumerate()).any(|(i, &b)| b == b'/' && links.contains(&p[..i]));
         if all().any(|e| through(&e.path)) {
             return None;
         }
