@@ -42,21 +42,23 @@ impl PieceCache {
         self.lru.contains(key)
     }
 
-    /// Keep `piece`, the most recently used unless `ahead` (then the next to go); older
-    /// pieces go until the cache is within its budget, except the newest.
+    /// Keep `piece`: older pieces go until the cache is within its budget (never `piece`
+    /// itself), then it is the most recently used, or with `ahead` the next to go.
     pub(super) fn put(&mut self, key: PieceKey, piece: Bytes, ahead: bool) {
         self.bytes += piece.len();
         if let Some(old) = self.lru.put(key, piece) {
             self.bytes -= old.len();
         }
-        if ahead {
-            self.lru.demote(&key);
-        }
+        // Evicted before `ahead` demotes it: a piece made ahead must not be the one it
+        // makes room for.
         while self.bytes > self.budget && self.lru.len() > 1 {
             match self.lru.pop_lru() {
                 Some((_, gone)) => self.bytes -= gone.len(),
                 None => break,
             }
+        }
+        if ahead {
+            self.lru.demote(&key);
         }
     }
 }
@@ -208,6 +210,16 @@ mod cache_tests {
         c.put((0, 3), piece(1_000), true);
         c.put((0, 4), piece(1_500), false);
         assert!(!c.contains(&(0, 3)), "a piece made ahead is the next to go");
+        // A piece made ahead into a full cache stays; the oldest other piece makes room.
+        let mut full = PieceCache::new(10_000);
+        full.put((0, 0), piece(4_500), false);
+        full.put((0, 1), piece(4_500), false);
+        full.put((0, 2), piece(4_500), true);
+        assert!(
+            full.contains(&(0, 2)),
+            "the piece made ahead was dropped at once"
+        );
+        assert!(!full.contains(&(0, 0)) && full.contains(&(0, 1)));
         // One piece over the budget is still kept: the reader that made it needs it.
         let mut one = PieceCache::new(10);
         one.put((0, 0), piece(100), false);
