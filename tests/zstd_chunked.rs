@@ -18,28 +18,34 @@ use common::*;
 const LEGACY: &str = "io.containers.zstd-chunked.";
 const CURRENT: &str = "io.github.containers.zstd-chunked.";
 
-/// Two layers as skopeo writes them in zstd:chunked (blob, annotations, diff_id of the tar).
-fn skopeo_layers(work: &Path) -> Vec<FixtureLayer> {
-    // Text compresses into small frames; noise makes a file of several content-defined
-    // chunks; a long run of zeros becomes a `zeros` chunk.
+/// The two layers' tars: text (small frames), `big` (several content-defined chunks for
+/// noise), a file with a long run of zeros (a `zeros` chunk), links, and a whiteout above.
+fn layer_tars(hostname: &[u8], big: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let mut holey = noise(3000, 7);
     holey.extend(std::iter::repeat_n(0u8, 300_000));
     holey.extend(noise(3000, 8));
     let lower = Tar::new()
         .dir("etc", 0o755)
-        .file("etc/hostname", 0o644, b"chunked\n")
+        .file("etc/hostname", 0o644, hostname)
         .file("etc/empty", 0o644, b"")
         .dir("usr", 0o755)
         .dir("usr/bin", 0o755)
-        .file("usr/bin/big", 0o755, &noise(700_000, 3))
+        .file("usr/bin/big", 0o755, big)
         .file("usr/bin/holey", 0o644, &holey)
         .symlink("usr/bin/link", "big")
+        .hardlink("usr/bin/again", "usr/bin/big")
         .file("gone", 0o644, b"whited out above\n")
         .bytes();
     let upper = Tar::new()
         .file("etc/top", 0o600, &text(50_000, 9))
         .whiteout("gone")
         .bytes();
+    (lower, upper)
+}
+
+/// Two layers as skopeo writes them in zstd:chunked (blob, annotations, diff_id of the tar).
+fn skopeo_layers(work: &Path) -> Vec<FixtureLayer> {
+    let (lower, upper) = layer_tars(b"chunked\n", &noise(700_000, 3));
     let plain = FixtureImage::new(
         "amd64",
         vec![
@@ -245,24 +251,8 @@ fn bad_tocs_and_chunks_are_refused_or_fall_back_never_wrong_bytes() {
 fn layers_converted_by_ctr_remote_mount_from_their_tocs() {
     let reg = registry();
     let work = tempfile::tempdir().unwrap();
-    let mut holey = noise(3000, 7);
-    holey.extend(std::iter::repeat_n(0u8, 300_000));
-    let lower = Tar::new()
-        .dir("etc", 0o755)
-        .file("etc/hostname", 0o644, b"converted\n")
-        .file("etc/empty", 0o644, b"")
-        .dir("usr", 0o755)
-        .dir("usr/bin", 0o755)
-        .file("usr/bin/big", 0o755, &noise(5 << 20, 3))
-        .file("usr/bin/holey", 0o644, &holey)
-        .symlink("usr/bin/link", "big")
-        .hardlink("usr/bin/again", "usr/bin/big")
-        .file("gone", 0o644, b"whited out above\n")
-        .bytes();
-    let upper = Tar::new()
-        .file("etc/top", 0o600, &text(50_000, 9))
-        .whiteout("gone")
-        .bytes();
+    // A file over ctr-remote's 4 MiB chunk size, so that it has several chunks.
+    let (lower, upper) = layer_tars(b"converted\n", &noise(5 << 20, 3));
     FixtureImage::new(
         "amd64",
         vec![FixtureLayer::from_tar(lower), FixtureLayer::from_tar(upper)],
