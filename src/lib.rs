@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod obtain;
 pub mod reference;
 pub mod registry;
+pub mod snapshotter;
 pub mod source;
 pub mod store;
 pub mod tree;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::layers::Tar;
 use common::mounted::is_mounted;
+use common::show::{show_binary, two_layers};
 use common::*;
 
 /// A store served by `imgfs store --foreground`, stopped when dropped.
@@ -72,66 +73,6 @@ impl Drop for Served {
         }
         let _ = self.child.wait();
     }
-}
-
-/// A static program that prints what the test checks: files from both layers, a whited-out
-/// file, an opaque directory's listing.
-const SHOW_C: &str = r#"
-#include <stdio.h>
-#include <dirent.h>
-static void show(const char *p) {
-    FILE *f = fopen(p, "r");
-    char buf[256];
-    if (!f) { printf("%s: absent\n", p); return; }
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    buf[n] = 0;
-    printf("%s: %s", p, buf);
-    fclose(f);
-}
-int main(void) {
-    show("/etc/base"); show("/etc/top"); show("/etc/gone");
-    DIR *d = opendir("/opq");
-    struct dirent *e;
-    while (d && (e = readdir(d))) if (e->d_name[0] != '.') printf("opq: %s\n", e->d_name);
-    return 0;
-}
-"#;
-
-fn show_binary(work: &Path) -> Vec<u8> {
-    let src = work.join("show.c");
-    let bin = work.join("show");
-    std::fs::write(&src, SHOW_C).unwrap();
-    let ok = Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "cc -static");
-    std::fs::read(bin).unwrap()
-}
-
-/// Two layers: the lower has a program and files, the upper a new file, a whiteout of one
-/// of them and an opaque directory.
-fn two_layers(program: &[u8]) -> (FixtureLayer, FixtureLayer) {
-    let lower = Tar::new()
-        .dir("bin", 0o755)
-        .file("bin/show", 0o755, program)
-        .dir("etc", 0o755)
-        .file("etc/base", 0o644, b"from the lower layer\n")
-        .file("etc/gone", 0o644, b"whited out above\n")
-        .dir("opq", 0o755)
-        .file("opq/old", 0o644, b"hidden by the opaque dir\n")
-        .bytes();
-    let upper = Tar::new()
-        .dir("etc", 0o755)
-        .file("etc/top", 0o644, b"from the upper layer\n")
-        .whiteout("etc/gone")
-        .dir("opq", 0o711)
-        .opaque("opq")
-        .file("opq/new", 0o644, b"new\n")
-        .bytes();
-    (FixtureLayer::from_tar(lower), FixtureLayer::from_tar(upper))
 }
 
 #[test]
@@ -418,10 +359,7 @@ fn podman_pulls_a_layer_the_store_cannot_serve_and_the_store_says_why() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        stdout,
-        "/etc/base: from the lower layer\n/etc/top: from the upper layer\n/etc/gone: absent\nopq: new\n"
-    );
+    assert_eq!(stdout, common::show::SHOWN);
     let status = store.status();
     assert!(
         status.contains("served 1") && status.contains("refused 1"),
@@ -530,10 +468,7 @@ fn podman_runs_an_image_from_the_store_without_downloading_its_layers() {
         String::from_utf8_lossy(&out.stderr),
         store.status()
     );
-    assert_eq!(
-        stdout,
-        "/etc/base: from the lower layer\n/etc/top: from the upper layer\n/etc/gone: absent\nopq: new\n"
-    );
+    assert_eq!(stdout, common::show::SHOWN);
     let whole_blob_gets: Vec<String> = proxy
         .log()
         .into_iter()

@@ -8,6 +8,7 @@ mod index;
 mod inspect;
 mod mount;
 mod pull;
+mod snapshotter;
 mod store;
 
 use std::path::PathBuf;
@@ -143,6 +144,9 @@ enum Command {
     /// Serve an Additional Layer Store on a directory: podman and CRI-O run images from it
     /// without pulling their layers
     Store(store::StoreArgs),
+    /// Serve containerd's snapshots API (a proxy snapshotter): containers start from images
+    /// whose layers are read lazily
+    Snapshotter(snapshotter::SnapshotterArgs),
     /// List a directory of the image, without mounting it
     Ls(browse::LsArgs),
     /// Print a file of the image, without mounting it
@@ -375,6 +379,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Mount(args) => mount::mount(&g, args).await,
         Command::Umount(args) => mount::umount(args),
         Command::Store(args) => store::run(&g, args).await,
+        Command::Snapshotter(args) => snapshotter::run(&g, args).await,
         Command::Ls(args) => browse::ls(&g, args).await,
         Command::Cat(args) => browse::cat(&g, args).await,
         Command::Cache(args) => cache::run(&g, args),

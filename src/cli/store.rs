@@ -40,8 +40,25 @@ async fn serve(g: &Global, args: &StoreArgs) -> Result<()> {
     let parent = mount::daemon::Parent::from_env();
     let cache = g.cache()?;
     let opts = args.read.view_options(g);
+    let store = Arc::new(Store::new(cache, opts, open_image(g)));
+    let fs = crate::fuse::store::StoreFs::new(store, tokio::runtime::Handle::current());
+    let session = fuser::spawn_mount(fs, &args.dir, &fuse_config("imgfs-store"))
+        .with_context(|| format!("serving the layer store on {}", args.dir.display()))?;
+    if let Some(p) = parent {
+        p.say("ready");
+    }
+    tracing::info!("layer store on {}", args.dir.display());
+    let external = mount::wait_for_end(&session).await?;
+    mount::end_session(session, external, &args.dir)?;
+    tracing::info!("layer store on {} stopped", args.dir.display());
+    Ok(())
+}
+
+/// References resolved as `imgfs mount` resolves them: this command's credentials, mirrors
+/// and platform.
+pub(super) fn open_image(g: &Global) -> OpenImage {
     let global = Arc::new(g.clone());
-    let open_image: OpenImage = Arc::new(move |reference: String| {
+    Arc::new(move |reference: String| {
         let g = global.clone();
         Box::pin(async move {
             // The library's error as it is (the store adds the reference).
@@ -55,28 +72,16 @@ async fn serve(g: &Global, args: &StoreArgs) -> Result<()> {
             })?;
             Ok((source, image))
         })
-    });
-    let store = Arc::new(Store::new(cache, opts, open_image));
-    let fs = crate::fuse::store::StoreFs::new(store, tokio::runtime::Handle::current());
-    let session = fuser::spawn_mount(fs, &args.dir, &fuse_config())
-        .with_context(|| format!("serving the layer store on {}", args.dir.display()))?;
-    if let Some(p) = parent {
-        p.say("ready");
-    }
-    tracing::info!("layer store on {}", args.dir.display());
-    let external = mount::wait_for_end(&session).await?;
-    mount::end_session(session, external, &args.dir)?;
-    tracing::info!("layer store on {} stopped", args.dir.display());
-    Ok(())
+    })
 }
 
 /// Shared with every user (overlay mounts of containers read the layers), with the image's
 /// modes and owners enforced by the kernel. Not read-only: containers/storage announces uses
 /// by creating files (answered, never made). Set-user-ID files and devices work as in a pull.
-fn fuse_config() -> fuser::Config {
+pub(super) fn fuse_config(fsname: &str) -> fuser::Config {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        fuser::MountOption::FSName("imgfs-store".into()),
+        fuser::MountOption::FSName(fsname.into()),
         // The type `fuse.imgfs`, by which `imgfs umount` knows its own mounts.
         if rustix::process::geteuid().is_root() {
             fuser::MountOption::CUSTOM("subtype=imgfs".into())

@@ -12,14 +12,20 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start() -> Containerd {
+        Containerd::start_with("")
+    }
+
+    /// With `extra` appended to the config (a proxy plugin, say).
+    pub fn start_with(extra: &str) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::write(
             d.join("config.toml"),
             format!(
                 "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/sock\"\n",
-                d.display()
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/sock\"\n{1}",
+                d.display(),
+                extra
             ),
         )
         .unwrap();
@@ -37,6 +43,11 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(100));
         }
         c
+    }
+
+    /// The daemon's log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("err")).unwrap_or_default()
     }
 
     pub fn ctr(&self, args: &[&str]) -> std::process::Output {

@@ -10,6 +10,7 @@ pub mod layers;
 pub mod mounted;
 pub mod proxy;
 pub mod schema1;
+pub mod show;
 pub mod token;
 
 use std::io::Write;

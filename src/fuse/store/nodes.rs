@@ -72,11 +72,15 @@ pub(super) fn tree_ino(slot: u64, i: InodeId) -> INodeNo {
 }
 
 /// The reference a root entry's name encodes: standard base64 with padding, as
-/// containers/storage writes it, of a reference as it prints one (`host/repo:tag`).
+/// containers/storage writes it, of a reference as it prints one (`host/repo:tag`); or the
+/// URL-safe alphabet, which never puts a `/` in a name (the snapshotter's layer paths). The
+/// two alphabets differ only in characters the other lacks, so a name decodes one way.
 pub(super) fn reference_of(name: &[u8]) -> Option<String> {
     use base64::Engine;
-    let raw = base64::engine::general_purpose::STANDARD
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+    let raw = STANDARD
         .decode(name)
+        .or_else(|_| URL_SAFE.decode(name))
         .ok()?;
     let reference = String::from_utf8(raw).ok()?;
     (!reference.is_empty() && !reference.contains(char::is_whitespace)).then_some(reference)

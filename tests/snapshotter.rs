@@ -1,0 +1,357 @@
+//! `imgfs snapshotter`: containerd (Debian's 1.6, a private daemon with the CRI plugin off)
+//! starts containers through it without downloading layers; the CRI labels' path, called as
+//! containerd's CRI plugin would call it; fallbacks that containerd unpacks, counted with
+//! their reasons; and a restart after `kill -9`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::containerd::Containerd;
+use common::show::{SHOWN, show_binary, two_layers};
+use common::*;
+use imgfs::snapshotter::api::snapshots::snapshots_client::SnapshotsClient;
+use imgfs::snapshotter::api::snapshots::{self as pb};
+
+/// `imgfs snapshotter` in the foreground, killed when dropped.
+struct Snapshotter {
+    cache: PathBuf,
+    root: PathBuf,
+    sock: PathBuf,
+    child: Child,
+}
+
+impl Snapshotter {
+    fn start(cache: &Path, dir: &Path) -> Snapshotter {
+        let (root, sock) = (dir.join("root"), dir.join("snapshotter.sock"));
+        let child = Snapshotter::spawn(cache, &root, &sock);
+        Snapshotter {
+            cache: cache.to_path_buf(),
+            root,
+            sock,
+            child,
+        }
+    }
+
+    fn spawn(cache: &Path, root: &Path, sock: &Path) -> Child {
+        let _ = std::fs::remove_file(sock);
+        let child = Command::new(env!("CARGO_BIN_EXE_imgfs"))
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("snapshotter")
+            .arg("--address")
+            .arg(sock)
+            .arg("--root")
+            .arg(root)
+            .env("DOCKER_CONFIG", cache.join("no-docker-config"))
+            .env("REGISTRY_AUTH_FILE", cache.join("no-auth.json"))
+            .env("RUST_LOG", "imgfs=info")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            assert!(Instant::now() < deadline, "the snapshotter never came up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    /// `kill -9`, then a new daemon on the same root and socket.
+    fn kill_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Snapshotter::spawn(&self.cache, &self.root, &self.sock);
+    }
+
+    fn status(&self) -> String {
+        std::fs::read_to_string(self.root.join("status")).unwrap()
+    }
+
+    /// containerd's config naming this snapshotter `imgfs`.
+    fn proxy_plugin(&self) -> String {
+        format!(
+            "[proxy_plugins]\n  [proxy_plugins.imgfs]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+            self.sock.display()
+        )
+    }
+
+    fn client(&self) -> SnapshotsClient<tonic::transport::Channel> {
+        let sock = self.sock.clone();
+        rt().block_on(async move {
+            let channel = tonic::transport::Endpoint::try_from("http://[::]:0")
+                .unwrap()
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let sock = sock.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(sock).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                }))
+                .await
+                .unwrap();
+            SnapshotsClient::new(channel)
+        })
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // A killed daemon's mount, if any.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.root.join("layers"))
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `ctr run` of `/bin/show` in a new container of `reference` on the snapshotter.
+fn run_show(c: &Containerd, reference: &str, id: &str) -> String {
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "imgfs",
+        reference,
+        id,
+        "/bin/show",
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr run: {}\n{}\ncontainerd: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        c.log()
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Requests for a whole blob (no Range) of any of `layers` in the proxy's log.
+fn whole_blob_gets(proxy: &proxy::Proxy, layers: &[String]) -> Vec<String> {
+    proxy
+        .log()
+        .into_iter()
+        .filter(|l| {
+            layers.iter().any(|d| l.contains(d))
+                && l.starts_with("GET")
+                && !l.to_lowercase().contains("range")
+        })
+        .collect()
+}
+
+#[test]
+fn containerd_runs_an_image_without_downloading_its_layers_and_again_after_a_kill() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let (lower, upper) = two_layers(&show_binary(work.path()));
+    let layers = [lower.digest().to_string(), upper.digest().to_string()];
+    FixtureImage::new("amd64", vec![lower, upper]).push(&reg.host, "snap/run", "v1");
+    let proxy = proxy::Proxy::start(&reg.host);
+    let reference = format!("{}/snap/run:v1", proxy.host);
+    // A published index, as a fleet would have: the snapshotter reads the layers by range.
+    let pusher = work.path().join("pusher");
+    imgfs_ok(&pusher, &["index", "push", &reference]);
+    let cache = work.path().join("cache");
+    let mut snap = Snapshotter::start(&cache, work.path());
+    let c = Containerd::start_with(&snap.proxy_plugin());
+    proxy.reset_counts();
+
+    c.ctr_ok(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "imgfs",
+        &reference,
+    ]);
+    assert_eq!(run_show(&c, &reference, "first"), SHOWN);
+    let gets = whole_blob_gets(&proxy, &layers);
+    assert!(gets.is_empty(), "layers were downloaded whole: {gets:?}");
+    assert!(
+        snap.status().starts_with("served lazily 2\n"),
+        "{}",
+        snap.status()
+    );
+
+    snap.kill_and_restart();
+    // containerd reconnects to a proxy plugin with a backoff of up to 3 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = c.ctr(&["snapshots", "--snapshotter", "imgfs", "ls"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "containerd never reconnected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(run_show(&c, &reference, "after-kill"), SHOWN);
+}
+
+fn prepare(
+    client: &mut SnapshotsClient<tonic::transport::Channel>,
+    key: &str,
+    parent: &str,
+    labels: &[(&str, &str)],
+) -> Result<Vec<imgfs::snapshotter::api::types::Mount>, tonic::Status> {
+    let labels: HashMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    rt().block_on(client.prepare(pb::PrepareSnapshotRequest {
+        snapshotter: "imgfs".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels,
+    }))
+    .map(|r| r.into_inner().mounts)
+}
+
+fn stat(
+    client: &mut SnapshotsClient<tonic::transport::Channel>,
+    key: &str,
+) -> Result<pb::Info, tonic::Status> {
+    rt().block_on(client.stat(pb::StatSnapshotRequest {
+        snapshotter: "imgfs".into(),
+        key: key.into(),
+    }))
+    .map(|r| r.into_inner().info.unwrap())
+}
+
+#[test]
+fn cri_labels_commit_lazy_layers_and_unknown_ones_fall_back_with_a_reason() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let (lower, upper) = two_layers(b"#!/bin/sh\n");
+    let (l0, l1) = (lower.digest().to_string(), upper.digest().to_string());
+    let img = FixtureImage::new("amd64", vec![lower, upper]);
+    let manifest = img.push(&reg.host, "snap/cri", "v1").to_string();
+    let reference = format!("{}/snap/cri:v1", reg.host);
+    let snap = Snapshotter::start(&work.path().join("cache"), work.path());
+    let mut client = snap.client();
+    let cri = |target: &'static str, layer: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("containerd.io/snapshot.ref", target.to_string()),
+            ("containerd.io/snapshot/cri.image-ref", reference.clone()),
+            ("containerd.io/snapshot/cri.layer-digest", layer.to_string()),
+            (
+                "containerd.io/snapshot/cri.manifest-digest",
+                manifest.clone(),
+            ),
+        ]
+    };
+    let call =
+        |client: &mut SnapshotsClient<_>, key: &str, parent: &str, labels: Vec<(&str, String)>| {
+            let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            prepare(client, key, parent, &l)
+        };
+
+    // Each layer: ALREADY_EXISTS, and the target committed (what containerd then finds).
+    let e = call(&mut client, "extract-1 chain-a", "", cri("chain-a", &l0)).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    let e = call(
+        &mut client,
+        "extract-2 chain-b",
+        "chain-a",
+        cri("chain-b", &l1),
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    let info = stat(&mut client, "chain-b").unwrap();
+    assert_eq!(info.kind, pb::Kind::Committed as i32);
+    assert_eq!(info.parent, "chain-a");
+    assert!(
+        stat(&mut client, "extract-2 chain-b").is_err(),
+        "no active snapshot was left"
+    );
+
+    // A container's snapshot on top: overlayfs over the two lazy layers, top first, whose
+    // directories hold the layers' files in overlayfs form.
+    let mounts = prepare(&mut client, "container", "chain-b", &[]).unwrap();
+    assert_eq!(mounts.len(), 1);
+    assert_eq!(mounts[0].r#type, "overlay");
+    let lowerdir = mounts[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap();
+    let lowers: Vec<&str> = lowerdir.split(':').collect();
+    assert_eq!(lowers.len(), 2);
+    assert_eq!(
+        std::fs::read(Path::new(lowers[0]).join("etc/top")).unwrap(),
+        b"from the upper layer\n"
+    );
+    assert_eq!(
+        std::fs::read(Path::new(lowers[1]).join("etc/base")).unwrap(),
+        b"from the lower layer\n"
+    );
+    use std::os::unix::fs::FileTypeExt;
+    let gone = std::fs::symlink_metadata(Path::new(lowers[0]).join("etc/gone")).unwrap();
+    assert!(
+        gone.file_type().is_char_device(),
+        "a whiteout in overlayfs form"
+    );
+
+    // A digest the image lacks: an ordinary snapshot containerd unpacks into, and the
+    // reason counted; never ALREADY_EXISTS.
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    let mounts = call(
+        &mut client,
+        "extract-3 chain-x",
+        "",
+        cri("chain-x", &unknown),
+    )
+    .unwrap();
+    assert_eq!(mounts[0].r#type, "bind");
+    let status = snap.status();
+    assert!(
+        status.contains("unpacked by containerd (fallbacks) 1"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&unknown) && status.contains("not in the image"),
+        "{status}"
+    );
+
+    // An unpack without image labels (CRI's annotations off) falls back too, saying why.
+    let mounts = prepare(
+        &mut client,
+        "extract-4 chain-y",
+        "",
+        &[("containerd.io/snapshot.ref", "chain-y")],
+    )
+    .unwrap();
+    assert_eq!(mounts[0].r#type, "bind");
+    assert!(
+        snap.status().contains("disable_snapshot_annotations"),
+        "{}",
+        snap.status()
+    );
+
+    // The overlay snapshotter's rules: a parent with children stays; a missing key is NOT_FOUND.
+    let e = rt()
+        .block_on(client.remove(pb::RemoveSnapshotRequest {
+            snapshotter: "imgfs".into(),
+            key: "chain-a".into(),
+        }))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert_eq!(
+        stat(&mut client, "nothing").unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let e = prepare(&mut client, "on-active", "container", &[]).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+}
