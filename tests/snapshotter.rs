@@ -355,3 +355,115 @@ fn cri_labels_commit_lazy_layers_and_unknown_ones_fall_back_with_a_reason() {
     let e = prepare(&mut client, "on-active", "container", &[]).unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
 }
+
+#[test]
+fn an_image_without_an_index_and_an_estargz_one_both_run() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let (lower, upper) = two_layers(&show_binary(work.path()));
+    FixtureImage::new("amd64", vec![lower, upper]).push(&reg.host, "snap/cold", "v1");
+    let proxy = proxy::Proxy::start(&reg.host);
+    let cold = format!("{}/snap/cold:v1", proxy.host);
+    let estargz = format!("{}/snap/cold:estargz", proxy.host);
+    let snap = Snapshotter::start(&work.path().join("cache"), work.path());
+    let c = Containerd::start_with(&snap.proxy_plugin());
+    // The eStargz twin, made by stargz-snapshotter's converter.
+    c.ctr_ok(&["images", "pull", "--plain-http", &cold]);
+    c.ctr_ok(&["images", "convert", "--estargz", "--oci", &cold, &estargz]);
+    c.ctr_ok(&["images", "push", "--plain-http", &estargz, &estargz]);
+    c.ctr_ok(&["images", "rm", &cold, &estargz]);
+
+    // No index anywhere: the snapshotter streams each layer once to index it.
+    c.ctr_ok(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "imgfs",
+        &cold,
+    ]);
+    assert_eq!(run_show(&c, &cold, "cold"), SHOWN);
+    // eStargz: the layers' tables of contents, then their chunks, by range.
+    proxy.reset_counts();
+    c.ctr_ok(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "imgfs",
+        &estargz,
+    ]);
+    assert_eq!(run_show(&c, &estargz, "estargz"), SHOWN);
+    let layers = layer_digests(&inspect_json(&work.path().join("inspect"), &estargz, &[]));
+    let gets = whole_blob_gets(&proxy, &layers);
+    assert!(
+        gets.is_empty(),
+        "eStargz layers were downloaded whole: {gets:?}"
+    );
+    assert!(
+        snap.status().starts_with("served lazily 4\n"),
+        "{}",
+        snap.status()
+    );
+}
+
+#[test]
+fn a_registry_down_falls_back_and_a_corrupt_span_reads_as_eio() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let (lower, upper) = two_layers(&noise(3 << 20, 11));
+    let l0 = lower.digest().to_string();
+    FixtureImage::new("amd64", vec![lower, upper]).push(&reg.host, "snap/bad", "v1");
+    let proxy = proxy::Proxy::start(&reg.host);
+    let reference = format!("{}/snap/bad:v1", proxy.host);
+    imgfs_ok(&work.path().join("pusher"), &["index", "push", &reference]);
+    let snap = Snapshotter::start(&work.path().join("cache"), work.path());
+    let mut client = snap.client();
+    let stargz = |target: &str, reference: &str| {
+        [
+            ("containerd.io/snapshot.ref", target.to_string()),
+            (
+                "containerd.io/snapshot/remote/stargz.reference",
+                reference.to_string(),
+            ),
+            ("containerd.io/snapshot/remote/stargz.digest", l0.clone()),
+        ]
+    };
+    let call = |client: &mut SnapshotsClient<_>, key: &str, labels: [(&str, String); 3]| {
+        let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        prepare(client, key, "", &l)
+    };
+
+    // A registry that is not there: containerd is given an ordinary snapshot, and the
+    // reason is in the status file.
+    let down = format!("127.0.0.1:{}/snap/bad:v1", free_port());
+    let mounts = call(&mut client, "extract-1 down", stargz("down", &down)).unwrap();
+    assert_eq!(mounts[0].r#type, "bind");
+    let status = snap.status();
+    assert!(
+        status.contains("fallbacks) 1") && status.contains(&down),
+        "{status}"
+    );
+
+    // Served lazily, then every span the registry sends is damaged: the read fails with
+    // EIO, never returns other bytes.
+    let e = call(&mut client, "extract-2 ok", stargz("ok", &reference)).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    let mounts = prepare(&mut client, "container", "ok", &[]).unwrap();
+    let lower_dir = mounts[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(&mounts[0].source));
+    proxy.corrupt_next_ranges(1000);
+    let read = std::fs::read(lower_dir.join("bin/show"));
+    proxy.corrupt_next_ranges(0);
+    let e = read.expect_err("a damaged span must not be served");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert_eq!(
+        std::fs::read(lower_dir.join("bin/show")).unwrap(),
+        noise(3 << 20, 11),
+        "served once the registry sends the right bytes"
+    );
+}

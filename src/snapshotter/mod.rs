@@ -133,7 +133,8 @@ impl Snapshotter {
             .rt
             .block_on(self.store.layer(&target.reference, &target.layer))
         {
-            self.fell_back(&target.name, &format!("{}: {e}", target.layer));
+            let why = format!("layer {} of {}: {e}", target.layer, target.reference);
+            self.fell_back(&target.name, &why);
             return Ok(false);
         }
         let mut labels: BTreeMap<String, String> = labels.clone().into_iter().collect();
