@@ -80,6 +80,11 @@ def main():
         if o.get("share_of_image") is not None:
             print(f"    fetched {100 * o['share_of_image']:.1f}% of the image's "
                   f"{compressed} compressed bytes (goal < 10%)")
+    for m in (m for m in rows if m.startswith("many@")):
+        r = rows[m][0]
+        out[m] = r
+        print(f"  one snapshotter serving {m[5:]} lazy layers: peak RSS "
+              f"{int(r['check']) / 1024:.1f} MiB (goal < 200 MiB for 100 layers); {r['note']}")
     with open(out_path, "w") as f:
         json.dump(out, f, indent=1)
 
