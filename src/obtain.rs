@@ -1,18 +1,19 @@
 //! One way to obtain a layer's index, for every command: the cache (an index without seek
 //! points, as `pull` writes them, is rebuilt), else a published index artifact (`artifact`
 //! fetched it beforehand), else the layer's own TOC (eStargz), else by streaming the verified
-//! blob once and indexing it as it arrives. `view` opens layers through it, `index build`
+//! blob once and indexing it as it arrives (its spans then left in the chunk store for the
+//! reads that follow). `view` opens layers through it, `index build`
 //! fills the cache with it, and `pull` asks it only for what is cached (its extraction is
 //! its indexing).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::cache::Cache;
-use crate::digest::Digest;
+use crate::digest::{Digest, SpanDigest};
 use crate::error::{Error, IoContext, Result};
 use crate::index::seek_points::SPAN;
-use crate::index::{self, LayerIndex};
+use crate::index::{self, LayerIndex, SeekPoints};
 use crate::layer::format::{Chunk, TocFormat, build_index, toc_format};
 use crate::manifest::{Descriptor, Image, Layer};
 use crate::source::Source;
@@ -31,6 +32,10 @@ pub struct Options {
     /// Uncompressed bytes between the seek points of a layer indexed here: a read fetches
     /// and decompresses at most about this much more than it asked for.
     pub span: u64,
+    /// With `Some(bound)`, a registry's blob streamed to index it (and not kept whole)
+    /// leaves its spans in the chunk store, within `bound` bytes in all, so that the first
+    /// reads after a cold open fetch nothing again.
+    pub keep_spans: Option<u64>,
 }
 
 impl Default for Options {
@@ -41,6 +46,7 @@ impl Default for Options {
             limits: index::Limits::default(),
             progress: None,
             span: SPAN,
+            keep_spans: None,
         }
     }
 }
@@ -291,16 +297,66 @@ async fn stream_and_index(
             .map_err(Error::worker)??;
         return Ok((idx, Some(blob)));
     }
-    crate::fetch::consume(
+    let cut = opts
+        .keep_spans
+        .filter(|_| !opts.keep_blobs && !src.is_local());
+    let (index, blob) = crate::fetch::consume(
         cache,
         src,
         &layer.descriptor,
-        opts.keep_blobs,
+        opts.keep_blobs || cut.is_some(),
         &|_| {},
         || move |r| build_index(r, compression, limits, span),
         async || Ok(()),
     )
+    .await?;
+    let (Some(bound), Some(blob)) = (cut, &blob) else {
+        return Ok((index, blob));
+    };
+    let blob = blob.clone();
+    let (cache, size) = (cache.clone(), layer.descriptor.size);
+    tokio::task::spawn_blocking(move || {
+        if let Some(sp) = &index.seek {
+            keep_spans(&cache, &blob, sp, size, bound);
+        }
+        // Kept only for cutting: the blob was not asked for. A reader that opened it
+        // meanwhile keeps it open.
+        if let Err(e) = std::fs::remove_file(&blob) {
+            tracing::warn!("removing {}: {e}", blob.display());
+        }
+        (index, None)
+    })
     .await
+    .map_err(Error::worker)
+}
+
+/// Store the spans of verified blob `blob` in the chunk store, in order, while the store
+/// holds less than `bound` bytes. Each is checked against its span digest like a fetched
+/// one; a span that does not match (an index that does not fit the blob) is skipped.
+fn keep_spans(cache: &Cache, blob: &Path, sp: &SeekPoints, size: u64, bound: u64) {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(blob) else {
+        return;
+    };
+    let mut room = bound.saturating_sub(cache.chunk_usage());
+    for (k, digest) in sp.span_digests.iter().enumerate() {
+        let (a, b) = sp.span_range(k, size);
+        let len = b.saturating_sub(a);
+        if len > room {
+            break;
+        }
+        let mut bytes = vec![0; len as usize];
+        if f.read_exact_at(&mut bytes, a).is_err() || SpanDigest::of(&bytes) != *digest {
+            continue;
+        }
+        if cache.has_chunk(digest) || cache.store_chunk(digest, &bytes).is_ok() {
+            room -= len;
+        }
+    }
+    // Layers indexed at the same time each saw the room as it was before them.
+    if cache.chunk_usage() > bound {
+        cache.trim_chunks(bound);
+    }
 }
 
 /// Read a layer's TOC: the footer (one small range request), then the TOC from the chunk

@@ -93,8 +93,9 @@ fn a_small_file_costs_one_span_and_a_second_read_nothing() {
     let l = lazy_image("lazy/one-span");
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    // Indexing streams each blob once and keeps only the index.
-    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    // Indexing streams each blob once and keeps only the index (`index build`; a view
+    // that indexes keeps the spans too, below).
+    imgfs_ok(&cache, &["index", "build", &l.image]);
     // The config is a blob too.
     assert_eq!(
         count_files(&cache.join("blobs/sha256")),
@@ -157,7 +158,7 @@ fn wrong_bytes_from_the_registry_are_never_served() {
     let l = lazy_image("lazy/corrupt");
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    imgfs_ok(&cache, &["index", "build", &l.image]);
 
     l.proxy.corrupt_next_ranges(1000);
     let out = cat(&cache, &l.image, "big/text.bin");
@@ -197,7 +198,7 @@ fn a_read_whose_range_trickles_fails_within_a_bound() {
     let l = lazy_image("lazy/trickle");
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    imgfs_ok(&cache, &["index", "build", &l.image]);
     let layer = inspect_json(&cache, &l.image, &[]);
     let layer = layer_digests(&layer)[0].clone();
 
@@ -273,7 +274,7 @@ fn a_registry_that_ignores_range_gets_the_whole_blob_once() {
     let l = lazy_image("lazy/no-range");
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    imgfs_ok(&cache, &["index", "build", &l.image]);
     l.proxy.ignore_range(true);
     let out = cat(&cache, &l.image, "big/text.bin");
     assert!(
@@ -333,7 +334,7 @@ fn prefetch_all_fetches_every_span_in_the_background() {
     let l = lazy_image("lazy/prefetch");
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    imgfs_ok(&cache, &["index", "build", &l.image]);
     l.proxy.reset_counts();
     let m = Mounted::new(
         &cache,
@@ -367,11 +368,61 @@ fn prefetch_all_fetches_every_span_in_the_background() {
 }
 
 #[test]
+fn a_cold_open_reads_what_indexing_streamed_without_fetching_it_again() {
+    let l = lazy_image("lazy/cold");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let layers: u64 = layer_digests(&inspect_json(&work.path().join("i"), &l.direct, &[]))
+        .iter()
+        .map(|d| {
+            std::fs::metadata(registry().blob_data_path(&d.parse().unwrap()))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    l.proxy.reset_counts();
+    // No index anywhere: each layer is streamed once to index it, and its spans stay.
+    let out = cat(&cache, &l.image, "big/text.bin");
+    assert!(out.stdout == l.files[2].1, "wrong bytes");
+    assert_eq!(ranged_gets(&l.proxy), 0, "{:?}", l.proxy.log());
+    let config_and_layers = l.proxy.blob_bytes();
+    assert!(
+        config_and_layers < layers + 4096,
+        "{config_and_layers} bytes fetched for {layers} bytes of layers"
+    );
+    assert_eq!(
+        count_files(&cache.join("blobs/sha256")),
+        1,
+        "only the config blob is kept"
+    );
+    for (path, data) in &l.files {
+        assert!(cat(&cache, &l.image, path).stdout == *data, "{path}");
+    }
+    assert_eq!(
+        l.proxy.blob_bytes(),
+        config_and_layers,
+        "every read came from the spans kept"
+    );
+    // Within the chunk store's bound: a layer that does not fit keeps what fits.
+    let small = work.path().join("small");
+    let out = imgfs(
+        &small,
+        &["cat", "--chunk-cache", "5MiB", &l.image, "p/first.txt"],
+    );
+    assert_eq!(out.stdout, l.files[5].1);
+    let stored: u64 = std::fs::read_dir(small.join("chunks/blake3"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(stored <= 5 * MIB as u64, "{stored} bytes of chunks");
+}
+
+#[test]
 fn the_chunk_store_stays_within_its_bound() {
     let l = lazy_image("lazy/bounded");
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    imgfs_ok(&cache, &["index", "build", &l.image]);
     // The first file alone (10 MiB of noise) is more than the bound.
     let bound = 5 * MIB as u64;
     for (path, data) in &l.files {
@@ -390,7 +441,7 @@ fn a_damaged_chunk_in_the_store_is_refetched_not_served() {
     let l = lazy_image("lazy/damaged-chunk");
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    imgfs_ok(&cache, &["ls", &l.image, "/"]);
+    imgfs_ok(&cache, &["index", "build", &l.image]);
     assert_eq!(cat(&cache, &l.image, "mid/small.txt").stdout, l.files[1].1);
     // What a crash between write and rename could leave: the right name, wrong bytes.
     for e in std::fs::read_dir(cache.join("chunks/blake3")).unwrap() {
@@ -423,7 +474,7 @@ fn a_sequential_read_fetches_ahead_in_a_few_requests_and_not_past_its_file() {
     let image = format!("{}/lazy/readahead:v1", proxy.host);
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    imgfs_ok(&cache, &["ls", &image, "/"]);
+    imgfs_ok(&cache, &["index", "build", &image]);
     let m = Mounted::new(&cache, &image, &work.path().join("mnt"), &[]);
 
     proxy.reset_counts();

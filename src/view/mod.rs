@@ -88,6 +88,7 @@ impl ViewOptions {
             keep_blobs: self.keep_blobs,
             limits: self.limits,
             progress: self.progress.clone(),
+            keep_spans: Some(self.chunk_cache),
             ..crate::obtain::Options::default()
         }
     }
