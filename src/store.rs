@@ -168,6 +168,14 @@ impl Store {
             image.diff_ids[i].as_ref(),
         )?;
         let view = LayerView::overlay(data, self.reader.clone())?;
+        // Obtaining an index may have streamed and decompressed the layer on several
+        // threads; give the freed memory back, since a store lives long and opens many
+        // layers (BENCHMARKS.md, "containerd through imgfs snapshotter").
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        unsafe {
+            // SAFETY: malloc_trim only returns free memory to the system.
+            libc::malloc_trim(0);
+        }
         Ok(Arc::new(StoreLayer {
             view,
             info,
