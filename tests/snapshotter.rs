@@ -467,3 +467,48 @@ fn a_registry_down_falls_back_and_a_corrupt_span_reads_as_eio() {
         "served once the registry sends the right bytes"
     );
 }
+
+#[test]
+fn a_plain_pull_is_unpacked_by_containerd_counted_and_removed_with_the_image() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let (lower, upper) = two_layers(&show_binary(work.path()));
+    FixtureImage::new("amd64", vec![lower, upper]).push(&reg.host, "snap/plain", "v1");
+    let reference = format!("{}/snap/plain:v1", reg.host);
+    let snap = Snapshotter::start(&work.path().join("cache"), work.path());
+    let c = Containerd::start_with(&snap.proxy_plugin());
+
+    // `ctr image pull` labels no image: containerd applies both layers on ordinary
+    // snapshots, as with its overlayfs snapshotter, and each fallback is counted.
+    c.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "imgfs",
+        &reference,
+    ]);
+    assert_eq!(run_show(&c, &reference, "plain"), SHOWN);
+    let status = snap.status();
+    assert!(
+        status.starts_with("served lazily 0\nunpacked by containerd (fallbacks) 2\n"),
+        "{status}"
+    );
+    assert!(status.contains("names no target snapshot"), "{status}");
+    let snapshots = snap.root.join("snapshots");
+    // The two layers, and the container's until the garbage collector takes it.
+    assert!(std::fs::read_dir(&snapshots).unwrap().count() >= 2);
+
+    // Removing the image lets containerd's garbage collector remove the snapshots here.
+    c.ctr_ok(&["image", "rm", "--sync", &reference]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&snapshots).unwrap().count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "snapshots left: {:?}\n{}",
+            std::fs::read_dir(&snapshots).unwrap().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&c.ctr(&["snapshots", "--snapshotter", "imgfs", "ls"]).stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -34,8 +34,23 @@ pub enum Ask {
     Unnamed(&'static str),
 }
 
-pub fn ask(labels: &HashMap<String, String>) -> Ask {
+/// What the Prepare of `key` with `labels` asks for.
+pub fn ask(key: &str, labels: &HashMap<String, String>) -> Ask {
     let Some(name) = labels.get(TARGET).filter(|n| !n.is_empty()) else {
+        // containerd names every unpack's snapshot "extract-<unique> <chain id>"; one
+        // without a target (`ctr image pull`, containerd's rootfs.ApplyLayers) applies a
+        // layer containerd has already downloaded.
+        if key
+            .split('/')
+            .next_back()
+            .is_some_and(|k| k.starts_with("extract-"))
+        {
+            return Ask::Unnamed(
+                "the unpack names no target snapshot (`ctr image pull` downloads first; \
+                 `ctr-remote image rpull` or CRI with disable_snapshot_annotations = false \
+                 ask for lazy layers)",
+            );
+        }
         return Ask::Nothing;
     };
     let get = |k: &str| labels.get(k).filter(|v| !v.is_empty());
@@ -72,12 +87,15 @@ mod tests {
 
     #[test]
     fn cri_labels_pin_the_manifest() {
-        let a = ask(&labels(&[
-            (TARGET, "sha256:chain"),
-            (CRI_REF, "reg/img:1"),
-            (CRI_LAYER, "sha256:l"),
-            (CRI_MANIFEST, "sha256:m"),
-        ]));
+        let a = ask(
+            "k",
+            &labels(&[
+                (TARGET, "sha256:chain"),
+                (CRI_REF, "reg/img:1"),
+                (CRI_LAYER, "sha256:l"),
+                (CRI_MANIFEST, "sha256:m"),
+            ]),
+        );
         assert_eq!(
             a,
             Ask::Layer(Target {
@@ -90,15 +108,25 @@ mod tests {
 
     #[test]
     fn stargz_labels_and_missing_ones() {
-        let a = ask(&labels(&[
-            (TARGET, "c"),
-            (STARGZ_REF, "reg/img:1"),
-            (STARGZ_LAYER, "sha256:l"),
-        ]));
+        let a = ask(
+            "k",
+            &labels(&[
+                (TARGET, "c"),
+                (STARGZ_REF, "reg/img:1"),
+                (STARGZ_LAYER, "sha256:l"),
+            ]),
+        );
         assert!(matches!(a, Ask::Layer(t) if t.reference == "reg/img:1"));
-        assert_eq!(ask(&labels(&[(STARGZ_REF, "r")])), Ask::Nothing);
+        assert_eq!(
+            ask("container", &labels(&[(STARGZ_REF, "r")])),
+            Ask::Nothing
+        );
         assert!(matches!(
-            ask(&labels(&[(TARGET, "c"), (CRI_REF, "r")])),
+            ask("k", &labels(&[(TARGET, "c"), (CRI_REF, "r")])),
+            Ask::Unnamed(_)
+        ));
+        assert!(matches!(
+            ask("default/4/extract-1-x sha256:c", &labels(&[])),
             Ask::Unnamed(_)
         ));
     }

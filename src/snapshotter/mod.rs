@@ -95,7 +95,7 @@ impl Snapshotter {
         parent: &str,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        match labels::ask(&labels) {
+        match labels::ask(key, &labels) {
             Ask::Nothing => {}
             Ask::Unnamed(why) => self.fell_back(key, why),
             Ask::Layer(target) => {
