@@ -61,6 +61,14 @@ pub enum IndexProgress {
         digest: Digest,
         bytes: u64,
     },
+    /// `done` of its `bytes` have streamed (told about once a second: over a slow link a
+    /// layer takes a while).
+    Streamed {
+        layer: usize,
+        of: usize,
+        done: u64,
+        bytes: u64,
+    },
     /// It is indexed: `entries` tar entries, in `elapsed`.
     Indexed {
         layer: usize,
@@ -221,7 +229,20 @@ async fn index_here(
         digest: digest.clone(),
         bytes: layer.descriptor.size,
     });
-    let (index, blob) = stream_and_index(cache, src, layer, opts)
+    let last_told = std::sync::Mutex::new(started);
+    let streamed = |done: u64| {
+        let mut last = last_told.lock().unwrap();
+        if last.elapsed() >= std::time::Duration::from_secs(1) {
+            *last = std::time::Instant::now();
+            tell(IndexProgress::Streamed {
+                layer: i + 1,
+                of: n,
+                done,
+                bytes: layer.descriptor.size,
+            });
+        }
+    };
+    let (index, blob) = stream_and_index(cache, src, layer, opts, &streamed)
         .await
         .map_err(|e| in_layer(e, i, digest))?;
     tell(IndexProgress::Indexed {
@@ -286,6 +307,7 @@ async fn stream_and_index(
     src: &Source,
     layer: &Layer,
     opts: &Options,
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(LayerIndex, Option<PathBuf>)> {
     let (compression, limits, span) = (layer.compression, opts.limits, opts.span);
     let digest = &layer.descriptor.digest;
@@ -305,7 +327,7 @@ async fn stream_and_index(
         src,
         &layer.descriptor,
         opts.keep_blobs || cut.is_some(),
-        &|_| {},
+        progress,
         || move |r| build_index(r, compression, limits, span),
         async || Ok(()),
     )

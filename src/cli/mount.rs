@@ -367,6 +367,17 @@ fn describe_progress(p: &crate::view::IndexProgress) -> String {
             digest.short(),
             bytesize::ByteSize(*bytes)
         ),
+        P::Streamed {
+            layer,
+            of,
+            done,
+            bytes,
+        } => format!(
+            "indexing layer {layer}/{of}: {} of {} streamed ({:.0} %)",
+            bytesize::ByteSize(*done),
+            bytesize::ByteSize(*bytes),
+            100.0 * *done as f64 / (*bytes).max(1) as f64
+        ),
         P::Indexed {
             layer,
             of,
