@@ -95,6 +95,39 @@ pub struct TocFiles {
     pub chunks: Vec<Vec<Chunk>>,
     /// Entries the image's builder wants read first.
     pub prefetch: Vec<usize>,
+    /// Every chunk that is fetched (not a run of zeros), as (entry, chunk) positions in
+    /// `chunks`, in the order of their bytes in the blob: a read fetches its neighbours too.
+    pub by_offset: Vec<(u32, u32)>,
+}
+
+impl TocFiles {
+    pub fn new(
+        format: &'static dyn TocFormat,
+        chunks: Vec<Vec<Chunk>>,
+        prefetch: Vec<usize>,
+    ) -> TocFiles {
+        let mut by_offset: Vec<(u32, u32)> = chunks
+            .iter()
+            .enumerate()
+            .flat_map(|(e, cs)| {
+                cs.iter()
+                    .enumerate()
+                    .filter(|(_, c)| !c.zeros)
+                    .map(move |(j, _)| (e as u32, j as u32))
+            })
+            .collect();
+        by_offset.sort_by_key(|&(e, j)| chunks[e as usize][j as usize].offset);
+        TocFiles {
+            format,
+            chunks,
+            prefetch,
+            by_offset,
+        }
+    }
+
+    pub fn chunk(&self, at: (u32, u32)) -> &Chunk {
+        &self.chunks[at.0 as usize][at.1 as usize]
+    }
 }
 
 /// A layer's index and what came with it.
@@ -185,11 +218,7 @@ async fn from_toc(
     match opened {
         Ok(t) => Ok(Some(Obtained {
             index: t.index,
-            toc: Some(TocFiles {
-                format,
-                chunks: t.chunks,
-                prefetch: t.prefetch,
-            }),
+            toc: Some(TocFiles::new(format, t.chunks, t.prefetch)),
             blob: None,
             published: false,
         })),

@@ -349,3 +349,38 @@ fn layers_converted_by_stargz_snapshotter_mount_like_the_original() {
     );
     m.unmount(&cache);
 }
+
+#[test]
+fn a_read_brings_the_chunks_after_its_own_in_the_same_request() {
+    let im = push_images("stargz/region");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let m = Mounted::new(
+        &cache,
+        &im.stargz,
+        &work.path().join("mnt"),
+        &["--prefetch", "none"],
+    );
+    let (base, _) = layer_entries();
+    let content = |i: usize| match &base[i] {
+        Entry::File { data, .. } => data.clone(),
+        _ => unreachable!(),
+    };
+    let ranged = |p: &Proxy| {
+        p.log()
+            .iter()
+            .filter(|l| l.contains("/blobs/") && l.to_ascii_lowercase().contains("range:"))
+            .count()
+    };
+    im.proxy.reset_counts();
+    assert!(std::fs::read(m.dir.join("usr/bin/tool")).unwrap() == content(4));
+    assert_eq!(ranged(&im.proxy), 1, "{:?}", im.proxy.log());
+    // The next file in the blob came with it, verified chunk by chunk.
+    assert!(std::fs::read(m.dir.join("usr/bin/exact")).unwrap() == content(6));
+    assert!(
+        std::fs::read(m.dir.join("var/gone")).is_err(),
+        "whited out above"
+    );
+    assert_eq!(ranged(&im.proxy), 1, "{:?}", im.proxy.log());
+    m.unmount(&cache);
+}

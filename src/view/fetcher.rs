@@ -19,12 +19,17 @@ use crate::digest::SpanDigest;
 use crate::error::{Error, Result};
 use crate::index::seek_points::SeekPoints;
 use crate::layer::format::Chunk;
+use crate::obtain::TocFiles;
 
 /// A span bigger than this (a single-frame zstd layer has one span) is not fetched by
 /// range: the layer's blob is downloaded instead.
 pub(super) const MAX_RANGE: u64 = 64 << 20;
 /// Attempts at one range (a cut connection, or bytes that did not match their digest).
 pub(super) const RANGE_ATTEMPTS: u32 = 3;
+/// Compressed bytes fetched for a missing TOC chunk: it and the chunks after it in the blob,
+/// up to this much. Builders lay files out in directory order, so the next files a program
+/// reads (a package's modules) are usually next in the blob; one round trip brings them.
+const TOC_REGION: u64 = 512 << 10;
 
 /// What reads share with background fetches: the source, the cache and the single-flight
 /// gates that keep one span from being fetched twice at once.
@@ -170,9 +175,30 @@ impl Fetcher {
         self.stats.range_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// The bytes of a TOC layer's chunk (eStargz, zstd:chunked): from the chunk store (stored uncompressed,
-    /// under the chunk's digest), or fetched by range, decoded and verified.
+    /// The bytes of a TOC layer's chunk (eStargz, zstd:chunked): from the chunk store (stored
+    /// uncompressed, under the chunk's digest), or fetched by range, decoded and verified —
+    /// with the missing chunks after it in the blob, within [`TOC_REGION`], in the same
+    /// request, each verified and kept on its own.
     pub(super) fn toc_chunk(&self, layer: &LayerData, chunk: &Chunk) -> std::io::Result<Vec<u8>> {
+        self.toc_chunk_with(layer, chunk, true)
+    }
+
+    /// The same, fetching no neighbours: for background work that knows exactly which
+    /// chunks it wants (prefetch lists).
+    pub(super) fn toc_chunk_exact(
+        &self,
+        layer: &LayerData,
+        chunk: &Chunk,
+    ) -> std::io::Result<Vec<u8>> {
+        self.toc_chunk_with(layer, chunk, false)
+    }
+
+    fn toc_chunk_with(
+        &self,
+        layer: &LayerData,
+        chunk: &Chunk,
+        neighbours: bool,
+    ) -> std::io::Result<Vec<u8>> {
         if chunk.zeros {
             // The TOC says so, and the TOC is verified.
             return Ok(vec![0; chunk.size as usize]);
@@ -189,11 +215,22 @@ impl Fetcher {
         };
         let mut last = None;
         for attempt in 1..=RANGE_ATTEMPTS {
-            let res = match self.read_range(layer, chunk.offset, chunk.end) {
+            // The first try brings the chunk's neighbours too; a retry, the chunk alone.
+            let region = match &layer.toc {
+                Some(toc) if attempt == 1 && neighbours => self.toc_region(toc, chunk),
+                _ => Vec::new(),
+            };
+            let end = region.last().map_or(chunk.end, |c| c.end.max(chunk.end));
+            let res = match self.read_range(layer, chunk.offset, end) {
                 Ok(Some(bytes)) => {
                     self.count_range(bytes.len() as u64);
+                    let own = (chunk.end - chunk.offset) as usize;
                     match &layer.toc {
-                        Some(toc) => toc.format.decode_chunk(chunk, &bytes),
+                        Some(toc) => {
+                            self.keep_region(layer, toc, chunk.offset, &bytes, &region);
+                            toc.format
+                                .decode_chunk(chunk, &bytes[..own.min(bytes.len())])
+                        }
                         None => Err(Error::malformed("layer", "chunks of a layer without a TOC")),
                     }
                 }
@@ -221,6 +258,40 @@ impl Fetcher {
             }
         }
         Err(last.expect("at least one attempt"))
+    }
+
+    /// The chunks to fetch with `chunk`, which is missing: those after it in the blob, up
+    /// to [`TOC_REGION`] from its start, until one that is stored.
+    fn toc_region<'a>(&self, toc: &'a TocFiles, chunk: &Chunk) -> Vec<&'a Chunk> {
+        let order = &toc.by_offset;
+        let from = order.partition_point(|&at| toc.chunk(at).offset <= chunk.offset);
+        order[from..]
+            .iter()
+            .map(|&at| toc.chunk(at))
+            .take_while(|c| {
+                c.end.saturating_sub(chunk.offset) <= TOC_REGION && !self.cache.has_chunk(&c.digest)
+            })
+            .collect()
+    }
+
+    /// Decode, verify and keep each chunk of `region` from `bytes` (the blob from `start`).
+    /// Best effort: a neighbour that does not decode is fetched by the read that needs it.
+    fn keep_region(
+        &self,
+        layer: &LayerData,
+        toc: &TocFiles,
+        start: u64,
+        bytes: &[u8],
+        region: &[&Chunk],
+    ) {
+        for c in region {
+            let (a, b) = ((c.offset - start) as usize, (c.end - start) as usize);
+            let Some(raw) = bytes.get(a..b) else { break };
+            match toc.format.decode_chunk(c, raw) {
+                Ok(data) => self.keep_chunk(layer, &c.digest, &data),
+                Err(e) => tracing::debug!("chunk at {} of layer {}: {e}", c.offset, layer.digest),
+            }
+        }
     }
 
     /// Fetch spans `ks` (consecutive, none of them stored) in one range request, verify each

@@ -44,7 +44,7 @@ impl ImageView {
                         .iter()
                         .flat_map(|&e| &sg.chunks[e])
                         .take_while(|_| !stop.is_cancelled())
-                        .try_for_each(|c| fetcher.toc_chunk(&layer, c).map(|_| ()))
+                        .try_for_each(|c| fetcher.toc_chunk_exact(&layer, c).map(|_| ()))
                 } else if keep {
                     fetcher.ensure_local(&layer).map(|_| ())
                 } else {
