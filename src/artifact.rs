@@ -7,7 +7,8 @@
 //! name the layer they describe, annotated with that layer's digest too — and a `subject`
 //! pointing at the image manifest. It is found through the referrers API or, on registries
 //! without one (distribution 2.x, Debian's docker-registry), the `sha256-<hex>` tag. The
-//! format is written down for other producers in docs/index-artifact.md.
+//! format is written down for other producers in docs/index-artifact.md. An artifact may
+//! also carry an access profile (`crate::profile`), fetched and cached with the indexes.
 //!
 //! Trust: an artifact is not covered by the image's digest. Its manifest and blobs are
 //! verified against their digests, each index must name the layer it is used for and fit
