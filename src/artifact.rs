@@ -297,20 +297,13 @@ pub async fn fetch_indexes(
         if missing.is_empty() && profile_done {
             break;
         }
-        let (digests, profile) = store_offered(cache, &at, subject, &artifact, &missing).await;
+        let (digests, had_profile) =
+            store_offered(cache, &at, subject, &artifact, &missing, !profile_done).await;
         for digest in digests {
             stored += 1;
             missing.retain(|l| l.descriptor.digest != digest);
         }
-        if let Some(p) = profile.filter(|_| !profile_done) {
-            profile_done = true;
-            if let Err(e) = store_profile(cache, &at, subject, &p).await {
-                tracing::warn!(
-                    "access profile {} of artifact {artifact} not used: {e}",
-                    p.digest
-                );
-            }
-        }
+        profile_done |= had_profile;
     }
     tracing::info!(
         "{stored} layer index(es) of {subject} from the registry in {:.1?}",
@@ -386,16 +379,18 @@ async fn store_profile(
     cache.store_published_profile(subject, &bytes)
 }
 
-/// Store the indexes that `artifact` offers for layers of `missing`, checked, a few at once.
-/// Returns the digests of the layers whose index was stored (each refusal is logged), and
-/// the access profile the artifact offers.
+/// Store the indexes that `artifact` offers for layers of `missing`, checked, a few at once,
+/// and with `want_profile` its access profile, alongside them (a round trip less than
+/// after them). Returns the digests of the layers whose index was stored (each refusal is
+/// logged), and whether the artifact offered a profile.
 async fn store_offered(
     cache: &Cache,
     at: &Repo<'_>,
     subject: &Digest,
     artifact: &Digest,
     missing: &[&Layer],
-) -> (Vec<Digest>, Option<Descriptor>) {
+    want_profile: bool,
+) -> (Vec<Digest>, bool) {
     let Repo {
         client,
         registry,
@@ -409,7 +404,7 @@ async fn store_offered(
         Ok(o) => o,
         Err(e) => {
             tracing::warn!("index artifact {artifact} of {subject} not used: {e}");
-            return (Vec::new(), None);
+            return (Vec::new(), false);
         }
     };
     // Collected, not chained: a stream holding closures over borrowed layers makes this
@@ -421,7 +416,19 @@ async fn store_offered(
             Some(((*l).clone(), blob.clone()))
         })
         .collect();
-    let results: Vec<(Digest, bool)> = futures_util::stream::iter(jobs)
+    let had_profile = profile.is_some();
+    let profile = async {
+        let Some(p) = profile.filter(|_| want_profile) else {
+            return;
+        };
+        if let Err(e) = store_profile(cache, at, subject, &p).await {
+            tracing::warn!(
+                "access profile {} of artifact {artifact} not used: {e}",
+                p.digest
+            );
+        }
+    };
+    let indexes = futures_util::stream::iter(jobs)
         .map(|(layer, blob)| async move {
             let digest = layer.descriptor.digest.clone();
             let ok = match fetch_one(cache, client, registry, repo, &layer, &blob).await {
@@ -437,13 +444,13 @@ async fn store_offered(
             (digest, ok)
         })
         .buffer_unordered(JOBS)
-        .collect()
-        .await;
+        .collect::<Vec<(Digest, bool)>>();
+    let (results, ()) = futures_util::join!(indexes, profile);
     let stored = results
         .into_iter()
         .filter_map(|(digest, ok)| ok.then_some(digest))
         .collect();
-    (stored, profile)
+    (stored, had_profile)
 }
 
 async fn fetch_one(
