@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::estargz::{self, Entry};
 use common::layers::Tar;
 use common::mounted::Mounted;
-use common::proxy::Proxy;
+use common::proxy::{Fault, Proxy};
 use common::*;
 use imgfs::digest::Digest;
 
@@ -337,4 +337,63 @@ fn garbage_stale_or_corrupted_profiles_still_give_the_right_bytes() {
         proxy.log()
     );
     m.unmount(&cache);
+}
+
+#[test]
+fn reads_wait_for_the_profile_fetch_instead_of_fetching_again() {
+    let reg = registry();
+    let fx = fixture(300);
+    let repo = "profiles/concurrent";
+    fx.img.push(&reg.host, repo, "v1");
+    let direct = format!("{}/{repo}:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let a = work.path().join("a");
+    imgfs_ok(&a, &["index", "push", "--span-size", "256KiB", &direct]);
+    let workload = ["g/small.txt", "g/d.bin", "e/one", "e/two"];
+    let recorded = work.path().join("start.profile");
+    let mnt = work.path().join("mnt-a");
+    let m = Mounted::new(
+        &a,
+        &direct,
+        &mnt,
+        &["--record-profile", recorded.to_str().unwrap()],
+    );
+    for p in workload {
+        std::fs::read(mnt.join(p)).unwrap();
+    }
+    m.unmount(&a);
+    let profile = read_profile(&recorded);
+    let (gz, sg) = (fx.img.layers[0].digest(), fx.img.layers[1].digest());
+    let runs = span_runs(&a, &gz, &profile.by_layer()[&gz]);
+    let chunks = profile.by_layer()[&sg].len();
+
+    // A slow registry: every blob answer waits 400 ms, so the workload starts while the
+    // profile's requests are still out.
+    let proxy = Proxy::start(&reg.host);
+    proxy.fault_next_blobs(1000, Fault::Delay(Duration::from_millis(400)));
+    let b = work.path().join("b");
+    let mnt = work.path().join("mnt-b");
+    let m = Mounted::new(
+        &b,
+        &format!("{}/{repo}:v1", proxy.host),
+        &mnt,
+        &["--profile", recorded.to_str().unwrap()],
+    );
+    std::thread::scope(|s| {
+        for p in workload {
+            let (mnt, fx) = (&mnt, &fx);
+            s.spawn(move || assert_eq!(std::fs::read(mnt.join(p)).unwrap(), fx.bytes(p), "{p}"));
+        }
+    });
+    let gets = |d: &Digest| {
+        layer_gets(&proxy, &fx.img)
+            .into_iter()
+            .filter(|l| l.contains(d.hex()))
+            .count()
+    };
+    // One request per run of spans, one per chunk (and the eStargz footer and TOC): a read
+    // that had gone its own way would have made one more.
+    assert!(gets(&gz) <= runs, "{:?}", proxy.log());
+    assert!(gets(&sg) <= chunks + 2, "{:?}", proxy.log());
+    m.unmount(&b);
 }

@@ -36,8 +36,11 @@ pub struct ProfilePlan {
     /// Spans and chunks they cover.
     pub pieces: usize,
     /// Reads passed over: a layer not in this image, an offset outside its blob or at no
-    /// chunk, a layer read locally.
+    /// chunk.
     pub ignored: usize,
+    /// Reads of layers whose bytes are local (a cached blob, a local source): nothing to
+    /// fetch.
+    pub local: usize,
 }
 
 impl ImageView {
@@ -122,7 +125,11 @@ fn plan(profile: &Profile, layers: &[Arc<LayerData>]) -> (Vec<Job>, ProfilePlan)
             out.ignored += 1;
             continue;
         };
-        if layer.src.is_local() || layer.local.get().is_some() || at >= layer.descriptor.size {
+        if layer.src.is_local() || layer.local.get().is_some() {
+            out.local += 1;
+            continue;
+        }
+        if at >= layer.descriptor.size {
             out.ignored += 1;
             continue;
         }
