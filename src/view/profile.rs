@@ -20,12 +20,83 @@ use crate::profile::Profile;
 /// requests a program start makes, few enough not to crowd out the reads it makes itself.
 pub const PROFILE_JOBS: usize = 6;
 
-/// One request of a profile's replay.
-enum Job {
+/// One request of a profile's replay, of layer `L` (generic for the planner's tests).
+enum Job<L = Arc<LayerData>> {
     /// Consecutive spans of a seekable layer, in one range request.
-    Spans(Arc<LayerData>, Range<usize>),
+    Spans(L, Range<usize>),
     /// One chunk of a TOC layer.
-    Chunk(Arc<LayerData>, Chunk),
+    Chunk(L, Chunk),
+}
+
+/// Where a span can join a planned request: span requests by (layer id, the span just
+/// past their end) and by (layer id, their first span).
+#[derive(Default)]
+struct Joins {
+    ends: HashMap<(u32, usize), usize>,
+    starts: HashMap<(u32, usize), usize>,
+}
+
+impl Joins {
+    /// Plan span `k` of layer `layer` (id `id`, not planned before): into a request of
+    /// `jobs` it is next to, where `fits` allows the request's spans with it, else a new
+    /// one. A request that then touches another of the layer takes that one in too, where
+    /// `fits` allows: the earlier of the two in the plan keeps both, the later is left
+    /// empty.
+    fn add<L>(
+        &mut self,
+        jobs: &mut Vec<Job<L>>,
+        layer: L,
+        id: u32,
+        k: usize,
+        fits: impl Fn(&Range<usize>) -> bool,
+    ) {
+        let grown = |ks: &Range<usize>| ks.start.min(k)..ks.end.max(k + 1);
+        let next_to = [self.ends.get(&(id, k)), self.starts.get(&(id, k + 1))];
+        let join = next_to
+            .into_iter()
+            .flatten()
+            .copied()
+            .find(|&j| matches!(&jobs[j], Job::Spans(_, ks) if fits(&grown(ks))));
+        let Some(j) = join else {
+            self.ends.insert((id, k + 1), jobs.len());
+            self.starts.insert((id, k), jobs.len());
+            jobs.push(Job::Spans(layer, k..k + 1));
+            return;
+        };
+        let mut run = self.take(&mut jobs[j], id);
+        run = grown(&run);
+        let mut keep = j;
+        // The request on the other side of the new span joins too.
+        let other = [
+            self.starts.get(&(id, run.end)).copied(),
+            self.ends.get(&(id, run.start)).copied(),
+        ];
+        if let Some(m) = other.into_iter().flatten().find(|&m| m != j)
+            && let Job::Spans(_, ms) = &jobs[m]
+        {
+            let both = run.start.min(ms.start)..run.end.max(ms.end);
+            if fits(&both) {
+                self.take(&mut jobs[m], id);
+                run = both;
+                keep = j.min(m);
+            }
+        }
+        if let Job::Spans(_, ks) = &mut jobs[keep] {
+            *ks = run.clone();
+        }
+        self.ends.insert((id, run.end), keep);
+        self.starts.insert((id, run.start), keep);
+    }
+
+    /// Empty span request `job` of layer `id` and forget where it was; returns its spans.
+    fn take<L>(&mut self, job: &mut Job<L>, id: u32) -> Range<usize> {
+        let Job::Spans(_, ks) = job else {
+            return 0..0;
+        };
+        self.ends.remove(&(id, ks.end));
+        self.starts.remove(&(id, ks.start));
+        std::mem::replace(ks, 0..0)
+    }
 }
 
 /// What a profile's plan holds, for the log and tests.
@@ -105,14 +176,14 @@ impl ImageView {
 }
 
 /// The requests that fetch what `profile` names in `layers`, in profile order: a span next
-/// to one a request already holds joins that request (up to a sequential reader's widest
-/// batch), so that a run read in any order is one request.
+/// to those a request already holds joins that request (up to a sequential reader's widest
+/// batch), so that a run read in any order — a program's libraries are — is one request,
+/// made where the profile first needs any of it.
 fn plan(profile: &Profile, layers: &[Arc<LayerData>]) -> (Vec<Job>, ProfilePlan) {
     let by_digest: HashMap<_, _> = layers.iter().map(|l| (&l.descriptor.digest, l)).collect();
     let mut out = ProfilePlan::default();
     let mut jobs: Vec<Job> = Vec::new();
-    // Per layer id: the job that last took a span of it, for coalescing.
-    let mut last: HashMap<u32, usize> = HashMap::new();
+    let mut joins = Joins::default();
     let mut planned: HashSet<(u32, u64)> = HashSet::new();
     // The chunks of TOC layers by compressed offset, built on first use.
     let mut chunks: HashMap<u32, HashMap<u64, &Chunk>> = HashMap::new();
@@ -171,23 +242,15 @@ fn plan(profile: &Profile, layers: &[Arc<LayerData>]) -> (Vec<Job>, ProfilePlan)
         }
         out.pieces += 1;
         let size = layer.descriptor.size;
+        // No more spans than a sequential reader's widest batch, nor bytes than one range.
         let fits = |ks: &Range<usize>| {
-            ks.len() < READAHEAD_MAX
-                && sp.span_range(ks.end.max(k + 1) - 1, size).1
-                    - sp.span_range(ks.start.min(k), size).0
-                    <= MAX_RANGE
+            ks.len() <= READAHEAD_MAX
+                && sp.span_range(ks.end - 1, size).1 - sp.span_range(ks.start, size).0 <= MAX_RANGE
         };
-        if let Some(&j) = last.get(&layer.id)
-            && let Job::Spans(_, ks) = &mut jobs[j]
-            && (ks.end == k || ks.start == k + 1)
-            && fits(ks)
-        {
-            *ks = ks.start.min(k)..ks.end.max(k + 1);
-            continue;
-        }
-        last.insert(layer.id, jobs.len());
-        jobs.push(Job::Spans((*layer).clone(), k..k + 1));
+        joins.add(&mut jobs, (*layer).clone(), layer.id, k, fits);
     }
+    // Requests another took in.
+    jobs.retain(|j| !matches!(j, Job::Spans(_, ks) if ks.is_empty()));
     out.requests = jobs.len();
     (jobs, out)
 }
@@ -235,5 +298,49 @@ fn run(f: &Fetcher, job: &Job) -> usize {
             }
             fetched
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The span requests `spans` (layer, span) plan to, at most `max` spans each.
+    fn planned(spans: &[(u32, usize)], max: usize) -> Vec<(u32, Range<usize>)> {
+        let (mut jobs, mut joins) = (Vec::new(), Joins::default());
+        for &(l, k) in spans {
+            joins.add(&mut jobs, l, l, k, |ks: &Range<usize>| ks.len() <= max);
+        }
+        jobs.into_iter()
+            .filter_map(|j| match j {
+                Job::Spans(l, ks) => (!ks.is_empty()).then_some((l, ks)),
+                Job::Chunk(..) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_read_in_any_order_is_one_request_where_it_is_first_needed() {
+        // A program's libraries: spans 62, 58, 60, 63, 59, 61 of one layer, 5 of another.
+        let got = planned(
+            &[(0, 62), (1, 5), (0, 58), (0, 60), (0, 63), (0, 59), (0, 61)],
+            16,
+        );
+        assert_eq!(got, vec![(0, 58..64), (1, 5..6)]);
+        // Requests that meet become one, where the earlier was; each grows at either end.
+        let got = planned(&[(0, 10), (0, 12), (0, 11), (0, 9), (0, 13)], 16);
+        assert_eq!(got, vec![(0, 9..14)]);
+        // Spans of other layers do not join.
+        let got = planned(&[(0, 3), (1, 4), (1, 2)], 16);
+        assert_eq!(got, vec![(0, 3..4), (1, 4..5), (1, 2..3)]);
+    }
+
+    #[test]
+    fn a_request_stops_growing_at_its_bound() {
+        let got = planned(&[(0, 1), (0, 2), (0, 3), (0, 4), (0, 0)], 3);
+        assert_eq!(got, vec![(0, 1..4), (0, 4..5), (0, 0..1)]);
+        // Two that meet but would pass the bound together stay apart.
+        let got = planned(&[(0, 1), (0, 2), (0, 4), (0, 5), (0, 3)], 3);
+        assert_eq!(got, vec![(0, 1..4), (0, 4..6)]);
     }
 }
