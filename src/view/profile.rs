@@ -105,7 +105,7 @@ pub struct ProfilePlan {
     /// Requests planned (a run of adjacent spans is one).
     pub requests: usize,
     /// Spans and chunks they cover.
-    pub pieces: usize,
+    pub reads: usize,
     /// Reads passed over: a layer not in this image, an offset outside its blob or at no
     /// chunk.
     pub ignored: usize,
@@ -138,7 +138,7 @@ impl ImageView {
             }
             tracing::info!(
                 "access profile: fetching {} spans and chunks in {} requests",
-                plan.pieces,
+                plan.reads,
                 plan.requests
             );
             let jobs = Arc::new(jobs);
@@ -216,7 +216,7 @@ fn plan(profile: &Profile, layers: &[Arc<LayerData>]) -> (Vec<Job>, ProfilePlan)
             match by_offset.get(&at) {
                 Some(c) if planned.insert((layer.id, at)) => {
                     jobs.push(Job::Chunk((*layer).clone(), (*c).clone()));
-                    out.pieces += 1;
+                    out.reads += 1;
                 }
                 Some(_) => {}
                 None => out.ignored += 1,
@@ -240,7 +240,7 @@ fn plan(profile: &Profile, layers: &[Arc<LayerData>]) -> (Vec<Job>, ProfilePlan)
         if !planned.insert((layer.id, k as u64)) {
             continue;
         }
-        out.pieces += 1;
+        out.reads += 1;
         let size = layer.descriptor.size;
         // No more spans than a sequential reader's widest batch, nor bytes than one range.
         let fits = |ks: &Range<usize>| {
