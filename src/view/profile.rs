@@ -99,7 +99,7 @@ impl Joins {
     }
 }
 
-/// What a profile's plan holds, for the log and tests.
+/// What a profile's plan holds, for the log.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ProfilePlan {
     /// Requests planned (a run of adjacent spans is one).
