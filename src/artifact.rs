@@ -7,7 +7,8 @@
 //! name the layer they describe, annotated with that layer's digest too — and a `subject`
 //! pointing at the image manifest. It is found through the referrers API or, on registries
 //! without one (distribution 2.x, Debian's docker-registry), the `sha256-<hex>` tag. The
-//! format is written down for other producers in docs/index-artifact.md.
+//! format is written down for other producers in docs/index-artifact.md. An artifact may
+//! also carry an access profile (`crate::profile`), fetched and cached with the indexes.
 //!
 //! Trust: an artifact is not covered by the image's digest. Its manifest and blobs are
 //! verified against their digests, each index must name the layer it is used for and fit
@@ -112,7 +113,16 @@ fn plain_descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
 /// order given. Deterministic: the same indexes give the same digest, so pushing twice
 /// changes nothing.
 pub fn build_manifest(subject: &Descriptor, indexes: &[(Digest, Digest, u64)]) -> Vec<u8> {
-    let layers = indexes
+    build_manifest_with_profile(subject, indexes, None)
+}
+
+/// [`build_manifest`] with an access profile blob (digest, size) after the indexes.
+pub fn build_manifest_with_profile(
+    subject: &Descriptor,
+    indexes: &[(Digest, Digest, u64)],
+    profile: Option<(Digest, u64)>,
+) -> Vec<u8> {
+    let mut layers: Vec<Descriptor> = indexes
         .iter()
         .map(|(layer, blob, size)| {
             let mut d = plain_descriptor(&index_media_type(), blob.clone(), *size);
@@ -121,6 +131,9 @@ pub fn build_manifest(subject: &Descriptor, indexes: &[(Digest, Digest, u64)]) -
             d
         })
         .collect();
+    if let Some((blob, size)) = profile {
+        layers.push(plain_descriptor(crate::profile::MEDIA_TYPE, blob, size));
+    }
     let m = ArtifactManifest {
         schema_version: 2,
         media_type: media::OCI_MANIFEST.to_string(),
@@ -169,6 +182,16 @@ pub fn parse_manifest(bytes: &[u8], subject: &Digest) -> Result<BTreeMap<Digest,
         out.insert(layer, d);
     }
     Ok(out)
+}
+
+/// The access profile blob an artifact manifest offers, if any (the manifest was checked
+/// by [`parse_manifest`]).
+fn offered_profile(bytes: &[u8]) -> Option<Descriptor> {
+    let m: ArtifactManifest = serde_json::from_slice(bytes).ok()?;
+    m.layers
+        .into_iter()
+        .find(|d| d.media_type == crate::profile::MEDIA_TYPE)
+        .filter(|d| d.size <= crate::profile::MAX_BYTES as u64)
 }
 
 /// The imgfs index artifacts in a referrers list, newest (listed last) first.
@@ -241,9 +264,16 @@ fn check_fits(index: &LayerIndex, layer: &Layer) -> std::result::Result<(), Stri
 }
 
 /// Look for an index artifact of `image` and store, for each of `wanted`, the index it
-/// offers, checked. Returns how many were stored. Never fails: anything wrong is logged
+/// offers, checked; with `want_profile`, the access profile of the newest artifact that has
+/// one too. Returns how many indexes were stored. Never fails: anything wrong is logged
 /// (naming the artifact and what was wrong) and the layer is indexed locally instead.
-pub async fn fetch_indexes(cache: &Cache, src: &Source, image: &Image, wanted: &[&Layer]) -> usize {
+pub async fn fetch_indexes(
+    cache: &Cache,
+    src: &Source,
+    image: &Image,
+    wanted: &[&Layer],
+    want_profile: bool,
+) -> usize {
     let Source::Registry { client, reference } = src else {
         return 0;
     };
@@ -261,14 +291,19 @@ pub async fn fetch_indexes(cache: &Cache, src: &Source, image: &Image, wanted: &
     }
     let mut missing: Vec<&Layer> = wanted.to_vec();
     let mut stored = 0;
+    // The newest profile among the artifacts looked at goes with the indexes.
+    let mut profile_done = !want_profile;
     for artifact in candidates {
-        if missing.is_empty() {
+        if missing.is_empty() && profile_done {
             break;
         }
-        for digest in store_offered(cache, &at, subject, &artifact, &missing).await {
+        let (digests, had_profile) =
+            store_offered(cache, &at, subject, &artifact, &missing, !profile_done).await;
+        for digest in digests {
             stored += 1;
             missing.retain(|l| l.descriptor.digest != digest);
         }
+        profile_done |= had_profile;
     }
     tracing::info!(
         "{stored} layer index(es) of {subject} from the registry in {:.1?}",
@@ -324,29 +359,52 @@ async fn find_artifacts(at: &Repo<'_>, subject: &Digest) -> Vec<Digest> {
     }
 }
 
-/// Store the indexes that `artifact` offers for layers of `missing`, checked, a few at once.
-/// Returns the digests of the layers whose index was stored; each refusal is logged.
+/// Fetch the access profile blob `blob` and keep it for image `subject`, if it parses.
+async fn store_profile(
+    cache: &Cache,
+    at: &Repo<'_>,
+    subject: &Digest,
+    blob: &Descriptor,
+) -> Result<()> {
+    let bytes = at
+        .client
+        .get_blob_bytes(
+            at.registry,
+            at.repo,
+            &blob.digest,
+            crate::profile::MAX_BYTES,
+        )
+        .await?;
+    crate::profile::Profile::parse(&bytes)?;
+    cache.store_published_profile(subject, &bytes)
+}
+
+/// Store the indexes that `artifact` offers for layers of `missing`, checked, a few at once,
+/// and with `want_profile` its access profile, alongside them (a round trip less than
+/// after them). Returns the digests of the layers whose index was stored (each refusal is
+/// logged), and whether the artifact offered a profile.
 async fn store_offered(
     cache: &Cache,
     at: &Repo<'_>,
     subject: &Digest,
     artifact: &Digest,
     missing: &[&Layer],
-) -> Vec<Digest> {
+    want_profile: bool,
+) -> (Vec<Digest>, bool) {
     let Repo {
         client,
         registry,
         repo,
     } = *at;
     let offered = match client.get_manifest(registry, repo, artifact.as_str()).await {
-        Ok(m) => parse_manifest(&m.bytes, subject),
+        Ok(m) => parse_manifest(&m.bytes, subject).map(|o| (o, offered_profile(&m.bytes))),
         Err(e) => Err(e),
     };
-    let offered = match offered {
+    let (offered, profile) = match offered {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!("index artifact {artifact} of {subject} not used: {e}");
-            return Vec::new();
+            return (Vec::new(), false);
         }
     };
     // Collected, not chained: a stream holding closures over borrowed layers makes this
@@ -358,7 +416,19 @@ async fn store_offered(
             Some(((*l).clone(), blob.clone()))
         })
         .collect();
-    let results: Vec<(Digest, bool)> = futures_util::stream::iter(jobs)
+    let had_profile = profile.is_some();
+    let profile = async {
+        let Some(p) = profile.filter(|_| want_profile) else {
+            return;
+        };
+        if let Err(e) = store_profile(cache, at, subject, &p).await {
+            tracing::warn!(
+                "access profile {} of artifact {artifact} not used: {e}",
+                p.digest
+            );
+        }
+    };
+    let indexes = futures_util::stream::iter(jobs)
         .map(|(layer, blob)| async move {
             let digest = layer.descriptor.digest.clone();
             let ok = match fetch_one(cache, client, registry, repo, &layer, &blob).await {
@@ -374,12 +444,13 @@ async fn store_offered(
             (digest, ok)
         })
         .buffer_unordered(JOBS)
-        .collect()
-        .await;
-    results
+        .collect::<Vec<(Digest, bool)>>();
+    let (results, ()) = futures_util::join!(indexes, profile);
+    let stored = results
         .into_iter()
         .filter_map(|(digest, ok)| ok.then_some(digest))
-        .collect()
+        .collect();
+    (stored, had_profile)
 }
 
 async fn fetch_one(
@@ -422,12 +493,20 @@ pub struct Pushed {
     pub skipped_estargz: usize,
     /// The registry had no referrers API and the `sha256-<hex>` tag was written.
     pub tag_updated: bool,
+    /// The access profile pushed with the indexes: its reads, and how many of them name a
+    /// layer of this image.
+    pub profile: Option<(usize, usize)>,
 }
 
 /// Push the cached indexes of every layer of `image` (they must exist: build them first) as
-/// an index artifact referring to the image manifest. Blobs the repository has are not sent
-/// again, so a layer shared by many images has one index blob.
-pub async fn push(cache: &Cache, src: &Source, image: &Image) -> Result<Pushed> {
+/// an index artifact referring to the image manifest, with `profile` if given. Blobs the
+/// repository has are not sent again, so a layer shared by many images has one index blob.
+pub async fn push(
+    cache: &Cache,
+    src: &Source,
+    image: &Image,
+    profile: Option<&crate::profile::Profile>,
+) -> Result<Pushed> {
     let Source::Registry { client, reference } = src else {
         return Err(Error::Unsupported {
             what: "index push target".into(),
@@ -457,11 +536,27 @@ pub async fn push(cache: &Cache, src: &Source, image: &Image) -> Result<Pushed> 
         let blob = client.push_blob(registry, repo, Bytes::from(bytes)).await?;
         indexes.push((digest.clone(), blob, size));
     }
+    let mut profile_blob = None;
+    let mut profile_counts = None;
+    if let Some(p) = profile {
+        let bytes = p.to_bytes();
+        let size = bytes.len() as u64;
+        let blob = client.push_blob(registry, repo, Bytes::from(bytes)).await?;
+        profile_blob = Some((blob, size));
+        let ours: std::collections::HashSet<&Digest> =
+            image.layers.iter().map(|l| &l.descriptor.digest).collect();
+        let fitting = p
+            .reads
+            .iter()
+            .filter(|(l, _)| p.layers.get(*l as usize).is_some_and(|d| ours.contains(d)))
+            .count();
+        profile_counts = Some((p.reads.len(), fitting));
+    }
     client
         .push_blob(registry, repo, Bytes::from_static(EMPTY_JSON))
         .await?;
     let subject = subject_of(image);
-    let manifest = build_manifest(&subject, &indexes);
+    let manifest = build_manifest_with_profile(&subject, &indexes, profile_blob);
     let artifact_size = manifest.len() as u64;
     let (artifact, subject_seen) = client
         .push_referrer(
@@ -503,6 +598,7 @@ pub async fn push(cache: &Cache, src: &Source, image: &Image) -> Result<Pushed> 
         index_bytes,
         skipped_estargz,
         tag_updated,
+        profile: profile_counts,
     })
 }
 

@@ -1,7 +1,8 @@
 //! The content-addressed store on disk — a store only: it names verified files and finds
 //! them; downloading them is `crate::fetch`'s. `blobs/sha256/<hex>`, each blob verified before
 //! it got its name; `indexes/sha256/<layer hex>`, the layer indexes built from them (and
-//! `.published` ones fetched from registries); `chunks/blake3/<hex>`, compressed spans of
+//! `.published` ones fetched from registries, and `<image manifest hex>.profile`, access
+//! profiles published with them); `chunks/blake3/<hex>`, compressed spans of
 //! layers fetched by range, named by their span digest; `chunks/sha256/<hex>`, eStargz
 //! chunks and TOCs, named by their sha256. Writes go to `tmp/` and are renamed into place, so
 //! a reader never sees a partial file, even after a crash. Any blob or chunk may be deleted
@@ -226,19 +227,51 @@ impl Cache {
     /// Store an index of `layer` fetched from a registry, which the caller has decoded and
     /// checked.
     pub fn store_published_index(&self, layer: &Digest, bytes: &[u8]) -> Result<()> {
-        self.store_index_file(&self.published_index_path(layer), layer, bytes)
+        self.store_index_file(
+            &self.published_index_path(layer),
+            &format!("the index of {layer}"),
+            bytes,
+        )
+    }
+
+    /// Where the access profile published with the index artifact of image manifest
+    /// `image` is kept: beside the published indexes, and pruned with them.
+    fn profile_path(&self, image: &Digest) -> PathBuf {
+        self.root
+            .join("indexes/sha256")
+            .join(format!("{}.profile", image.hex()))
+    }
+
+    /// Keep the access profile published for image manifest `image` (the caller has
+    /// parsed it).
+    pub fn store_published_profile(&self, image: &Digest, bytes: &[u8]) -> Result<()> {
+        self.store_index_file(
+            &self.profile_path(image),
+            &format!("the access profile of {image}"),
+            bytes,
+        )
+    }
+
+    /// The access profile published for image manifest `image`, as fetched, if there is
+    /// one.
+    pub fn load_published_profile(&self, image: &Digest) -> Option<Vec<u8>> {
+        std::fs::read(self.profile_path(image)).ok()
     }
 
     fn store_index_bytes(&self, layer: &Digest, bytes: &[u8]) -> Result<()> {
-        self.store_index_file(&self.index_path(layer), layer, bytes)
+        self.store_index_file(
+            &self.index_path(layer),
+            &format!("the index of {layer}"),
+            bytes,
+        )
     }
 
-    fn store_index_file(&self, dest: &Path, layer: &Digest, bytes: &[u8]) -> Result<()> {
+    /// Write `bytes` (`what` they are, for errors) to `dest` in one rename.
+    fn store_index_file(&self, dest: &Path, what: &str, bytes: &[u8]) -> Result<()> {
         let tmp_dir = self.root.join("tmp");
         let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
             .ctx(|| format!("creating a temporary file in {}", tmp_dir.display()))?;
-        tmp.write_all(bytes)
-            .ctx(|| format!("writing the index of {layer}"))?;
+        tmp.write_all(bytes).ctx(|| format!("writing {what}"))?;
         tmp.persist(dest)
             .map_err(|e| e.error)
             .ctx(|| format!("storing {}", dest.display()))?;

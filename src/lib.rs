@@ -16,6 +16,7 @@ pub mod index;
 pub mod layer;
 pub mod manifest;
 pub mod obtain;
+pub mod profile;
 pub mod reference;
 pub mod registry;
 pub mod snapshotter;

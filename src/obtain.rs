@@ -149,12 +149,25 @@ pub const REMOTE_INDEX_DEADLINE: std::time::Duration = std::time::Duration::from
 /// cache what is found (`crate::artifact`), for [`layer_index`] to use with `remote_index`.
 /// Optional work: a registry that does not answer within [`REMOTE_INDEX_DEADLINE`] only costs
 /// the time to index here, and errors are the artifact module's to log.
+///
+/// The access profile published with the indexes comes too, when none is cached and the
+/// mount is cold (an index or a TOC to fetch): a warm mount makes no request for it.
 pub async fn fetch_published(cache: &Cache, src: &Source, image: &Image, layers: &[Layer]) {
     let wanted = crate::artifact::layers_wanting_index(cache, layers);
-    if wanted.is_empty() {
+    let toc_to_fetch = || {
+        layers.iter().any(|l| {
+            matches!(toc_format(l.compression, &l.descriptor.annotations),
+                Some((_, Ok(toc))) if !cache.has_chunk(&toc))
+        })
+    };
+    let want_profile = cache
+        .load_published_profile(&image.manifest_digest)
+        .is_none()
+        && (!wanted.is_empty() || toc_to_fetch());
+    if wanted.is_empty() && !want_profile {
         return;
     }
-    let lookup = crate::artifact::fetch_indexes(cache, src, image, &wanted);
+    let lookup = crate::artifact::fetch_indexes(cache, src, image, &wanted, want_profile);
     if tokio::time::timeout(REMOTE_INDEX_DEADLINE, lookup)
         .await
         .is_err()

@@ -22,7 +22,17 @@ enum IndexCommand {
     Build(ImageArg),
     /// Build the indexes if needed and push them to IMAGE's repository as an OCI artifact
     /// that refers to the image manifest
-    Push(ImageArg),
+    Push(PushArgs),
+}
+
+#[derive(Args)]
+struct PushArgs {
+    #[command(flatten)]
+    image: ImageArg,
+    /// Publish this access profile with the indexes (`imgfs mount --record-profile`):
+    /// mounts that use the indexes fetch what it names at once, ahead of reads
+    #[arg(long, value_name = "FILE")]
+    profile: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -56,13 +66,25 @@ pub async fn run(g: &Global, args: IndexArgs) -> Result<()> {
             report(&opened);
             Ok(())
         }
-        IndexCommand::Push(a) => {
+        IndexCommand::Push(PushArgs { image: a, profile }) => {
+            // Read first: a wrong file should not cost an indexing run.
+            let profile = match &profile {
+                Some(f) => {
+                    let bytes = std::fs::read(f)
+                        .with_context(|| format!("reading the profile {}", f.display()))?;
+                    Some(
+                        crate::profile::Profile::parse(&bytes)
+                            .with_context(|| format!("reading the profile {}", f.display()))?,
+                    )
+                }
+                None => None,
+            };
             let Opened {
                 cache,
                 source,
                 image,
             } = build(g, &a).await?;
-            let pushed = crate::artifact::push(&cache, &source, &image)
+            let pushed = crate::artifact::push(&cache, &source, &image, profile.as_ref())
                 .await
                 .with_context(|| format!("pushing the indexes of {}", image.reference))?;
             let compressed: u64 = image
@@ -72,7 +94,7 @@ pub async fn run(g: &Global, args: IndexArgs) -> Result<()> {
                 .sum();
             println!(
                 "pushed index artifact {} for {} ({} index(es), {} bytes, {:.2}% of the layers' \
-                 {} compressed bytes{}{})",
+                 {} compressed bytes{}{}{})",
                 pushed.artifact,
                 image.manifest_digest,
                 pushed.indexes,
@@ -83,6 +105,15 @@ pub async fn run(g: &Global, args: IndexArgs) -> Result<()> {
                     format!("; {} eStargz layer(s) need none", pushed.skipped_estargz)
                 } else {
                     String::new()
+                },
+                match pushed.profile {
+                    Some((reads, fitting)) if fitting < reads => format!(
+                        "; an access profile of {reads} reads, {} of them in layers this image \
+                         does not have",
+                        reads - fitting
+                    ),
+                    Some((reads, _)) => format!("; an access profile of {reads} reads"),
+                    None => String::new(),
                 },
                 if pushed.tag_updated {
                     format!(

@@ -33,6 +33,15 @@ pub struct MountArgs {
     /// owners are enforced), allow_root, ro (the default and only way)
     #[arg(short = 'o', value_name = "OPTION", value_delimiter = ',')]
     options: Vec<String>,
+    /// Record which spans and chunks reads use, in order, into FILE (written every few
+    /// seconds and when the mount ends), for `imgfs index push --profile` or `--profile`
+    #[arg(long, value_name = "FILE")]
+    record_profile: Option<PathBuf>,
+    /// Fetch what this access profile names in the background as soon as the mount is up
+    /// [default: the profile published with the image's indexes, if any, unless
+    /// --prefetch none]
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     #[command(flatten)]
     read: super::ReadArgs,
 }
@@ -162,6 +171,7 @@ pub fn before_threads(args: &MountArgs) {
 pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     check_mount_dir(&args.dir)?;
     let acl = session_acl(&args.options)?;
+    check_profile_paths(&args)?;
     if !args.foreground {
         return daemon::spawn(g, &format!("{} mounted", args.image), &args.dir).await;
     }
@@ -169,6 +179,88 @@ pub async fn mount(g: &Global, args: MountArgs) -> Result<()> {
     daemon::remove_empty_log(g);
     Ok(())
 }
+
+/// A profile to use must be readable, and one to record must have a directory to go in:
+/// said here rather than found out when the mount ends. (What a profile holds is a hint:
+/// one that is not a profile is only logged.)
+fn check_profile_paths(args: &MountArgs) -> Result<()> {
+    if let Some(f) = &args.profile {
+        std::fs::File::open(f).with_context(|| format!("opening the profile {}", f.display()))?;
+    }
+    if let Some(f) = &args.record_profile {
+        let dir = match f.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            bail!(
+                "{}: no directory {} to record the profile in",
+                f.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The access profile a mount replays: `--profile`'s file, else the one published with the
+/// image's indexes (with remote indexes allowed). One that cannot be used is logged.
+fn profile_to_use(
+    args: &MountArgs,
+    cache: &crate::cache::Cache,
+    image: &crate::manifest::Image,
+) -> Option<crate::profile::Profile> {
+    let (bytes, whence) = match &args.profile {
+        Some(f) => match std::fs::read(f) {
+            Ok(b) => (b, f.display().to_string()),
+            Err(e) => {
+                tracing::warn!("not using the profile {}: {e}", f.display());
+                return None;
+            }
+        },
+        // `--prefetch none` promises that every byte fetched was asked for by a read: a
+        // published profile is not used then (a `--profile` given with it is).
+        None if !args.read.no_remote_index
+            && !matches!(args.read.prefetch, super::PrefetchArg::None) =>
+        {
+            (
+                cache.load_published_profile(&image.manifest_digest)?,
+                "published with the indexes".to_string(),
+            )
+        }
+        None => return None,
+    };
+    match crate::profile::Profile::parse(&bytes) {
+        Ok(p) => {
+            tracing::info!("access profile {whence}: {} reads", p.reads.len());
+            Some(p)
+        }
+        Err(e) => {
+            tracing::warn!("not using the access profile {whence}: {e}");
+            None
+        }
+    }
+}
+
+/// Write what `rec` has recorded to `path` (through a temporary file and a rename, so a
+/// reader never sees half a profile).
+fn write_profile(rec: &crate::profile::Recorder, path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("writing the profile {}", path.display()))?;
+    std::io::Write::write_all(&mut tmp, &rec.profile().to_bytes())
+        .with_context(|| format!("writing the profile {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("writing the profile {}", path.display()))?;
+    Ok(())
+}
+
+/// How often a recording is written while the mount runs, so that a daemon killed
+/// without a chance to write loses little.
+const PROFILE_FLUSH: Duration = Duration::from_secs(5);
 
 /// Who may use the mount, from the `-o` options (all of which are checked).
 fn session_acl(options: &[String]) -> Result<fuser::SessionACL> {
@@ -204,12 +296,37 @@ async fn serve(g: &Global, args: &MountArgs, acl: fuser::SessionACL) -> Result<(
     if let Some(sink) = progress_sink(parent.as_ref()) {
         opts.progress = Some(sink);
     }
+    opts.record_profile = args.record_profile.is_some();
     let view = ImageView::open(&cache, Arc::new(source), &image, &opts)
         .await
         .with_context(|| format!("indexing {}", image.reference))?;
     tracing::info!("indexes loaded and merged at {:.1?}", t0.elapsed());
     // Background work on other threads; it never holds up the mount.
     view.start_prefetch();
+    if let Some(p) = profile_to_use(args, &cache, &image) {
+        view.start_profile(p);
+    }
+    let recording = args
+        .record_profile
+        .clone()
+        .zip(view.reader.recorder())
+        .map(|(path, rec)| {
+            let (flush_path, flush_rec) = (path.clone(), rec.clone());
+            let flusher = tokio::spawn(async move {
+                let mut written = 0;
+                loop {
+                    tokio::time::sleep(PROFILE_FLUSH).await;
+                    let n = flush_rec.len();
+                    if n != written {
+                        match write_profile(&flush_rec, &flush_path) {
+                            Ok(()) => written = n,
+                            Err(e) => tracing::warn!("{e:#}"),
+                        }
+                    }
+                }
+            });
+            (path, rec, flusher)
+        });
     let mut fs = ImageFs::new(view, tokio::runtime::Handle::current());
     fs.may_skip_opendir = !matches!(acl, fuser::SessionACL::RootAndOwner);
     let config = fuse_config(&image.reference, acl);
@@ -226,7 +343,19 @@ async fn serve(g: &Global, args: &MountArgs, acl: fuser::SessionACL) -> Result<(
         t0.elapsed()
     );
     let external = wait_for_end(&session).await?;
-    end_session(session, external, &args.dir)?;
+    let ended = end_session(session, external, &args.dir);
+    if let Some((path, rec, flusher)) = recording {
+        // Stopped, and waited for, so that its older snapshot cannot land after this one.
+        flusher.abort();
+        let _ = flusher.await;
+        write_profile(&rec, &path)?;
+        tracing::info!(
+            "access profile of {} reads in {}",
+            rec.len(),
+            path.display()
+        );
+    }
+    ended?;
     tracing::info!("{} unmounted", args.dir.display());
     Ok(())
 }

@@ -37,6 +37,9 @@ pub(super) struct Fetcher {
     pub(super) cache: Cache,
     pub(super) rt: tokio::runtime::Handle,
     pub(super) gates: Gates<(u32, usize)>,
+    /// The same for TOC chunks, by (layer, compressed offset): a read waits for a chunk a
+    /// background fetch (prefetch, a profile) is already bringing.
+    pub(super) chunk_gates: Gates<(u32, u64)>,
     /// Bytes in the chunk store (measured at the first store, then counted) and its bound.
     pub(super) chunk_bytes: Mutex<Option<u64>>,
     pub(super) chunk_max: u64,
@@ -203,6 +206,15 @@ impl Fetcher {
             // The TOC says so, and the TOC is verified.
             return Ok(vec![0; chunk.size as usize]);
         }
+        if let Some(b) = self.stored_chunk(&chunk.digest) {
+            return Ok(b.to_vec());
+        }
+        let gate = self.chunk_gates.gate((layer.id, chunk.offset));
+        let _turn = gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Dropped before `_turn`: however this ends, the gate goes with the turn.
+        let _done = Done(&self.chunk_gates, (layer.id, chunk.offset));
         if let Some(b) = self.stored_chunk(&chunk.digest) {
             return Ok(b.to_vec());
         }

@@ -32,6 +32,7 @@ mod layer;
 mod open;
 mod pieces;
 mod prefetch;
+mod profile;
 mod read;
 mod readahead;
 
@@ -78,6 +79,8 @@ pub struct ViewOptions {
     pub only_path: Option<bstr::BString>,
     /// Told as layers are indexed here (a cold mount can take a while).
     pub progress: Option<ProgressSink>,
+    /// Record which spans and chunks reads use (`Reader::recorder`), for an access profile.
+    pub record_profile: bool,
 }
 
 impl ViewOptions {
@@ -110,6 +113,7 @@ impl Default for ViewOptions {
             limits: index::Limits::default(),
             only_path: None,
             progress: None,
+            record_profile: false,
         }
     }
 }
@@ -195,6 +199,8 @@ pub struct Reader {
     background: tokio_util::sync::CancellationToken,
     /// Layers open through this reader, by digest: each one's index is loaded once.
     open_layers: Mutex<HashMap<Digest, std::sync::Weak<LayerData>>>,
+    /// Where reads are recorded, when an access profile is being made.
+    recorder: Option<Arc<crate::profile::Recorder>>,
 }
 
 impl Reader {
@@ -206,6 +212,7 @@ impl Reader {
                 cache: cache.clone(),
                 rt: tokio::runtime::Handle::current(),
                 gates: Gates::new(),
+                chunk_gates: Gates::new(),
                 chunk_bytes: Mutex::new(None),
                 chunk_max: opts.chunk_cache,
                 stats: ReadStats::default(),
@@ -218,7 +225,15 @@ impl Reader {
             making: Gates::new(),
             background: tokio_util::sync::CancellationToken::new(),
             open_layers: Mutex::new(HashMap::new()),
+            recorder: opts
+                .record_profile
+                .then(|| Arc::new(crate::profile::Recorder::new())),
         })
+    }
+
+    /// The recording of what reads used, when the options asked for one.
+    pub fn recorder(&self) -> Option<Arc<crate::profile::Recorder>> {
+        self.recorder.clone()
     }
 
     /// What reads have fetched so far.

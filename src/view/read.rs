@@ -105,6 +105,9 @@ impl Reader {
         file_end: u64,
         exact: bool,
     ) -> std::io::Result<Bytes> {
+        if let Some(rec) = &self.recorder {
+            record_spans(rec, layer, start, len);
+        }
         if layer.compression == Compression::None
             && let Some(f) = layer.local.get()
         {
@@ -139,6 +142,11 @@ impl Reader {
                 .checked_sub(1)
                 .map(|i| &chunks[i])
                 .ok_or_else(|| std::io::Error::other("no chunk holds this offset"))?;
+            if let Some(rec) = &self.recorder
+                && !c.zeros
+            {
+                rec.record(&layer.descriptor.digest, c.offset);
+            }
             let piece = self.piece((layer.id, c.offset), || self.fetcher.toc_chunk(layer, c))?;
             let at = (pos - c.file_offset) as usize;
             if at >= piece.len() {
@@ -193,5 +201,20 @@ impl Reader {
             pos += take as u64;
         }
         Ok(out.into())
+    }
+}
+
+/// Record, for an access profile, each span that uncompressed bytes `[start, start + len)`
+/// of `layer` come from, by the compressed offset of its seek point.
+fn record_spans(rec: &crate::profile::Recorder, layer: &LayerData, start: u64, len: usize) {
+    let Ok(sp) = layer.seek() else { return };
+    let (Some(first), Some(last)) = (
+        sp.span_at(start),
+        sp.span_at(start + (len as u64).saturating_sub(1)),
+    ) else {
+        return;
+    };
+    for k in first..=last {
+        rec.record(&layer.descriptor.digest, sp.checkpoints[k].in_offset);
     }
 }
