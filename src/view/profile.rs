@@ -263,7 +263,7 @@ fn run(f: &Fetcher, job: &Job) -> usize {
             if f.cache.has_chunk(&c.digest) {
                 return 0;
             }
-            match f.toc_chunk(layer, c) {
+            match f.toc_chunk_exact(layer, c) {
                 Ok(_) => 1,
                 Err(e) => {
                     tracing::debug!("access profile: {e}");
