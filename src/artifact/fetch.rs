@@ -1,0 +1,247 @@
+//! Finding a published artifact for an image (referrers API, else the fallback tag) and
+//! fetching, checking and caching the indexes (and access profile) a view needs.
+
+use super::*;
+
+/// Refuse an index that cannot describe `layer`: one whose seek points lie past the blob's
+/// end (a forged index could otherwise send range reads anywhere), or a gzip/zstd layer's
+/// index without seek points.
+fn check_fits(index: &LayerIndex, layer: &Layer) -> std::result::Result<(), String> {
+    let size = layer.descriptor.size;
+    let seek = index
+        .seek
+        .as_ref()
+        .ok_or_else(|| "it has no seek points".to_string())?;
+    if let Some(c) = seek.checkpoints.iter().find(|c| c.in_offset > size) {
+        return Err(format!(
+            "a seek point at byte {} of a {size}-byte layer",
+            c.in_offset
+        ));
+    }
+    if layer.compression == Compression::None
+        && let Some(e) = index
+            .entries
+            .iter()
+            .find(|e| e.offset.saturating_add(e.size) > size)
+    {
+        return Err(format!("{} ends past the layer's end", e.path));
+    }
+    Ok(())
+}
+
+/// Look for an index artifact of `image` and store, for each of `wanted`, the index it
+/// offers, checked; with `want_profile`, the access profile of the newest artifact that has
+/// one too. Returns how many indexes were stored. Never fails: anything wrong is logged
+/// (naming the artifact and what was wrong) and the layer is indexed locally instead.
+pub async fn fetch_indexes(
+    cache: &Cache,
+    src: &Source,
+    image: &Image,
+    wanted: &[&Layer],
+    want_profile: bool,
+) -> usize {
+    let Source::Registry { client, reference } = src else {
+        return 0;
+    };
+    let at = Repo {
+        client,
+        registry: &reference.registry,
+        repo: &reference.repository,
+    };
+    let subject = &image.manifest_digest;
+    let t = std::time::Instant::now();
+    let candidates = find_artifacts(&at, subject).await;
+    if candidates.is_empty() {
+        tracing::debug!("no index artifact for {subject} ({:.1?})", t.elapsed());
+        return 0;
+    }
+    let mut missing: Vec<&Layer> = wanted.to_vec();
+    let mut stored = 0;
+    // The newest profile among the artifacts looked at goes with the indexes.
+    let mut profile_done = !want_profile;
+    for artifact in candidates {
+        if missing.is_empty() && profile_done {
+            break;
+        }
+        let (digests, had_profile) =
+            store_offered(cache, &at, subject, &artifact, &missing, !profile_done).await;
+        for digest in digests {
+            stored += 1;
+            missing.retain(|l| l.descriptor.digest != digest);
+        }
+        profile_done |= had_profile;
+    }
+    tracing::info!(
+        "{stored} layer index(es) of {subject} from the registry in {:.1?}",
+        t.elapsed()
+    );
+    stored
+}
+
+/// The repository an image's index artifacts are looked for in.
+struct Repo<'a> {
+    client: &'a crate::registry::Client,
+    registry: &'a str,
+    repo: &'a str,
+}
+
+/// The index artifacts of `subject`, as the referrers API lists them or, on a registry
+/// without one, the fallback tag names. A failure is logged and finds none: the layers are
+/// then indexed here.
+async fn find_artifacts(at: &Repo<'_>, subject: &Digest) -> Vec<Digest> {
+    let Repo {
+        client,
+        registry,
+        repo,
+    } = *at;
+    let list = match client
+        .get_referrers(registry, repo, subject, ARTIFACT_TYPE)
+        .await
+    {
+        Ok(Some(list)) => Some(list),
+        Ok(None) => match client
+            .get_manifest(registry, repo, &fallback_tag(subject))
+            .await
+        {
+            Ok(m) => Some(m.bytes),
+            Err(Error::NotFound { .. }) => None,
+            Err(e) => {
+                tracing::warn!("looking for an index artifact of {subject}: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!("looking for an index artifact of {subject}: {e}");
+            None
+        }
+    };
+    match list.as_deref().map(candidates) {
+        None => Vec::new(),
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            tracing::warn!("referrers of {subject}: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Fetch the access profile blob `blob` and keep it for image `subject`, if it parses.
+async fn store_profile(
+    cache: &Cache,
+    at: &Repo<'_>,
+    subject: &Digest,
+    blob: &Descriptor,
+) -> Result<()> {
+    let bytes = at
+        .client
+        .get_blob_bytes(
+            at.registry,
+            at.repo,
+            &blob.digest,
+            crate::profile::MAX_BYTES,
+        )
+        .await?;
+    crate::profile::Profile::parse(&bytes)?;
+    cache.store_published_profile(subject, &bytes)
+}
+
+/// Store the indexes that `artifact` offers for layers of `missing`, checked, a few at once,
+/// and with `want_profile` its access profile, alongside them (a round trip less than
+/// after them). Returns the digests of the layers whose index was stored (each refusal is
+/// logged), and whether the artifact offered a profile.
+async fn store_offered(
+    cache: &Cache,
+    at: &Repo<'_>,
+    subject: &Digest,
+    artifact: &Digest,
+    missing: &[&Layer],
+    want_profile: bool,
+) -> (Vec<Digest>, bool) {
+    let Repo {
+        client,
+        registry,
+        repo,
+    } = *at;
+    let offered = match client.get_manifest(registry, repo, artifact.as_str()).await {
+        Ok(m) => parse_manifest(&m.bytes, subject).map(|o| (o, offered_profile(&m.bytes))),
+        Err(e) => Err(e),
+    };
+    let (offered, profile) = match offered {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!("index artifact {artifact} of {subject} not used: {e}");
+            return (Vec::new(), false);
+        }
+    };
+    // Collected, not chained: a stream holding closures over borrowed layers makes this
+    // future too particular about lifetimes to be spawned (the layer store spawns it).
+    let jobs: Vec<(Layer, Descriptor)> = missing
+        .iter()
+        .filter_map(|l| {
+            let blob = offered.get(&l.descriptor.digest)?;
+            Some(((*l).clone(), blob.clone()))
+        })
+        .collect();
+    let had_profile = profile.is_some();
+    let profile = async {
+        let Some(p) = profile.filter(|_| want_profile) else {
+            return;
+        };
+        if let Err(e) = store_profile(cache, at, subject, &p).await {
+            tracing::warn!(
+                "access profile {} of artifact {artifact} not used: {e}",
+                p.digest
+            );
+        }
+    };
+    let indexes = futures_util::stream::iter(jobs)
+        .map(|(layer, blob)| async move {
+            let digest = layer.descriptor.digest.clone();
+            let ok = match fetch_one(cache, client, registry, repo, &layer, &blob).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "index of layer {digest} from artifact {artifact} refused \
+                             ({e}); indexing the layer here instead"
+                    );
+                    false
+                }
+            };
+            (digest, ok)
+        })
+        .buffer_unordered(JOBS)
+        .collect::<Vec<(Digest, bool)>>();
+    let (results, ()) = futures_util::join!(indexes, profile);
+    let stored = results
+        .into_iter()
+        .filter_map(|(digest, ok)| ok.then_some(digest))
+        .collect();
+    (stored, had_profile)
+}
+
+async fn fetch_one(
+    cache: &Cache,
+    client: &crate::registry::Client,
+    registry: &str,
+    repo: &str,
+    layer: &Layer,
+    blob: &Descriptor,
+) -> Result<()> {
+    let bytes = client
+        .get_blob_bytes(registry, repo, &blob.digest, MAX_INDEX_BYTES)
+        .await?;
+    let digest = layer.descriptor.digest.clone();
+    let layer = layer.clone();
+    let cache = cache.clone();
+    // Decoding a big index takes milliseconds of CPU: off the async threads.
+    tokio::task::spawn_blocking(move || {
+        let index = codec::decode(&digest, &bytes)?;
+        check_fits(&index, &layer).map_err(|r| Error::malformed("layer index", r))?;
+        cache.store_published_index(&digest, &bytes)
+    })
+    .await
+    .map_err(|e| Error::Io {
+        context: "a decoding thread failed".into(),
+        cause: std::io::Error::other(e.to_string()),
+    })?
+}
