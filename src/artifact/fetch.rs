@@ -94,15 +94,16 @@ async fn find_artifacts(at: &Repo<'_>, subject: &Digest) -> Vec<Digest> {
         registry,
         repo,
     } = *at;
-    let list = match client
-        .get_referrers(registry, repo, subject, ARTIFACT_TYPE)
-        .await
-    {
+    // Both at once: a registry without the referrers API (distribution 2.x) answers the
+    // tag, and asking for it only after the API's 404 costs a round trip on every cold open.
+    let tag = fallback_tag(subject);
+    let (api, by_tag) = tokio::join!(
+        client.get_referrers(registry, repo, subject, ARTIFACT_TYPE),
+        client.get_manifest(registry, repo, &tag),
+    );
+    let list = match api {
         Ok(Some(list)) => Some(list),
-        Ok(None) => match client
-            .get_manifest(registry, repo, &fallback_tag(subject))
-            .await
-        {
+        Ok(None) => match by_tag {
             Ok(m) => Some(m.bytes),
             Err(Error::NotFound { .. }) => None,
             Err(e) => {
