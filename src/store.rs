@@ -3,11 +3,12 @@
 //! alone in overlayfs form, with the layer record containers/storage reads (`info`), its
 //! compressed blob (`blob`) and a use count. `fuse::store` serves it; this module resolves
 //! references and layers, once each, and keeps the counts an operator reads to see what was
-//! served and what was refused, and why. Protocol and podman versions: docs/layer-store.md.
+//! served and what was refused, and why. Once an image's layers are all open, the access
+//! profile published with its indexes is replayed (`view::Reader::replay_profile`). Protocol and podman versions: docs/layer-store.md.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
@@ -18,7 +19,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::{Compression, Descriptor, Image};
 use crate::source::Source;
-use crate::view::{LayerView, Reader, ViewOptions};
+use crate::view::{LayerView, Prefetch, Reader, ViewOptions};
 
 /// How the store turns a reference into its source and image: the caller's (the cli's)
 /// configuration of credentials, mirrors and platform.
@@ -46,6 +47,8 @@ struct Resolved {
     image: Image,
     /// The uncompressed digest of each layer, from the config's `rootfs.diff_ids`.
     diff_ids: Vec<Option<Digest>>,
+    /// Its published access profile was handed to the reader (or there was none).
+    replayed: AtomicBool,
 }
 
 /// One layer as the store serves it.
@@ -121,9 +124,52 @@ impl Store {
             .entry(digest)
             .or_default()
             .clone();
-        cell.get_or_try_init(|| self.open_layer(&image, i))
+        let layer = cell
+            .get_or_try_init(|| self.open_layer(&image, i))
             .await
-            .cloned()
+            .cloned()?;
+        self.replay_when_open(&image);
+        Ok(layer)
+    }
+
+    /// Once every layer of `image` is open, replay the access profile published with its
+    /// indexes, once, in the background: a runtime asks for an image's layers one after
+    /// another and then starts the container, whose reads then find local what the profile
+    /// names. Not with `--prefetch none` (every byte fetched is then asked for by a read).
+    fn replay_when_open(&self, image: &Resolved) {
+        if !self.opts.remote_index
+            || self.opts.prefetch == Prefetch::None
+            || image.replayed.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let open: Option<Vec<_>> = {
+            let layers = self.layers.lock().unwrap();
+            image
+                .image
+                .layers
+                .iter()
+                .map(|l| {
+                    let cell = layers.get(&l.descriptor.digest)?;
+                    cell.get().map(|s| s.view.layer.clone())
+                })
+                .collect()
+        };
+        let Some(open) = open else { return };
+        if image.replayed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let digest = &image.image.manifest_digest;
+        let Some(bytes) = self.cache.load_published_profile(digest) else {
+            return;
+        };
+        match crate::profile::Profile::parse(&bytes) {
+            Ok(p) => {
+                tracing::info!("access profile of {digest}: {} reads", p.reads.len());
+                self.reader.replay_profile(p, open);
+            }
+            Err(e) => tracing::warn!("not using the access profile of {digest}: {e}"),
+        }
     }
 
     /// The image `reference` names, resolved once (again with `fresh`).
@@ -145,6 +191,7 @@ impl Store {
                 src: Arc::new(src),
                 image,
                 diff_ids,
+                replayed: AtomicBool::new(false),
             }))
         })
         .await

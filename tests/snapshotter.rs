@@ -512,3 +512,84 @@ fn a_plain_pull_is_unpacked_by_containerd_counted_and_removed_with_the_image() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_published_profile_is_fetched_once_the_image_s_layers_are_prepared() {
+    let reg = registry();
+    let work = tempfile::tempdir().unwrap();
+    let program = show_binary(work.path());
+    let (lower, upper) = two_layers(&program);
+    let (l0, l1) = (lower.digest().to_string(), upper.digest().to_string());
+    FixtureImage::new("amd64", vec![lower, upper]).push(&reg.host, "snap/profile", "v1");
+    let direct = format!("{}/snap/profile:v1", reg.host);
+    // Machine A records the container's start (the program, and what it reads) and
+    // publishes the profile with the indexes.
+    let a = work.path().join("a");
+    let recorded = work.path().join("start.profile");
+    let m = common::mounted::Mounted::new(
+        &a,
+        &direct,
+        &work.path().join("mnt"),
+        &["--record-profile", recorded.to_str().unwrap()],
+    );
+    assert!(std::fs::read(m.dir.join("bin/show")).unwrap() == program);
+    assert!(std::fs::read(m.dir.join("etc/top")).is_ok());
+    m.unmount(&a);
+    let profile = recorded.to_str().unwrap();
+    imgfs_ok(&a, &["index", "push", "--profile", profile, &direct]);
+
+    let proxy = proxy::Proxy::start(&reg.host);
+    let reference = format!("{}/snap/profile:v1", proxy.host);
+    let cache = work.path().join("cache");
+    let snap = Snapshotter::start(&cache, work.path());
+    let mut client = snap.client();
+    let stargz = |target: &str, layer: &str| {
+        [
+            ("containerd.io/snapshot.ref", target.to_string()),
+            (
+                "containerd.io/snapshot/remote/stargz.reference",
+                reference.clone(),
+            ),
+            (
+                "containerd.io/snapshot/remote/stargz.digest",
+                layer.to_string(),
+            ),
+        ]
+    };
+    let call =
+        |client: &mut SnapshotsClient<_>, key: &str, parent: &str, labels: [(&str, String); 3]| {
+            let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            prepare(client, key, parent, &l)
+        };
+    assert!(call(&mut client, "extract-1 a", "", stargz("a", &l0)).is_err());
+    assert!(call(&mut client, "extract-2 b", "a", stargz("b", &l1)).is_err());
+
+    // Nothing has been read, yet the profile's spans arrive.
+    let spans = cache.join("chunks/blake3");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&spans).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the profile was not replayed: {:?}",
+            proxy.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = proxy.log().len();
+    let mounts = prepare(&mut client, "container", "b", &[]).unwrap();
+    let lowerdir = mounts[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap()
+        .to_string();
+    let lower = lowerdir.split(':').nth(1).unwrap();
+    assert!(std::fs::read(Path::new(lower).join("bin/show")).unwrap() == program);
+    assert_eq!(
+        proxy.log()[before..].len(),
+        0,
+        "the program's spans were fetched again: {:?}",
+        &proxy.log()[before..]
+    );
+}

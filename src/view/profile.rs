@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::fetcher::{Fetcher, MAX_RANGE};
 use super::readahead::READAHEAD_MAX;
-use super::{ImageView, LayerData};
+use super::{ImageView, LayerData, Reader};
 use crate::layer::format::Chunk;
 use crate::profile::Profile;
 
@@ -120,9 +120,16 @@ impl ImageView {
     /// costs the bytes it names at most: every span and chunk is verified as reads verify
     /// them.
     pub fn start_profile(&self, profile: Profile) {
-        let r = &self.reader;
+        self.reader.replay_profile(profile, self.layers.clone());
+    }
+}
+
+impl Reader {
+    /// [`ImageView::start_profile`] for `layers` opened through this reader one by one (the
+    /// layer store serves an image's layers apart).
+    pub fn replay_profile(&self, profile: Profile, layers: Vec<Arc<LayerData>>) {
+        let r = self;
         let (fetcher, stop) = (r.fetcher.clone(), r.background.clone());
-        let layers = self.layers.clone();
         r.fetcher.rt.spawn_blocking(move || {
             let t = std::time::Instant::now();
             let (jobs, plan) = plan(&profile, &layers);
