@@ -124,8 +124,8 @@ fn a_mount_serves_right_bytes_or_eio_never_blocks_and_recovers() {
     let image = format!("{}/chaos/mount:v1", proxy.host);
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    // Index cleanly first: the faults below hit range reads.
-    imgfs_ok(&cache, &["ls", &image]);
+    // Index cleanly first (and keep no span): the faults below hit range reads.
+    imgfs_ok(&cache, &["index", "build", &image]);
     let mnt = work.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let m = Mounted::new(&cache, &image, &mnt, &["--prefetch", "none"]);
@@ -171,7 +171,7 @@ fn a_mount_serves_right_bytes_or_eio_never_blocks_and_recovers() {
 
     // Transient server errors on a read are retried.
     let extra = work.path().join("extra-cache");
-    imgfs_ok(&extra, &["ls", &image]);
+    imgfs_ok(&extra, &["index", "build", &image]);
     proxy.fault_next_blobs(2, Fault::Status(503));
     let out = imgfs(&extra, &["cat", &image, "d/b"]);
     assert!(

@@ -131,7 +131,7 @@ fn a_mount_daemon_killed_mid_read_leaves_a_sound_cache_and_mounts_again() {
     let image = format!("{}/crash/mount:v1", proxy.host);
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    imgfs_ok(&cache, &["ls", &image]);
+    imgfs_ok(&cache, &["index", "build", &image]);
     let mnt = work.path().join("mnt");
     let m = Mounted::new(&cache, &image, &mnt, &["--prefetch", "none"]);
 
