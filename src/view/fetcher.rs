@@ -313,10 +313,17 @@ impl Fetcher {
     ///
     /// Returns the spans of `ks` that did not come in verified.
     pub(super) fn fetch_batch(&self, layer: &LayerData, ks: Range<usize>) -> Vec<usize> {
-        let all = ks.clone().collect();
+        let all: Vec<usize> = ks.clone().collect();
         let Ok(sp) = layer.seek() else { return all };
-        let Some((ks, bounds)) = batch_bounds(sp, layer.descriptor.size, ks) else {
-            return all;
+        let stored = |k: usize| self.cache.has_chunk(&sp.span_digests[k]);
+        // Only the run from the first missing span to the last: another fetch (a read, the
+        // readahead, a profile) may have brought the others.
+        let Some(lo) = ks.clone().find(|&k| !stored(k)) else {
+            return Vec::new();
+        };
+        let hi = ks.clone().rev().find(|&k| !stored(k)).unwrap_or(lo) + 1;
+        let Some((ks, bounds)) = batch_bounds(sp, layer.descriptor.size, lo..hi) else {
+            return all.into_iter().filter(|&k| !stored(k)).collect();
         };
         let (a, b) = (bounds[0].0, bounds[bounds.len() - 1].1);
         // Claim every span first, so that readers wait for this fetch instead of repeating it.
@@ -325,6 +332,19 @@ impl Fetcher {
             .iter()
             .map(|g| Some(g.lock().unwrap_or_else(std::sync::PoisonError::into_inner)))
             .collect();
+        // A fetch that held some of these gates may have stored their spans meanwhile:
+        // leave the gates and start over with what is still missing.
+        if ks.clone().any(stored) {
+            for (k, turn) in ks.clone().zip(turns.iter_mut()) {
+                self.gates.done(&(layer.id, k));
+                *turn = None;
+            }
+            let missing = self.fetch_batch(layer, ks.clone());
+            return all
+                .into_iter()
+                .filter(|&k| missing.contains(&k) || (!ks.contains(&k) && !stored(k)))
+                .collect();
+        }
         let t = std::time::Instant::now();
         let digests: Vec<SpanDigest> = ks.clone().map(|k| sp.span_digests[k]).collect();
         // The body is read and hashed on the runtime (where socket reads are cheap); spans
@@ -352,7 +372,10 @@ impl Fetcher {
             }
         }
         all.into_iter()
-            .filter(|&k| !ks.contains(&k) || !verified[k - ks.start])
+            .filter(|&k| match k.checked_sub(ks.start) {
+                Some(i) if ks.contains(&k) => !verified[i],
+                _ => !stored(k),
+            })
             .collect()
     }
 
