@@ -51,12 +51,25 @@ pub async fn blob_into(
     progress: &(dyn Fn(u64) + Sync),
     sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
 ) -> Result<PathBuf> {
-    let path = stream_blob(cache, src, desc, progress, sink, true).await?;
+    let path = stream_blob(cache, src, desc, progress, sink, Keep::Named).await?;
     Ok(path.expect("kept blobs have a path"))
 }
 
-/// Download blob `desc` through `sink` and verify it, storing it only when `keep` (a blob
-/// already cached is read from the cache). Returns the cached path, if there is one.
+/// What a download keeps of a blob once it verifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Nothing: its consumer had the bytes.
+    No,
+    /// The blob, stored under its name in the cache.
+    Named,
+    /// The verified bytes in a file of the cache's `tmp/`, never named: the caller reads it
+    /// and removes it (what `cache prune` does with one left by a killed process).
+    Verified,
+}
+
+/// Download blob `desc` through `sink` and verify it, keeping what `keep` says (a blob
+/// already cached is read from the cache). Returns the path of what was kept, if anything:
+/// the cached blob's, or with [`Keep::Verified`] a temporary file's.
 /// Without a sink, wrong bytes stop the use of the registry's mirrors and the blob is
 /// fetched again from the registry itself. A caller with a sink has consumed the bytes:
 /// it decides (`Source::distrust_mirrors`) and starts over itself.
@@ -66,7 +79,7 @@ pub async fn stream_blob(
     desc: &Descriptor,
     progress: &(dyn Fn(u64) + Sync),
     sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
-    keep: bool,
+    keep: Keep,
 ) -> Result<Option<PathBuf>> {
     match stream_blob_once(cache, src, desc, progress, sink, keep).await {
         Err(e @ Error::DigestMismatch { .. }) => {
@@ -88,7 +101,7 @@ async fn stream_blob_once(
     desc: &Descriptor,
     progress: &(dyn Fn(u64) + Sync),
     sink: Option<&tokio::sync::mpsc::Sender<bytes::Bytes>>,
-    keep: bool,
+    keep: Keep,
 ) -> Result<Option<PathBuf>> {
     let dest = cache.blob_path(&desc.digest);
     if dest.is_file() {
@@ -128,6 +141,7 @@ struct Received<'a> {
     desc: &'a Descriptor,
     /// Where the bytes go while unverified; `None` when the blob is not kept.
     tmp: Option<tempfile::NamedTempFile>,
+    keep: Keep,
     hasher: Hasher,
     written: u64,
     /// The most bytes the blob may have: its size, or a bound when the size is unknown.
@@ -136,11 +150,11 @@ struct Received<'a> {
 
 impl<'a> Received<'a> {
     /// Nothing received yet; a temporary file in the cache to receive into when `keep`.
-    fn new(cache: &Cache, src: &'a Source, desc: &'a Descriptor, keep: bool) -> Result<Self> {
-        let tmp = if keep {
-            Some(cache.new_blob_file()?)
-        } else {
+    fn new(cache: &Cache, src: &'a Source, desc: &'a Descriptor, keep: Keep) -> Result<Self> {
+        let tmp = if keep == Keep::No {
             None
+        } else {
+            Some(cache.new_blob_file()?)
         };
         let limit = if desc.size_unknown {
             MAX_UNKNOWN_SIZE
@@ -151,6 +165,7 @@ impl<'a> Received<'a> {
             src,
             desc,
             tmp,
+            keep,
             hasher: Hasher::new(),
             written: 0,
             limit,
@@ -312,6 +327,13 @@ impl<'a> Received<'a> {
             });
         }
         let Some(tmp) = self.tmp else { return Ok(None) };
+        if self.keep == Keep::Verified {
+            let (_, path) = tmp.keep().map_err(|e| Error::Io {
+                context: format!("keeping the verified download of {}", self.desc.digest),
+                cause: e.error,
+            })?;
+            return Ok(Some(path));
+        }
         cache.store_blob(tmp, &self.desc.digest).map(Some)
     }
 }
@@ -327,7 +349,7 @@ pub async fn consume<T, C>(
     cache: &Cache,
     src: &Source,
     desc: &Descriptor,
-    keep: bool,
+    keep: Keep,
     progress: &(dyn Fn(u64) + Sync),
     mut attempt: impl FnMut() -> C,
     mut again: impl AsyncFnMut() -> Result<()>,
@@ -352,7 +374,18 @@ where
             }
             fetched => {
                 let path = fetched?;
-                return Ok((consumed?, path));
+                return match consumed {
+                    Ok(t) => Ok((t, path)),
+                    Err(e) => {
+                        // A verified copy nobody will read.
+                        if keep == Keep::Verified
+                            && let Some(p) = path.filter(|p| *p != cache.blob_path(&desc.digest))
+                        {
+                            let _ = std::fs::remove_file(p);
+                        }
+                        Err(e)
+                    }
+                };
             }
         }
     }

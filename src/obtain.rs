@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::cache::Cache;
 use crate::digest::{Digest, SpanDigest};
 use crate::error::{Error, IoContext, Result};
+use crate::fetch::Keep;
 use crate::index::seek_points::SPAN;
 use crate::index::{self, LayerIndex, SeekPoints};
 use crate::layer::format::{Chunk, TocFormat, build_index, toc_format};
@@ -364,11 +365,16 @@ async fn stream_and_index(
     let cut = opts
         .keep_spans
         .filter(|_| !opts.keep_blobs && !src.is_local());
+    let keep = match (opts.keep_blobs, cut) {
+        (true, _) => Keep::Named,
+        (false, Some(_)) => Keep::Verified,
+        (false, None) => Keep::No,
+    };
     let (index, blob) = crate::fetch::consume(
         cache,
         src,
         &layer.descriptor,
-        opts.keep_blobs || cut.is_some(),
+        keep,
         progress,
         || move |r| build_index(r, compression, limits, span),
         async || Ok(()),
@@ -377,14 +383,17 @@ async fn stream_and_index(
     let (Some(bound), Some(blob)) = (cut, &blob) else {
         return Ok((index, blob));
     };
+    // Stored meanwhile by another process: a named blob, read in place and left alone.
+    if *blob == cache.blob_path(&layer.descriptor.digest) {
+        return Ok((index, Some(blob.clone())));
+    }
     let blob = blob.clone();
     let (cache, size) = (cache.clone(), layer.descriptor.size);
     tokio::task::spawn_blocking(move || {
         if let Some(sp) = &index.seek {
             keep_spans(&cache, &blob, sp, size, bound);
         }
-        // Kept only for cutting: the blob was not asked for. A reader that opened it
-        // meanwhile keeps it open.
+        // A temporary file, verified but never named: only its spans are kept.
         if let Err(e) = std::fs::remove_file(&blob) {
             tracing::warn!("removing {}: {e}", blob.display());
         }

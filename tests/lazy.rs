@@ -395,6 +395,11 @@ fn a_cold_open_reads_what_indexing_streamed_without_fetching_it_again() {
         1,
         "only the config blob is kept"
     );
+    assert_eq!(
+        count_files(&cache.join("tmp")),
+        0,
+        "nor any copy of a layer"
+    );
     for (path, data) in &l.files {
         assert!(cat(&cache, &l.image, path).stdout == *data, "{path}");
     }

@@ -457,7 +457,7 @@ impl LayerWork<'_> {
             self.cache,
             self.src,
             &layer.descriptor,
-            true,
+            crate::fetch::Keep::Named,
             &progress,
             attempt,
             again,

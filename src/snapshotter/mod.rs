@@ -78,6 +78,9 @@ impl Snapshotter {
             fallbacks: AtomicU64::new(0),
             recent: Mutex::default(),
         };
+        // What a daemon killed between making a directory and recording it left behind.
+        // (Safe before serving: containerd sends nothing until the socket is up.)
+        s.cleanup()?;
         s.write_status();
         Ok(s)
     }
@@ -125,8 +128,14 @@ impl Snapshotter {
         labels: &HashMap<String, String>,
     ) -> Result<bool> {
         if let Some(r) = self.state.get(&target.name)? {
-            // Served before (or unpacked): containerd finds it by List.
-            return Ok(r.kind == Kind::Committed);
+            // Served before (or unpacked): containerd finds it by List — on the parent it
+            // asks for only (the same chain under another parent's name, as another
+            // namespace has it, is unpacked instead).
+            if r.kind == Kind::Committed && r.parent != parent {
+                let why = format!("{} is committed on another parent", target.name);
+                self.fell_back(&target.name, &why);
+            }
+            return Ok(r.kind == Kind::Committed && r.parent == parent);
         }
         self.check_parent(&self.state.get(parent)?, parent)?;
         if let Err(e) = self
@@ -334,7 +343,11 @@ impl Snapshotter {
                 return Err(Error::NotFound(key.into()));
             };
             if paths.is_empty() || paths.iter().any(|p| p == "labels") {
-                r.labels = labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                r.labels = labels
+                    .iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
             }
             for p in paths.iter().filter(|p| *p != "labels") {
                 let Some(k) = p.strip_prefix("labels.") else {
@@ -390,8 +403,16 @@ impl Snapshotter {
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;
             if !ids.contains(&*e.file_name().to_string_lossy()) {
-                tracing::info!("cleanup: removing {}", e.path().display());
-                std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+                let path = e.path();
+                tracing::info!("cleanup: removing {}", path.display());
+                let removed = match e.file_type() {
+                    Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                    _ => std::fs::remove_file(&path),
+                };
+                // One that cannot go stays for the next cleanup; the others still go.
+                if let Err(err) = removed {
+                    tracing::warn!("cleanup: {}: {err}", path.display());
+                }
             }
         }
         Ok(())

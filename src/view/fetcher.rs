@@ -316,12 +316,12 @@ impl Fetcher {
         let all: Vec<usize> = ks.clone().collect();
         let Ok(sp) = layer.seek() else { return all };
         let stored = |k: usize| self.cache.has_chunk(&sp.span_digests[k]);
-        // Only the run from the first missing span to the last: another fetch (a read, the
-        // readahead, a profile) may have brought the others.
+        // Only the first run of missing spans: another fetch (a read, the readahead, a
+        // profile) may have brought some; what lies after the run is fetched by its reads.
         let Some(lo) = ks.clone().find(|&k| !stored(k)) else {
             return Vec::new();
         };
-        let hi = ks.clone().rev().find(|&k| !stored(k)).unwrap_or(lo) + 1;
+        let hi = (lo..ks.end).find(|&k| stored(k)).unwrap_or(ks.end);
         let Some((ks, bounds)) = batch_bounds(sp, layer.descriptor.size, lo..hi) else {
             return all.into_iter().filter(|&k| !stored(k)).collect();
         };
@@ -333,7 +333,8 @@ impl Fetcher {
             .map(|g| Some(g.lock().unwrap_or_else(std::sync::PoisonError::into_inner)))
             .collect();
         // A fetch that held some of these gates may have stored their spans meanwhile:
-        // leave the gates and start over with what is still missing.
+        // leave the gates and start over with what is still missing — a shorter run, since
+        // all of this one was missing a moment ago, so this ends.
         if ks.clone().any(stored) {
             for (k, turn) in ks.clone().zip(turns.iter_mut()) {
                 self.gates.done(&(layer.id, k));
