@@ -88,7 +88,7 @@ def main():
     print(f"\nlazy reads ({ctx.get('small_file')} of layer 0, {ctx.get('big_file')} of layer 1), "
           f"{len(rows.get('cat_cold', []))} runs, medians")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    print(f"  index all layers (imgfs ls)      {fmt(summary['index_s'], '.3f')} s, "
+    print(f"  index all layers (index build)  {fmt(summary['index_s'], '.3f')} s, "
           f"{fmt(summary['index_registry_bytes'], ',.0f')} bytes from the registry "
           f"(layers {image['compressed_bytes']:,})")
     print(f"  cat via relay, empty chunk store {fmt(summary['cat_cold_s'], '.3f')} s, "
