@@ -26,8 +26,29 @@ use crate::view::{LayerView, Prefetch, Reader, ViewOptions};
 pub type OpenImage =
     Arc<dyn Fn(String) -> BoxFuture<'static, Result<(Source, Image)>> + Send + Sync>;
 
-/// Refusals remembered for the status file.
-const RECENT: usize = 20;
+/// The latest reasons a daemon gives for what it did not serve (the store's refusals, the
+/// snapshotter's fallbacks), as its status file lists them.
+#[derive(Default)]
+pub struct Recent(Mutex<VecDeque<String>>);
+
+impl Recent {
+    /// Reasons remembered.
+    const KEPT: usize = 20;
+
+    pub fn push(&self, reason: String) {
+        let mut recent = self.0.lock().unwrap();
+        if recent.len() == Self::KEPT {
+            recent.pop_front();
+        }
+        recent.push_back(reason);
+    }
+
+    /// One line per reason, oldest first, each after `label`.
+    pub fn lines(&self, label: &str) -> String {
+        let recent = self.0.lock().unwrap();
+        recent.iter().map(|r| format!("{label}: {r}\n")).collect()
+    }
+}
 
 pub struct Store {
     cache: Cache,
@@ -38,7 +59,7 @@ pub struct Store {
     layers: Mutex<HashMap<Digest, Arc<OnceCell<Arc<StoreLayer>>>>>,
     served: AtomicU64,
     refused: AtomicU64,
-    recent: Mutex<VecDeque<String>>,
+    recent: Recent,
 }
 
 /// A reference resolved to its image.
@@ -74,7 +95,7 @@ impl Store {
             layers: Mutex::default(),
             served: AtomicU64::new(0),
             refused: AtomicU64::new(0),
-            recent: Mutex::default(),
+            recent: Recent::default(),
         }
     }
 
@@ -90,11 +111,7 @@ impl Store {
             Err(e) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("not serving {digest} of {reference}: {e}");
-                let mut recent = self.recent.lock().unwrap();
-                if recent.len() == RECENT {
-                    recent.pop_front();
-                }
-                recent.push_back(format!("{reference} {digest}: {e}"));
+                self.recent.push(format!("{reference} {digest}: {e}"));
                 Err(e)
             }
         }
@@ -241,7 +258,7 @@ impl Store {
     /// What an operator reads in the status file: counts, and the latest refusals with
     /// their reasons.
     pub fn status(&self) -> String {
-        let mut s = format!(
+        let s = format!(
             "served {}\nrefused {}\nlayers open {}\n",
             self.served.load(Ordering::Relaxed),
             self.refused.load(Ordering::Relaxed),
@@ -252,12 +269,7 @@ impl Store {
                 .filter(|c| c.initialized())
                 .count(),
         );
-        for r in self.recent.lock().unwrap().iter() {
-            s.push_str("refused: ");
-            s.push_str(r);
-            s.push('\n');
-        }
-        s
+        s + &self.recent.lines("refused")
     }
 }
 

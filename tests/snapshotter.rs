@@ -100,13 +100,7 @@ impl Snapshotter {
 
 impl Drop for Snapshotter {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        terminate(&mut self.child);
         let _ = self.child.kill();
         let _ = self.child.wait();
         // A killed daemon's mount, if any.
@@ -169,14 +163,7 @@ fn containerd_runs_an_image_without_downloading_its_layers_and_again_after_a_kil
     let c = Containerd::start_with(&snap.proxy_plugin());
     proxy.reset_counts();
 
-    c.ctr_ok(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "imgfs",
-        &reference,
-    ]);
+    rpull(&c, &reference);
     assert_eq!(run_show(&c, &reference, "first"), SHOWN);
     let gets = whole_blob_gets(&proxy, &layers);
     assert!(gets.is_empty(), "layers were downloaded whole: {gets:?}");
@@ -200,15 +187,39 @@ fn containerd_runs_an_image_without_downloading_its_layers_and_again_after_a_kil
     assert_eq!(run_show(&c, &reference, "after-kill"), SHOWN);
 }
 
+/// The labels `ctr-remote image rpull` gives the Prepare of `layer` of `reference`.
+fn stargz_labels(target: &str, reference: &str, layer: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("containerd.io/snapshot.ref", target.into()),
+        (
+            "containerd.io/snapshot/remote/stargz.reference",
+            reference.into(),
+        ),
+        ("containerd.io/snapshot/remote/stargz.digest", layer.into()),
+    ]
+}
+
+/// `ctr-remote image rpull` of `reference` onto the snapshotter.
+fn rpull(c: &Containerd, reference: &str) {
+    c.ctr_ok(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "imgfs",
+        reference,
+    ]);
+}
+
 fn prepare(
     client: &mut SnapshotsClient<tonic::transport::Channel>,
     key: &str,
     parent: &str,
-    labels: &[(&str, &str)],
+    labels: &[(&str, String)],
 ) -> Result<Vec<imgfs::snapshotter::api::types::Mount>, tonic::Status> {
     let labels: HashMap<String, String> = labels
         .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
     rt().block_on(client.prepare(pb::PrepareSnapshotRequest {
         snapshotter: "imgfs".into(),
@@ -252,20 +263,15 @@ fn cri_labels_commit_lazy_layers_and_unknown_ones_fall_back_with_a_reason() {
             ),
         ]
     };
-    let call =
-        |client: &mut SnapshotsClient<_>, key: &str, parent: &str, labels: Vec<(&str, String)>| {
-            let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            prepare(client, key, parent, &l)
-        };
 
     // Each layer: ALREADY_EXISTS, and the target committed (what containerd then finds).
-    let e = call(&mut client, "extract-1 chain-a", "", cri("chain-a", &l0)).unwrap_err();
+    let e = prepare(&mut client, "extract-1 chain-a", "", &cri("chain-a", &l0)).unwrap_err();
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
-    let e = call(
+    let e = prepare(
         &mut client,
         "extract-2 chain-b",
         "chain-a",
-        cri("chain-b", &l1),
+        &cri("chain-b", &l1),
     )
     .unwrap_err();
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
@@ -307,11 +313,11 @@ fn cri_labels_commit_lazy_layers_and_unknown_ones_fall_back_with_a_reason() {
     // A digest the image lacks: an ordinary snapshot containerd unpacks into, and the
     // reason counted; never ALREADY_EXISTS.
     let unknown = format!("sha256:{}", "0".repeat(64));
-    let mounts = call(
+    let mounts = prepare(
         &mut client,
         "extract-3 chain-x",
         "",
-        cri("chain-x", &unknown),
+        &cri("chain-x", &unknown),
     )
     .unwrap();
     assert_eq!(mounts[0].r#type, "bind");
@@ -330,7 +336,7 @@ fn cri_labels_commit_lazy_layers_and_unknown_ones_fall_back_with_a_reason() {
         &mut client,
         "extract-4 chain-y",
         "",
-        &[("containerd.io/snapshot.ref", "chain-y")],
+        &[("containerd.io/snapshot.ref", "chain-y".to_string())],
     )
     .unwrap();
     assert_eq!(mounts[0].r#type, "bind");
@@ -374,25 +380,11 @@ fn an_image_without_an_index_and_an_estargz_one_both_run() {
     c.ctr_ok(&["images", "rm", &cold, &estargz]);
 
     // No index anywhere: the snapshotter streams each layer once to index it.
-    c.ctr_ok(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "imgfs",
-        &cold,
-    ]);
+    rpull(&c, &cold);
     assert_eq!(run_show(&c, &cold, "cold"), SHOWN);
     // eStargz: the layers' tables of contents, then their chunks, by range.
     proxy.reset_counts();
-    c.ctr_ok(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "imgfs",
-        &estargz,
-    ]);
+    rpull(&c, &estargz);
     assert_eq!(run_show(&c, &estargz, "estargz"), SHOWN);
     let layers = layer_digests(&inspect_json(&work.path().join("inspect"), &estargz, &[]));
     let gets = whole_blob_gets(&proxy, &layers);
@@ -419,25 +411,17 @@ fn a_registry_down_falls_back_and_a_corrupt_span_reads_as_eio() {
     imgfs_ok(&work.path().join("pusher"), &["index", "push", &reference]);
     let snap = Snapshotter::start(&work.path().join("cache"), work.path());
     let mut client = snap.client();
-    let stargz = |target: &str, reference: &str| {
-        [
-            ("containerd.io/snapshot.ref", target.to_string()),
-            (
-                "containerd.io/snapshot/remote/stargz.reference",
-                reference.to_string(),
-            ),
-            ("containerd.io/snapshot/remote/stargz.digest", l0.clone()),
-        ]
-    };
-    let call = |client: &mut SnapshotsClient<_>, key: &str, labels: [(&str, String); 3]| {
-        let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        prepare(client, key, "", &l)
-    };
 
     // A registry that is not there: containerd is given an ordinary snapshot, and the
     // reason is in the status file.
     let down = format!("127.0.0.1:{}/snap/bad:v1", free_port());
-    let mounts = call(&mut client, "extract-1 down", stargz("down", &down)).unwrap();
+    let mounts = prepare(
+        &mut client,
+        "extract-1 down",
+        "",
+        &stargz_labels("down", &down, &l0),
+    )
+    .unwrap();
     assert_eq!(mounts[0].r#type, "bind");
     let status = snap.status();
     assert!(
@@ -447,7 +431,13 @@ fn a_registry_down_falls_back_and_a_corrupt_span_reads_as_eio() {
 
     // Served lazily, then every span the registry sends is damaged: the read fails with
     // EIO, never returns other bytes.
-    let e = call(&mut client, "extract-2 ok", stargz("ok", &reference)).unwrap_err();
+    let e = prepare(
+        &mut client,
+        "extract-2 ok",
+        "",
+        &stargz_labels("ok", &reference, &l0),
+    )
+    .unwrap_err();
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
     let mounts = prepare(&mut client, "container", "ok", &[]).unwrap();
     let lower_dir = mounts[0]
@@ -543,26 +533,24 @@ fn a_published_profile_is_fetched_once_the_image_s_layers_are_prepared() {
     let cache = work.path().join("cache");
     let snap = Snapshotter::start(&cache, work.path());
     let mut client = snap.client();
-    let stargz = |target: &str, layer: &str| {
-        [
-            ("containerd.io/snapshot.ref", target.to_string()),
-            (
-                "containerd.io/snapshot/remote/stargz.reference",
-                reference.clone(),
-            ),
-            (
-                "containerd.io/snapshot/remote/stargz.digest",
-                layer.to_string(),
-            ),
-        ]
-    };
-    let call =
-        |client: &mut SnapshotsClient<_>, key: &str, parent: &str, labels: [(&str, String); 3]| {
-            let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            prepare(client, key, parent, &l)
-        };
-    assert!(call(&mut client, "extract-1 a", "", stargz("a", &l0)).is_err());
-    assert!(call(&mut client, "extract-2 b", "a", stargz("b", &l1)).is_err());
+    assert!(
+        prepare(
+            &mut client,
+            "extract-1 a",
+            "",
+            &stargz_labels("a", &reference, &l0)
+        )
+        .is_err()
+    );
+    assert!(
+        prepare(
+            &mut client,
+            "extract-2 b",
+            "a",
+            &stargz_labels("b", &reference, &l1)
+        )
+        .is_err()
+    );
 
     // Nothing has been read, yet the profile's spans arrive.
     let spans = cache.join("chunks/blake3");

@@ -60,13 +60,7 @@ impl Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        terminate(&mut self.child);
         if is_mounted(&self.dir) {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
             let _ = self.child.kill();

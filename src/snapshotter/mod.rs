@@ -14,15 +14,15 @@ mod layout;
 pub mod service;
 mod state;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 pub use layout::Mount;
 pub use state::{Kind, Record};
 
-use crate::store::Store;
+use crate::store::{Recent, Store};
 use labels::Ask;
 use state::{Remote, State};
 
@@ -49,9 +49,6 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Fallback reasons remembered for the status file.
-const RECENT: usize = 20;
-
 pub struct Snapshotter {
     root: PathBuf,
     state: State,
@@ -59,7 +56,7 @@ pub struct Snapshotter {
     rt: tokio::runtime::Handle,
     served: AtomicU64,
     fallbacks: AtomicU64,
-    recent: Mutex<VecDeque<String>>,
+    recent: Recent,
 }
 
 impl Snapshotter {
@@ -76,7 +73,7 @@ impl Snapshotter {
             rt,
             served: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
-            recent: Mutex::default(),
+            recent: Recent::default(),
         };
         // What a daemon killed between making a directory and recording it left behind.
         // (Safe before serving: containerd sends nothing until the socket is up.)
@@ -381,12 +378,13 @@ impl Snapshotter {
     /// rest (nothing for a lazy layer: its bytes are in the cache, shared).
     pub fn usage(&self, key: &str) -> Result<(i64, i64)> {
         let r = self.get(key)?;
-        match (r.kind, r.usage) {
-            (Kind::Active | Kind::View, _) | (_, None) if r.remote.is_none() => {
+        match r.usage {
+            // Recorded at commit; (0, 0) for a lazy layer.
+            Some(usage) if r.kind == Kind::Committed => Ok(usage),
+            _ => {
                 let fs = layout::snapshot_dir(&self.root, r.id).join("fs");
                 layout::usage(&fs).map_err(io(&fs))
             }
-            (_, usage) => Ok(usage.unwrap_or((0, 0))),
         }
     }
 
@@ -421,27 +419,18 @@ impl Snapshotter {
     fn fell_back(&self, name: &str, why: &str) {
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("containerd unpacks {name}: not served lazily: {why}");
-        {
-            let mut recent = self.recent.lock().unwrap();
-            if recent.len() == RECENT {
-                recent.pop_front();
-            }
-            recent.push_back(format!("{name}: {why}"));
-        }
+        self.recent.push(format!("{name}: {why}"));
         self.write_status();
     }
 
     /// What an operator reads in `<root>/status`.
     pub fn status(&self) -> String {
-        let mut s = format!(
-            "served lazily {}\nunpacked by containerd (fallbacks) {}\n",
+        format!(
+            "served lazily {}\nunpacked by containerd (fallbacks) {}\n{}",
             self.served.load(Ordering::Relaxed),
             self.fallbacks.load(Ordering::Relaxed),
-        );
-        for r in self.recent.lock().unwrap().iter() {
-            s.push_str(&format!("fallback: {r}\n"));
-        }
-        s
+            self.recent.lines("fallback"),
+        )
     }
 
     /// Replaced whole, so a reader never sees half of it.

@@ -298,7 +298,8 @@ impl Fetcher {
     ) {
         for c in region {
             let (a, b) = ((c.offset - start) as usize, (c.end - start) as usize);
-            let Some(raw) = bytes.get(a..b) else { break };
+            // Chunks are in offset order, but one may end past the bytes fetched.
+            let Some(raw) = bytes.get(a..b) else { continue };
             match toc.format.decode_chunk(c, raw) {
                 Ok(data) => self.keep_chunk(layer, &c.digest, &data),
                 Err(e) => tracing::debug!("chunk at {} of layer {}: {e}", c.offset, layer.digest),

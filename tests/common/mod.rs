@@ -465,6 +465,20 @@ pub fn text(n: usize, mut seed: u64) -> Vec<u8> {
 }
 
 /// How many entries directory `dir` holds (0 if it does not exist).
+/// Ask a daemon a test started to stop (SIGTERM) and give it up to 10 s; true if it exited.
+/// The caller kills and reaps one that did not.
+pub fn terminate(child: &mut Child) -> bool {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 pub fn count_files(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |d| d.count())
 }
