@@ -13,7 +13,7 @@ use crate::cache::Cache;
 use crate::digest::Hasher;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Descriptor, Image, Platform};
-use crate::source::Source;
+use crate::source::{ImageManifest, Source};
 
 /// How many times one blob download may be cut and resumed before giving up.
 const MAX_RESUMES: u32 = 5;
@@ -24,12 +24,28 @@ const MAX_UNKNOWN_SIZE: u64 = 16 << 30;
 /// Resolve `src` to one image (see [`Source::resolve`]), its config fetched and verified
 /// into `cache`.
 pub async fn resolve(cache: &Cache, src: &Source, platform: Option<&Platform>) -> Result<Image> {
-    src.resolve(platform, async |config: &Descriptor| {
-        let path = blob(cache, src, config).await?;
-        tokio::fs::read(&path).await.map_err(|e| Error::Io {
-            context: format!("reading cached config {}", path.display()),
-            cause: e,
-        })
+    resolve_alongside(cache, src, platform, async |_| ()).await
+}
+
+/// [`resolve`], running `alongside` with the image manifest while its config is fetched
+/// (one round trip less for work that needs only the manifest). `alongside` is not run for
+/// images without a config to fetch (schema 1, `docker save` archives).
+pub async fn resolve_alongside(
+    cache: &Cache,
+    src: &Source,
+    platform: Option<&Platform>,
+    alongside: impl AsyncFnOnce(&ImageManifest<'_>),
+) -> Result<Image> {
+    src.resolve(platform, async |m: &ImageManifest<'_>| {
+        let config = async {
+            let path = blob(cache, src, m.config).await?;
+            tokio::fs::read(&path).await.map_err(|e| Error::Io {
+                context: format!("reading cached config {}", path.display()),
+                cause: e,
+            })
+        };
+        let (config, ()) = tokio::join!(config, alongside(m));
+        config
     })
     .await
 }

@@ -41,6 +41,19 @@ pub struct Layer {
     pub diff_id: Option<Digest>,
 }
 
+impl Layer {
+    /// The layer a manifest's descriptor names, before the config is read (so with no
+    /// diff_id): enough to look for its index while the config is fetched. `None` for a
+    /// media type imgfs does not read (resolving the image then fails on it).
+    pub fn from_manifest(descriptor: &Descriptor) -> Option<Layer> {
+        Some(Layer {
+            compression: Compression::from_media_type(&descriptor.media_type)?,
+            descriptor: descriptor.clone(),
+            diff_id: None,
+        })
+    }
+}
+
 /// A resolved, single-platform image: what every command works from.
 #[derive(Clone, Debug)]
 pub struct Image {

@@ -6,6 +6,7 @@
 //! fills the cache with it, and `pull` asks it only for what is cached (its extraction is
 //! its indexing).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use crate::fetch::Keep;
 use crate::index::seek_points::SPAN;
 use crate::index::{self, LayerIndex, SeekPoints};
 use crate::layer::format::{Chunk, TocFormat, build_index, toc_format};
-use crate::manifest::{Descriptor, Image, Layer};
+use crate::manifest::{Descriptor, Layer};
 use crate::source::Source;
 
 /// How a layer's index may be obtained.
@@ -151,9 +152,16 @@ pub const REMOTE_INDEX_DEADLINE: std::time::Duration = std::time::Duration::from
 /// Optional work: a registry that does not answer within [`REMOTE_INDEX_DEADLINE`] only costs
 /// the time to index here, and errors are the artifact module's to log.
 ///
-/// The access profile published with the indexes comes too, when none is cached and the
-/// mount is cold (an index or a TOC to fetch): a warm mount makes no request for it.
-pub async fn fetch_published(cache: &Cache, src: &Source, image: &Image, layers: &[Layer]) {
+/// With `want_profile` (a mount that replays it), the access profile published with the
+/// indexes comes too, when none is cached and the mount is cold (an index or a TOC to
+/// fetch): a warm mount makes no request for it.
+pub async fn fetch_published(
+    cache: &Cache,
+    src: &Source,
+    image: &Digest,
+    layers: &[Layer],
+    want_profile: bool,
+) -> Fetched {
     let wanted = crate::artifact::layers_wanting_index(cache, layers);
     let toc_to_fetch = || {
         layers.iter().any(|l| {
@@ -161,37 +169,59 @@ pub async fn fetch_published(cache: &Cache, src: &Source, image: &Image, layers:
                 Some((_, Ok(toc))) if !cache.has_chunk(&toc))
         })
     };
-    let want_profile = cache
-        .load_published_profile(&image.manifest_digest)
-        .is_none()
+    let want_profile = want_profile
+        && cache.load_published_profile(image).is_none()
         && (!wanted.is_empty() || toc_to_fetch());
     if wanted.is_empty() && !want_profile {
-        return;
+        return Fetched::new();
     }
     let lookup = crate::artifact::fetch_indexes(cache, src, image, &wanted, want_profile);
-    if tokio::time::timeout(REMOTE_INDEX_DEADLINE, lookup)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "no answer about published indexes within {}s; indexing here",
-            REMOTE_INDEX_DEADLINE.as_secs()
-        );
+    match tokio::time::timeout(REMOTE_INDEX_DEADLINE, lookup).await {
+        Ok(fetched) => fetched.into_iter().collect(),
+        Err(_) => {
+            tracing::warn!(
+                "no answer about published indexes within {}s; indexing here",
+                REMOTE_INDEX_DEADLINE.as_secs()
+            );
+            Fetched::new()
+        }
     }
 }
 
-/// The index of `layer` (layer `place.0 + 1` of `place.1`, for messages and progress).
+/// Whether [`fetch_published`] would look for an index of one of `layers` (one with no
+/// TOC and none cached). When it would not, it looks only for the access profile, which
+/// nothing opening the layers waits for: that lookup can run beside them.
+pub fn wants_published_index(cache: &Cache, layers: &[Layer]) -> bool {
+    !crate::artifact::layers_wanting_index(cache, layers).is_empty()
+}
+
+/// The indexes [`fetch_published`] just stored, decoded, by layer: a view opening now
+/// hands each to [`layer_index`] rather than decoding the cached copy again.
+pub type Fetched = HashMap<Digest, LayerIndex>;
+
+/// The index of `layer` (layer `place.0 + 1` of `place.1`, for messages and progress);
+/// `fetched` is its published index if [`fetch_published`] just stored it.
 pub async fn layer_index(
     cache: &Cache,
     src: &Source,
     layer: &Layer,
     place: (usize, usize),
     opts: &Options,
+    fetched: Option<LayerIndex>,
 ) -> Result<Obtained> {
     let (i, _) = place;
     let digest = &layer.descriptor.digest;
     if let Some(obtained) = from_toc(cache, src, layer, i).await? {
         return Ok(obtained);
+    }
+    if let Some(index) = fetched.filter(|_| opts.remote_index) {
+        let blob = cache.blob_path(digest);
+        return Ok(Obtained {
+            index,
+            toc: None,
+            blob: blob.is_file().then_some(blob),
+            published: true,
+        });
     }
     // Decoded on the blocking pool, so that layers decode in parallel.
     let found = {

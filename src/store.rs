@@ -201,7 +201,16 @@ impl Store {
         cell.get_or_try_init(|| async {
             let (src, image) = (self.open_image)(reference.to_string()).await?;
             if self.opts.remote_index {
-                crate::obtain::fetch_published(&self.cache, &src, &image, &image.layers).await;
+                let want_profile = self.opts.prefetch != Prefetch::None;
+                let subject = &image.manifest_digest;
+                crate::obtain::fetch_published(
+                    &self.cache,
+                    &src,
+                    subject,
+                    &image.layers,
+                    want_profile,
+                )
+                .await;
             }
             let diff_ids = diff_ids(&image);
             Ok::<_, Error>(Arc::new(Resolved {

@@ -205,6 +205,26 @@ fn a_published_profile_is_fetched_at_mount_before_any_read() {
     assert!(!layer_gets(&proxy, &fx.img).is_empty());
     m.unmount(&b);
 
+    // `cat` reads one file: it takes the published indexes, but not the profile (a hint for
+    // what a mount's workload will read).
+    let published = b.join(format!("indexes/sha256/{}.profile", fx.img.digest().hex()));
+    let profile_blob = Digest::of(&std::fs::read(&published).unwrap());
+    let d = work.path().join("d");
+    proxy.reset_counts();
+    let out = imgfs_ok(&d, &["cat", &image, "g/small.txt"]);
+    assert_eq!(out.as_bytes(), fx.bytes("g/small.txt"));
+    let log = proxy.log();
+    assert!(
+        !log.iter().any(|l| l.contains(profile_blob.hex())),
+        "cat fetched the profile: {log:?}"
+    );
+    assert!(
+        d.join(format!("indexes/sha256/{}.published", gz.hex()))
+            .is_file(),
+        "cat did not use the published index: {log:?}"
+    );
+    assert!(!d.join(published.strip_prefix(&b).unwrap()).exists());
+
     // --no-remote-index: neither the published indexes nor the profile.
     let c = work.path().join("c");
     let m = Mounted::new(

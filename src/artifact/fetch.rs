@@ -29,50 +29,73 @@ fn check_fits(index: &LayerIndex, layer: &Layer) -> std::result::Result<(), Stri
     Ok(())
 }
 
-/// Look for an index artifact of `image` and store, for each of `wanted`, the index it
+/// Look for an index artifact of image `subject` (its manifest's digest) and store, for each of `wanted`, the index it
 /// offers, checked; with `want_profile`, the access profile of the newest artifact that has
-/// one too. Returns how many indexes were stored. Never fails: anything wrong is logged
+/// one too. Returns the indexes stored, decoded (a view opening now need not decode them
+/// again). Never fails: anything wrong is logged
 /// (naming the artifact and what was wrong) and the layer is indexed locally instead.
 pub async fn fetch_indexes(
     cache: &Cache,
     src: &Source,
-    image: &Image,
+    subject: &Digest,
     wanted: &[&Layer],
     want_profile: bool,
-) -> usize {
+) -> Vec<(Digest, LayerIndex)> {
     let Source::Registry { client, reference } = src else {
-        return 0;
+        return Vec::new();
     };
     let at = Repo {
         client,
         registry: &reference.registry,
         repo: &reference.repository,
     };
-    let subject = &image.manifest_digest;
     let t = std::time::Instant::now();
     let candidates = find_artifacts(&at, subject).await;
     if candidates.is_empty() {
         tracing::debug!("no index artifact for {subject} ({:.1?})", t.elapsed());
-        return 0;
+        return Vec::new();
     }
     let mut missing: Vec<&Layer> = wanted.to_vec();
-    let mut stored = 0;
+    let mut stored = Vec::new();
     // The newest profile among the artifacts looked at goes with the indexes.
     let mut profile_done = !want_profile;
-    for artifact in candidates {
-        if missing.is_empty() && profile_done {
-            break;
+    // The newest artifact alone usually offers everything; when it does not, the older
+    // ones' manifests are asked for a few at once rather than one round trip each.
+    let manifest = |artifact: Digest| {
+        let at = &at;
+        async move {
+            let m = at
+                .client
+                .get_manifest(at.registry, at.repo, artifact.as_str())
+                .await;
+            (artifact, m)
         }
-        let (digests, had_profile) =
-            store_offered(cache, &at, subject, &artifact, &missing, !profile_done).await;
-        for digest in digests {
-            stored += 1;
+    };
+    let mut rest = candidates.into_iter();
+    let newest = rest.next().map(manifest);
+    let mut manifests = futures_util::stream::iter(newest)
+        .then(|f| f)
+        .chain(
+            futures_util::stream::iter(rest)
+                .map(manifest)
+                .buffered(JOBS),
+        )
+        .boxed();
+    while !(missing.is_empty() && profile_done) {
+        let Some((artifact, m)) = manifests.next().await else {
+            break;
+        };
+        let (indexes, had_profile) =
+            store_offered(cache, &at, subject, &artifact, m, &missing, !profile_done).await;
+        for (digest, index) in indexes {
             missing.retain(|l| l.descriptor.digest != digest);
+            stored.push((digest, index));
         }
         profile_done |= had_profile;
     }
     tracing::info!(
-        "{stored} layer index(es) of {subject} from the registry in {:.1?}",
+        "{} layer index(es) of {subject} from the registry in {:.1?}",
+        stored.len(),
         t.elapsed()
     );
     stored
@@ -146,24 +169,26 @@ async fn store_profile(
     cache.store_published_profile(subject, &bytes)
 }
 
-/// Store the indexes that `artifact` offers for layers of `missing`, checked, a few at once,
-/// and with `want_profile` its access profile, alongside them (a round trip less than
-/// after them). Returns the digests of the layers whose index was stored (each refusal is
-/// logged), and whether the artifact offered a profile.
+/// Store the indexes that `artifact` (its manifest as the registry answered) offers for
+/// layers of `missing`, checked, a few at once, and with `want_profile` its access profile,
+/// alongside them (a round trip less than after them). Returns the layers whose index was
+/// stored, with it decoded (each refusal is logged), and whether the artifact offered a
+/// profile.
 async fn store_offered(
     cache: &Cache,
     at: &Repo<'_>,
     subject: &Digest,
     artifact: &Digest,
+    manifest: Result<crate::registry::RawManifest>,
     missing: &[&Layer],
     want_profile: bool,
-) -> (Vec<Digest>, bool) {
+) -> (Vec<(Digest, LayerIndex)>, bool) {
     let Repo {
         client,
         registry,
         repo,
     } = *at;
-    let offered = match client.get_manifest(registry, repo, artifact.as_str()).await {
+    let offered = match manifest {
         Ok(m) => parse_manifest(&m.bytes, subject).map(|o| (o, offered_profile(&m.bytes))),
         Err(e) => Err(e),
     };
@@ -198,25 +223,21 @@ async fn store_offered(
     let indexes = futures_util::stream::iter(jobs)
         .map(|(layer, blob)| async move {
             let digest = layer.descriptor.digest.clone();
-            let ok = match fetch_one(cache, client, registry, repo, &layer, &blob).await {
-                Ok(()) => true,
+            match fetch_one(cache, client, registry, repo, &layer, &blob).await {
+                Ok(index) => Some((digest, index)),
                 Err(e) => {
                     tracing::warn!(
                         "index of layer {digest} from artifact {artifact} refused \
                              ({e}); indexing the layer here instead"
                     );
-                    false
+                    None
                 }
-            };
-            (digest, ok)
+            }
         })
         .buffer_unordered(JOBS)
-        .collect::<Vec<(Digest, bool)>>();
-    let (results, ()) = futures_util::join!(indexes, profile);
-    let stored = results
-        .into_iter()
-        .filter_map(|(digest, ok)| ok.then_some(digest))
-        .collect();
+        .filter_map(std::future::ready)
+        .collect::<Vec<(Digest, LayerIndex)>>();
+    let (stored, ()) = futures_util::join!(indexes, profile);
     (stored, had_profile)
 }
 
@@ -227,7 +248,7 @@ async fn fetch_one(
     repo: &str,
     layer: &Layer,
     blob: &Descriptor,
-) -> Result<()> {
+) -> Result<LayerIndex> {
     let bytes = client
         .get_blob_bytes(registry, repo, &blob.digest, MAX_INDEX_BYTES)
         .await?;
@@ -238,7 +259,8 @@ async fn fetch_one(
     tokio::task::spawn_blocking(move || {
         let index = codec::decode(&digest, &bytes)?;
         check_fits(&index, &layer).map_err(|r| Error::malformed("layer index", r))?;
-        cache.store_published_index(&digest, &bytes)
+        cache.store_published_index(&digest, &bytes)?;
+        Ok(index)
     })
     .await
     .map_err(|e| Error::Io {

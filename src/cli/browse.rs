@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use super::{Global, Opened};
+use super::Global;
 use crate::index::Kind;
 use crate::tree::{DentryId, Tree};
 use crate::view::{ImageView, ViewOptions};
@@ -45,19 +45,7 @@ pub struct CatArgs {
 }
 
 async fn open_view(g: &Global, image: &str, read: &super::ReadArgs) -> Result<ImageView> {
-    let Opened {
-        cache,
-        source,
-        image,
-    } = g.open(image).await?;
-    ImageView::open(
-        &cache,
-        std::sync::Arc::new(source),
-        &image,
-        &read.view_options(g),
-    )
-    .await
-    .with_context(|| format!("indexing {}", image.reference))
+    Ok(g.open_view(image, &read.view_options(g)).await?.2)
 }
 
 fn resolve(tree: &Tree, path: &OsString) -> Result<DentryId> {
@@ -351,18 +339,11 @@ fn list(view: &ImageView, args: &LsArgs) -> Result<()> {
 }
 
 pub async fn cat(g: &Global, args: CatArgs) -> Result<()> {
-    let Opened {
-        cache,
-        source,
-        image,
-    } = g.open(&args.image).await?;
     let opts = ViewOptions {
         only_path: Some(crate::index::normalize(args.path.as_bytes())?),
         ..args.read.view_options(g)
     };
-    let view = ImageView::open(&cache, std::sync::Arc::new(source), &image, &opts)
-        .await
-        .with_context(|| format!("indexing {}", image.reference))?;
+    let (_, _, view) = g.open_view(&args.image, &opts).await?;
     let tree = &view.tree;
     let shown = escaped(args.path.as_bytes());
     // Symlinks are followed as `cat` would, inside the image.

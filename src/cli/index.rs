@@ -153,7 +153,7 @@ async fn build(g: &Global, a: &ImageArg) -> Result<Opened> {
     // Largest first, as a view does: the biggest layer is the one the others wait for.
     layers.sort_by_key(|(_, l)| std::cmp::Reverse(l.descriptor.size));
     futures_util::stream::iter(layers)
-        .map(|(i, l)| crate::obtain::layer_index(cache, source, l, (i, n), &opts))
+        .map(|(i, l)| crate::obtain::layer_index(cache, source, l, (i, n), &opts, None))
         .buffer_unordered(a.jobs.max(1))
         // Each index is in the cache once obtained: nothing is kept here.
         .try_for_each(|_| std::future::ready(Ok(())))

@@ -13,6 +13,7 @@ mod store;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -22,7 +23,7 @@ use crate::manifest::{Image, Platform};
 use crate::reference::ImageRef;
 use crate::registry::ClientOptions;
 use crate::source::{Source, SourceOptions};
-use crate::view::{Prefetch, ViewOptions};
+use crate::view::{ImageView, Prefetch, ViewOptions};
 
 #[derive(Parser)]
 #[command(
@@ -412,6 +413,20 @@ impl Global {
     }
 
     async fn open(&self, image: &str) -> Result<Opened> {
+        let (cache, source) = self.open_source(image).await?;
+        let image = crate::fetch::resolve(&cache, &source, self.platform()?.as_ref())
+            .await
+            .with_context(|| format!("resolving {}", source.name()))?;
+        Ok(Opened {
+            cache,
+            source,
+            image,
+        })
+    }
+
+    /// The cache and the opened source of `image`, not resolved yet (a view resolves it
+    /// and looks for published indexes at once: `ImageView::resolve_and_open`).
+    async fn open_source(&self, image: &str) -> Result<(Cache, Source)> {
         let cache = self.cache()?;
         let reference = ImageRef::parse(image)?;
         let mut mirrors = config::load()?.mirrors;
@@ -435,14 +450,23 @@ impl Global {
         let source = Source::open(&reference, &opts)
             .await
             .with_context(|| format!("opening {reference}"))?;
-        let image = crate::fetch::resolve(&cache, &source, self.platform()?.as_ref())
-            .await
-            .with_context(|| format!("resolving {reference}"))?;
-        Ok(Opened {
-            cache,
-            source,
-            image,
-        })
+        Ok((cache, source))
+    }
+
+    /// The cache, and the view of `image` opened with `opts`, with the image it shows.
+    async fn open_view(
+        &self,
+        image: &str,
+        opts: &ViewOptions,
+    ) -> Result<(Cache, Image, ImageView)> {
+        let (cache, source) = self.open_source(image).await?;
+        let name = source.name();
+        let platform = self.platform()?;
+        let (image, view) =
+            ImageView::resolve_and_open(&cache, Arc::new(source), platform.as_ref(), opts)
+                .await
+                .with_context(|| format!("opening {name}"))?;
+        Ok((cache, image, view))
     }
 }
 

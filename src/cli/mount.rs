@@ -14,9 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use super::{Global, Opened};
+use super::Global;
 use crate::fuse::ImageFs;
-use crate::view::ImageView;
 
 pub(super) mod daemon;
 
@@ -203,6 +202,13 @@ fn check_profile_paths(args: &MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether a mount without `--profile` replays the profile published with the indexes.
+/// `--prefetch none` promises that every byte fetched was asked for by a read: a published
+/// profile is not used then (a `--profile` given with it is).
+fn wants_published_profile(args: &MountArgs) -> bool {
+    !args.read.no_remote_index && !matches!(args.read.prefetch, super::PrefetchArg::None)
+}
+
 /// The access profile a mount replays: `--profile`'s file, else the one published with the
 /// image's indexes (with remote indexes allowed). One that cannot be used is logged.
 fn profile_to_use(
@@ -218,16 +224,10 @@ fn profile_to_use(
                 return None;
             }
         },
-        // `--prefetch none` promises that every byte fetched was asked for by a read: a
-        // published profile is not used then (a `--profile` given with it is).
-        None if !args.read.no_remote_index
-            && !matches!(args.read.prefetch, super::PrefetchArg::None) =>
-        {
-            (
-                cache.load_published_profile(&image.manifest_digest)?,
-                "published with the indexes".to_string(),
-            )
-        }
+        None if wants_published_profile(args) => (
+            cache.load_published_profile(&image.manifest_digest)?,
+            "published with the indexes".to_string(),
+        ),
         None => return None,
     };
     match crate::profile::Profile::parse(&bytes) {
@@ -286,20 +286,13 @@ async fn serve(g: &Global, args: &MountArgs, acl: fuser::SessionACL) -> Result<(
     // The parent (`imgfs mount` without --foreground) waits on this socket: progress lines,
     // then "ready".
     let parent = daemon::Parent::from_env();
-    let Opened {
-        cache,
-        source,
-        image,
-    } = g.open(&args.image).await?;
-    tracing::info!("resolved {} in {:.1?}", image.reference, t0.elapsed());
     let mut opts = args.read.view_options(g);
     if let Some(sink) = progress_sink(parent.as_ref()) {
         opts.progress = Some(sink);
     }
     opts.record_profile = args.record_profile.is_some();
-    let view = ImageView::open(&cache, Arc::new(source), &image, &opts)
-        .await
-        .with_context(|| format!("indexing {}", image.reference))?;
+    opts.want_profile = args.profile.is_none() && wants_published_profile(args);
+    let (cache, image, view) = g.open_view(&args.image, &opts).await?;
     tracing::info!("indexes loaded and merged at {:.1?}", t0.elapsed());
     // Background work on other threads; it never holds up the mount.
     view.start_prefetch();

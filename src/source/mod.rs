@@ -29,6 +29,14 @@ pub struct SourceOptions {
     pub registry: ClientOptions,
 }
 
+/// A verified image manifest whose config is still to fetch: what work that needs only the
+/// manifest (looking for published indexes) starts from, beside the config's fetch.
+pub struct ImageManifest<'a> {
+    pub digest: &'a Digest,
+    pub config: &'a Descriptor,
+    pub layers: &'a [Descriptor],
+}
+
 /// One image source. An enum rather than a trait object: there are three, all known here.
 pub enum Source {
     Registry {
@@ -113,13 +121,14 @@ impl Source {
     }
 
     /// Resolve to one image: follow an index to the entry for `platform` (the host's when
-    /// `None`), verify each manifest, and get the config's bytes from `config` (which must
-    /// verify them: `crate::fetch::resolve` fetches them into the cache). An explicit
+    /// `None`), verify each manifest, and get the config's bytes from `config`, given the
+    /// image manifest (it must verify them: `crate::fetch::resolve` fetches them into the
+    /// cache). An explicit
     /// `platform` that a single-platform image does not match is an error.
     pub async fn resolve(
         &self,
         platform: Option<&Platform>,
-        config: impl AsyncFnOnce(&Descriptor) -> Result<Vec<u8>>,
+        config: impl AsyncFnOnce(&ImageManifest<'_>) -> Result<Vec<u8>>,
     ) -> Result<Image> {
         let image = match self {
             Source::Archive(a) => a.image().clone(),
@@ -141,7 +150,7 @@ impl Source {
     async fn resolve_manifests(
         &self,
         platform: Option<&Platform>,
-        config: impl AsyncFnOnce(&Descriptor) -> Result<Vec<u8>>,
+        config: impl AsyncFnOnce(&ImageManifest<'_>) -> Result<Vec<u8>>,
     ) -> Result<Image> {
         let mut raw = self.root_manifest().await?;
         let mut parsed = manifest::parse(&raw.bytes, raw.content_type.as_deref())?;
@@ -160,7 +169,18 @@ impl Source {
             }
         }
         let raw_config = match &parsed {
-            Parsed::Image { config: desc, .. } => config(desc).await?,
+            Parsed::Image {
+                config: desc,
+                layers,
+                ..
+            } => {
+                config(&ImageManifest {
+                    digest: &raw.digest,
+                    config: desc,
+                    layers,
+                })
+                .await?
+            }
             _ => Vec::new(),
         };
         manifest::image_from_parts(

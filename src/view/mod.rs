@@ -81,6 +81,9 @@ pub struct ViewOptions {
     pub progress: Option<ProgressSink>,
     /// Record which spans and chunks reads use (`Reader::recorder`), for an access profile.
     pub record_profile: bool,
+    /// Fetch the access profile published with the indexes, for a mount to replay (a
+    /// command that reads one file has no use for it).
+    pub want_profile: bool,
 }
 
 impl ViewOptions {
@@ -114,6 +117,7 @@ impl Default for ViewOptions {
             only_path: None,
             progress: None,
             record_profile: false,
+            want_profile: false,
         }
     }
 }

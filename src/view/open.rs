@@ -12,11 +12,39 @@ use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::index::LayerIndex;
-use crate::manifest::Image;
+use crate::manifest::{Image, Layer, Platform};
+use crate::obtain::{Fetched, fetch_published, wants_published_index};
 use crate::source::Source;
 use crate::tree::{self};
 
 impl ImageView {
+    /// Resolve `src` (for `platform`) and open its view, the published indexes looked for
+    /// while the image's config is fetched (a round trip less than after it).
+    pub async fn resolve_and_open(
+        cache: &Cache,
+        src: Arc<Source>,
+        platform: Option<&Platform>,
+        opts: &ViewOptions,
+    ) -> Result<(Image, ImageView)> {
+        let mut fetched = None;
+        let image = crate::fetch::resolve_alongside(cache, &src, platform, async |m| {
+            let layers: Option<Vec<Layer>> = m.layers.iter().map(Layer::from_manifest).collect();
+            // Without them, resolving fails on the layer imgfs cannot read. Layers that
+            // need no index (TOCs, cached) are opened beside the profile's lookup instead.
+            if let Some(layers) = layers.filter(|_| opts.remote_index)
+                && let n = opts.layers.unwrap_or(layers.len()).min(layers.len())
+                && wants_published_index(cache, &layers[..n])
+            {
+                let want = opts.want_profile;
+                fetched = Some(fetch_published(cache, &src, m.digest, &layers[..n], want).await);
+            }
+        })
+        .await?;
+        let reader = Reader::new(cache, opts);
+        let view = Self::open_fetched(&reader, cache, src, &image, opts, fetched).await?;
+        Ok((image, view))
+    }
+
     /// Load each layer's index from the cache, or build it by streaming the verified blob
     /// (kept only with `keep_blobs`), then merge. Indexes are built concurrently and always
     /// cached. Blobs are not fetched for layers whose index is cached: reads fetch by range.
@@ -39,7 +67,20 @@ impl ImageView {
         image: &Image,
         opts: &ViewOptions,
     ) -> Result<ImageView> {
-        match Self::open_once(reader, cache, src.clone(), image, opts).await? {
+        Self::open_fetched(reader, cache, src, image, opts, None).await
+    }
+
+    /// [`ImageView::open_in`], with what looking for published indexes found when they
+    /// were looked for already (`None`: they are looked for first).
+    async fn open_fetched(
+        reader: &Arc<Reader>,
+        cache: &Cache,
+        src: Arc<Source>,
+        image: &Image,
+        opts: &ViewOptions,
+        fetched: Option<Fetched>,
+    ) -> Result<ImageView> {
+        match Self::open_once(reader, cache, src.clone(), image, opts, fetched).await? {
             Ok(view) => Ok(view),
             Err((e, published)) => {
                 // Each published index was well-formed alone, but together they do not make
@@ -55,7 +96,7 @@ impl ImageView {
                     remote_index: false,
                     ..opts.clone()
                 };
-                Self::open_once(reader, cache, src, image, &opts)
+                Self::open_once(reader, cache, src, image, &opts, None)
                     .await?
                     .map_err(|(e, _)| e)
             }
@@ -70,6 +111,7 @@ impl ImageView {
         src: Arc<Source>,
         image: &Image,
         opts: &ViewOptions,
+        fetched: Option<Fetched>,
     ) -> Result<std::result::Result<ImageView, (Error, Vec<Digest>)>> {
         let n = match opts.layers {
             Some(n) if n == 0 || n > image.layers.len() => {
@@ -81,24 +123,47 @@ impl ImageView {
             Some(n) => n,
             None => image.layers.len(),
         };
-        if opts.remote_index {
-            crate::obtain::fetch_published(cache, &src, image, &image.layers[..n]).await;
-        }
+        let (subject, wanted) = (&image.manifest_digest, &image.layers[..n]);
+        let mut profile_lookup = None;
+        let mut fetched = match fetched {
+            Some(f) => f,
+            None if opts.remote_index && wants_published_index(cache, wanted) => {
+                fetch_published(cache, &src, subject, wanted, opts.want_profile).await
+            }
+            None => {
+                if opts.remote_index && opts.want_profile {
+                    profile_lookup = Some(fetch_published(cache, &src, subject, wanted, true));
+                }
+                Fetched::new()
+            }
+        };
         let src_ref = &src;
         // Largest first: the biggest layer's decompression is usually what the mount waits
         // for, so it must not queue behind small ones when there are more layers than jobs.
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(image.layers[i].descriptor.size));
-        let mut layers: Vec<(usize, (Arc<LayerData>, bool))> =
-            futures_util::stream::iter(order.into_iter().map(|i| (i, &image.layers[i])))
-                .map(|(i, layer)| {
-                    obtain_shared(reader, cache, src_ref, layer, i, n, opts)
-                        // Tagged with its place, since layers finish in any order.
-                        .map_ok(move |r| (i, r))
-                })
-                .buffer_unordered(opts.jobs.max(1))
-                .try_collect::<Vec<_>>()
-                .await?;
+        let jobs: Vec<_> = order
+            .into_iter()
+            .map(|i| {
+                let layer = &image.layers[i];
+                (i, layer, fetched.remove(&layer.descriptor.digest))
+            })
+            .collect();
+        let opening = futures_util::stream::iter(jobs)
+            .map(|(i, layer, fetched)| {
+                obtain_shared(reader, cache, src_ref, layer, (i, n), opts, fetched)
+                    // Tagged with its place, since layers finish in any order.
+                    .map_ok(move |r| (i, r))
+            })
+            .buffer_unordered(opts.jobs.max(1))
+            .try_collect::<Vec<_>>();
+        let lookup = async {
+            if let Some(l) = profile_lookup {
+                l.await;
+            }
+        };
+        let (layers, ()) = futures_util::join!(opening, lookup);
+        let mut layers: Vec<(usize, (Arc<LayerData>, bool))> = layers?;
         layers.sort_by_key(|(i, _)| *i);
         let layers: Vec<(Arc<LayerData>, bool)> = layers.into_iter().map(|(_, l)| l).collect();
         let published: Vec<Digest> = layers
@@ -146,7 +211,8 @@ pub async fn open_layer(
     if let Some(open) = reader.open_layer(&layer.descriptor.digest) {
         return Ok(open);
     }
-    let (data, _) = obtain_layer(cache, src, layer, i, image.layers.len(), opts).await?;
+    let place = (i, image.layers.len());
+    let (data, _) = obtain_layer(cache, src, layer, place, opts, None).await?;
     reader.remember_layer(&data);
     Ok(data)
 }
@@ -157,15 +223,15 @@ async fn obtain_shared(
     reader: &Arc<Reader>,
     cache: &Cache,
     src: &Arc<Source>,
-    layer: &crate::manifest::Layer,
-    i: usize,
-    n: usize,
+    layer: &Layer,
+    place: (usize, usize),
     opts: &ViewOptions,
+    fetched: Option<LayerIndex>,
 ) -> Result<(Arc<LayerData>, bool)> {
     if let Some(open) = reader.open_layer(&layer.descriptor.digest) {
         return Ok((open, false));
     }
-    let (data, published) = obtain_layer(cache, src, layer, i, n, opts).await?;
+    let (data, published) = obtain_layer(cache, src, layer, place, opts, fetched).await?;
     if !published {
         reader.remember_layer(&data);
     }
@@ -175,15 +241,16 @@ async fn obtain_shared(
 /// A layer's index, obtained the one way every command does (`crate::obtain`), as the
 /// view's `LayerData`, with its local blob open. Whether it was a published one comes back
 /// too: if published indexes do not merge, the view is opened again without them.
+/// `fetched`: its published index, just fetched and decoded.
 async fn obtain_layer(
     cache: &Cache,
     src: &Arc<Source>,
-    layer: &crate::manifest::Layer,
-    i: usize,
-    n: usize,
+    layer: &Layer,
+    place: (usize, usize),
     opts: &ViewOptions,
+    fetched: Option<LayerIndex>,
 ) -> Result<(Arc<LayerData>, bool)> {
-    let got = crate::obtain::layer_index(cache, src, layer, (i, n), &opts.obtain()).await?;
+    let got = crate::obtain::layer_index(cache, src, layer, place, &opts.obtain(), fetched).await?;
     let data = LayerData::new(layer, src.clone(), got.index, got.toc);
     if let Some(blob) = got.blob {
         let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
