@@ -142,6 +142,9 @@ pub struct Obtained {
     /// The index is a published one (if published indexes do not merge, a view opens the
     /// image again without them).
     pub published: bool,
+    /// The layer was streamed here to index it, so spans of it may have gone into the chunk
+    /// store (`Options::keep_spans`) behind the back of whoever counts that store's bytes.
+    pub streamed: bool,
 }
 
 /// How long looking for published layer indexes may take before layers are indexed here.
@@ -221,6 +224,7 @@ pub async fn layer_index(
             toc: None,
             blob: blob.is_file().then_some(blob),
             published: true,
+            streamed: false,
         });
     }
     // Decoded on the blocking pool, so that layers decode in parallel.
@@ -237,6 +241,7 @@ pub async fn layer_index(
             toc: None,
             blob: blob.is_file().then_some(blob),
             published,
+            streamed: false,
         });
     }
     index_here(cache, src, layer, place, opts).await
@@ -265,6 +270,7 @@ async fn from_toc(
             toc: Some(TocFiles::new(format, t.chunks, t.prefetch)),
             blob: None,
             published: false,
+            streamed: false,
         })),
         Err(e @ Error::DigestMismatch { .. }) => Err(in_layer(e, i, &desc.digest)),
         Err(e) => {
@@ -332,6 +338,7 @@ async fn index_here(
         toc: None,
         blob,
         published: false,
+        streamed: true,
     })
 }
 

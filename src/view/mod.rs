@@ -240,6 +240,12 @@ impl Reader {
         self.recorder.clone()
     }
 
+    /// Measure the chunk store again at its next store: something else (a layer streamed
+    /// to index it) added to it.
+    pub(super) fn recount_chunks(&self) {
+        *self.fetcher.chunk_bytes.lock().unwrap() = None;
+    }
+
     /// What reads have fetched so far.
     pub fn stats(&self) -> &ReadStats {
         &self.fetcher.stats

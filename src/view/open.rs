@@ -212,7 +212,7 @@ pub async fn open_layer(
         return Ok(open);
     }
     let place = (i, image.layers.len());
-    let (data, _) = obtain_layer(cache, src, layer, place, opts, None).await?;
+    let (data, _) = obtain_layer(reader, cache, src, layer, place, opts, None).await?;
     reader.remember_layer(&data);
     Ok(data)
 }
@@ -231,7 +231,7 @@ async fn obtain_shared(
     if let Some(open) = reader.open_layer(&layer.descriptor.digest) {
         return Ok((open, false));
     }
-    let (data, published) = obtain_layer(cache, src, layer, place, opts, fetched).await?;
+    let (data, published) = obtain_layer(reader, cache, src, layer, place, opts, fetched).await?;
     if !published {
         reader.remember_layer(&data);
     }
@@ -243,6 +243,7 @@ async fn obtain_shared(
 /// too: if published indexes do not merge, the view is opened again without them.
 /// `fetched`: its published index, just fetched and decoded.
 async fn obtain_layer(
+    reader: &Reader,
     cache: &Cache,
     src: &Arc<Source>,
     layer: &Layer,
@@ -251,6 +252,9 @@ async fn obtain_layer(
     fetched: Option<LayerIndex>,
 ) -> Result<(Arc<LayerData>, bool)> {
     let got = crate::obtain::layer_index(cache, src, layer, place, &opts.obtain(), fetched).await?;
+    if got.streamed {
+        reader.recount_chunks();
+    }
     let data = LayerData::new(layer, src.clone(), got.index, got.toc);
     if let Some(blob) = got.blob {
         let f = File::open(&blob).ctx(|| format!("opening {}", blob.display()))?;
