@@ -23,6 +23,10 @@ const MAGIC: &[u8; 8] = b"IMGFSIDX";
 /// Bump when the payload changes shape; older files are then rebuilt.
 /// (6: span digests are BLAKE3, not sha256; 7: names are bytes, sparse maps.)
 pub const VERSION: u32 = 7;
+/// The version field of a slim index (`index::windows`): the same payload, each window
+/// replaced by its digest. A number of its own, so that nothing reads one as a full index
+/// (a digest used as a window would decompress to wrong bytes).
+pub const SLIM_VERSION: u32 = 0x8000_0000 | VERSION;
 /// Magic, version, layer digest, payload checksum.
 const HEADER: usize = 8 + 4 + 32 + 32;
 
@@ -87,6 +91,15 @@ fn code_kind(c: u8) -> Option<Kind> {
 
 /// Serialise the index of `layer`.
 pub fn encode(layer: &Digest, index: &LayerIndex) -> Vec<u8> {
+    encode_as(layer, index, VERSION)
+}
+
+/// Serialise a slim index of `layer` (`index::windows::slim`: its windows are digests).
+pub fn encode_slim(layer: &Digest, slim: &LayerIndex) -> Vec<u8> {
+    encode_as(layer, slim, SLIM_VERSION)
+}
+
+fn encode_as(layer: &Digest, index: &LayerIndex, version: u32) -> Vec<u8> {
     let mut prev_path: &[u8] = b"";
     let mut prev_offset = 0i64;
     let entries = index
@@ -124,16 +137,20 @@ pub fn encode(layer: &Digest, index: &LayerIndex) -> Vec<u8> {
         seek: index.seek.clone(),
     })
     .expect("encoding to memory cannot fail");
-    frame(layer, &payload)
+    frame_as(layer, &payload, version)
 }
 
 /// The file for a serialised payload of `layer`'s index: header, checksum, compressed
 /// payload. (Public for the fuzzer, which makes payloads of its own.)
 pub fn frame(layer: &Digest, payload: &[u8]) -> Vec<u8> {
+    frame_as(layer, payload, VERSION)
+}
+
+fn frame_as(layer: &Digest, payload: &[u8], version: u32) -> Vec<u8> {
     let payload = zstd::bulk::compress(payload, 3).expect("compressing in memory cannot fail");
     let mut out = Vec::with_capacity(payload.len() + HEADER);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&hex::decode(layer.hex()).expect("a digest is hex"));
     out.extend_from_slice(&Sha256::digest(&payload));
     out.extend_from_slice(&payload);
@@ -156,7 +173,17 @@ pub fn is_other_version(bytes: &[u8]) -> bool {
 /// Deserialise the index of `layer`, refusing anything damaged, truncated, of another
 /// version, or describing another layer.
 pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
-    let payload = unframe(layer, bytes)?;
+    decode_as(layer, bytes, VERSION)
+}
+
+/// Deserialise a slim index of `layer` (its windows are digests: see `index::windows`),
+/// refusing a full one as [`decode`] refuses a slim one.
+pub fn decode_slim(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
+    decode_as(layer, bytes, SLIM_VERSION)
+}
+
+fn decode_as(layer: &Digest, bytes: &[u8], version: u32) -> Result<LayerIndex> {
+    let payload = unframe(layer, bytes, version)?;
     let p: Payload = postcard::from_bytes(&payload).map_err(|e| bad(&e.to_string()))?;
     if let Some(sp) = &p.seek {
         check_seek_points(sp)?;
@@ -184,17 +211,18 @@ fn bad(reason: &str) -> Error {
 
 /// The decompressed payload of `bytes`, once its magic, version, layer and checksum are
 /// right.
-fn unframe(layer: &Digest, bytes: &[u8]) -> Result<Vec<u8>> {
+fn unframe(layer: &Digest, bytes: &[u8], wanted: u32) -> Result<Vec<u8>> {
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return Err(bad("not an imgfs index (bad magic or too short)"));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
+    if version != wanted {
         return Err(bad(&format!(
-            "format version {version}, this imgfs reads {VERSION}"
+            "format version {version:#x}, {wanted:#x} expected"
         )));
     }
-    let described = layer_of(bytes).ok_or_else(|| bad("no layer digest"))?;
+    let described = Digest::parse(&format!("sha256:{}", hex::encode(&bytes[12..44])))
+        .map_err(|_| bad("no layer digest"))?;
     if &described != layer {
         return Err(bad(&format!("it describes layer {described}, not {layer}")));
     }
@@ -341,6 +369,7 @@ mod tests {
                     window: vec![7; 100],
                 }],
                 span_digests: vec![crate::digest::SpanDigest::of(b"span")],
+                windows_apart: None,
             }),
             entries: vec![
                 e(b"usr", Kind::Dir, 512),

@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod seek_points;
 pub mod tarstream;
+pub mod windows;
 
 pub use seek_points::SeekPoints;
 pub use tarstream::{Limits, Region};

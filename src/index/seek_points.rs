@@ -34,6 +34,11 @@ pub struct SeekPoints {
     /// byte earlier when it sits mid-byte) to the next checkpoint's `in_offset`, the last one
     /// to the end of the blob. Range reads check what they fetch against these.
     pub span_digests: Vec<SpanDigest>,
+    /// Set when the index came without its windows (a published slim index,
+    /// `index::windows`): every checkpoint's `window` is then empty, and the one a span
+    /// needs is read from the blob this names. Never stored: the codec writes windows in.
+    #[serde(skip)]
+    pub windows_apart: Option<std::sync::Arc<super::windows::WindowsApart>>,
 }
 
 impl SeekPoints {

@@ -49,6 +49,7 @@ impl<R: BufRead> SpanHasher<R> {
         SeekPoints {
             checkpoints,
             span_digests: self.spans,
+            windows_apart: None,
         }
     }
 }

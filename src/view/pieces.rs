@@ -241,10 +241,7 @@ mod tests {
         // An uncompressed span is appended to the buffer it is given: bytes left in a
         // reused one would be served as file data.
         let data: Vec<u8> = (0..SPAN as usize).map(|i| (i % 251) as u8).collect();
-        let sp = SeekPoints {
-            checkpoints: Vec::new(),
-            span_digests: Vec::new(),
-        };
+        let sp = SeekPoints::default();
         for round in 0..3 {
             let mut dirty = Vec::with_capacity(bufpool::CAP);
             dirty.extend_from_slice(&[0xEE; 1000]);
