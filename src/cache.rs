@@ -1,8 +1,9 @@
 //! The content-addressed store on disk — a store only: it names verified files and finds
 //! them; downloading them is `crate::fetch`'s. `blobs/sha256/<hex>`, each blob verified before
 //! it got its name; `indexes/sha256/<layer hex>`, the layer indexes built from them (and
-//! `.published` ones fetched from registries, and `<image manifest hex>.profile`, access
-//! profiles published with them); `chunks/blake3/<hex>`, compressed spans of
+//! `.published` ones fetched from registries — a slim one with a `.windows` file naming
+//! the blob its windows are in —, and `<image manifest hex>.profile`, access profiles
+//! published with them); `chunks/blake3/<hex>`, compressed spans of
 //! layers fetched by range, named by their span digest; `chunks/sha256/<hex>`, eStargz
 //! chunks and TOCs, named by their sha256. Writes go to `tmp/` and are renamed into place, so
 //! a reader never sees a partial file, even after a crash. Any blob or chunk may be deleted
@@ -184,14 +185,47 @@ impl Cache {
         Self::load_index_at(&self.index_path(layer), layer)
     }
 
-    /// The index of `layer` fetched from a registry, if there is a sound one.
+    /// The index of `layer` fetched from a registry, if there is a sound one: a full one,
+    /// or a slim one made usable with the windows blob named beside it (`index::windows`).
     pub fn load_published_index(&self, layer: &Digest) -> Option<LayerIndex> {
-        Self::load_index_at(&self.published_index_path(layer), layer)
+        let path = self.published_index_path(layer);
+        let bytes = std::fs::read(&path).ok()?;
+        if !crate::index::codec::is_slim(&bytes) {
+            return Self::load_index_at(&path, layer);
+        }
+        let slim = std::fs::read_to_string(self.windows_path(layer))
+            .ok()
+            .and_then(|w| {
+                let (digest, size) = w.trim().split_once(' ')?;
+                Some((Digest::parse(digest).ok()?, size.parse::<u64>().ok()?))
+            })
+            .ok_or_else(|| "its windows blob is not named".to_string())
+            .and_then(|(windows, size)| {
+                let index =
+                    crate::index::codec::decode_slim(layer, &bytes).map_err(|e| e.to_string())?;
+                crate::index::windows::take_apart(index, windows, size).map_err(|e| e.to_string())
+            });
+        match slim {
+            Ok(index) => Some(index),
+            Err(e) => {
+                tracing::warn!("discarding the published index of {layer}: {e}");
+                self.remove_published_index(layer);
+                None
+            }
+        }
+    }
+
+    /// Where the windows blob of a slim published index of `layer` is named.
+    fn windows_path(&self, layer: &Digest) -> PathBuf {
+        self.root
+            .join("indexes/sha256")
+            .join(format!("{}.windows", layer.hex()))
     }
 
     /// Forget the published index of `layer` (it did not fit the image).
     pub fn remove_published_index(&self, layer: &Digest) {
         let _ = std::fs::remove_file(self.published_index_path(layer));
+        let _ = std::fs::remove_file(self.windows_path(layer));
     }
 
     fn load_index_at(path: &Path, layer: &Digest) -> Option<LayerIndex> {
@@ -232,6 +266,22 @@ impl Cache {
             &format!("the index of {layer}"),
             bytes,
         )
+    }
+
+    /// Store a slim index of `layer` fetched from a registry (decoded and checked by the
+    /// caller) and the windows blob (`windows`, `size` bytes) its windows are in — named
+    /// first, so that a reader never finds the index without it.
+    pub fn store_published_slim(
+        &self,
+        layer: &Digest,
+        bytes: &[u8],
+        windows: &Digest,
+        size: u64,
+    ) -> Result<()> {
+        let what = format!("the windows of {layer}");
+        let named = format!("{windows} {size}\n");
+        self.store_index_file(&self.windows_path(layer), &what, named.as_bytes())?;
+        self.store_published_index(layer, bytes)
     }
 
     /// Where the access profile published with the index artifact of image manifest

@@ -98,6 +98,28 @@ fn read_profile(path: &Path) -> imgfs::profile::Profile {
     imgfs::profile::Profile::parse(&std::fs::read(path).unwrap()).unwrap()
 }
 
+/// How many of the spans at `offsets` of `layer` (as the index in `built` numbers them) are
+/// in the chunk store of cache `cache`.
+fn spans_stored(built: &Path, cache: &Path, layer: &Digest, offsets: &[u64]) -> usize {
+    let bytes = std::fs::read(built.join("indexes/sha256").join(layer.hex())).unwrap();
+    let sp = imgfs::index::codec::decode(layer, &bytes)
+        .unwrap()
+        .seek
+        .unwrap();
+    offsets
+        .iter()
+        .filter(|&&at| {
+            let k = sp
+                .checkpoints
+                .iter()
+                .position(|c| c.in_offset == at)
+                .unwrap();
+            let name = sp.span_digests[k].hex();
+            cache.join("chunks/blake3").join(name).is_file()
+        })
+        .count()
+}
+
 /// Runs of consecutive spans among the profile's reads of `layer` (as the index in `cache`
 /// numbers spans): what one request each can fetch.
 fn span_runs(cache: &Path, layer: &Digest, offsets: &[u64]) -> usize {
@@ -173,8 +195,14 @@ fn a_published_profile_is_fetched_at_mount_before_any_read() {
     let (spans, chunks) = (b.join("chunks/blake3"), b.join("chunks/sha256"));
     // The eStargz TOC is a chunk too.
     wait_for("the profile's spans and chunks", || {
-        files_in(&spans) == gz_reads.len() && files_in(&chunks) == sg_reads.len() + 1
+        spans_stored(&a, &b, &gz, &gz_reads) == gz_reads.len()
+            && files_in(&chunks) == sg_reads.len() + 1
     });
+    // Each span came with its window (the published index is slim: windows apart).
+    assert_eq!(
+        files_in(&spans),
+        2 * gz_reads.len() - usize::from(gz_reads.contains(&0))
+    );
     // Adjacent spans went in one request each; each chunk alone.
     let gz_gets = layer_gets(&proxy, &fx.img)
         .into_iter()
@@ -336,7 +364,7 @@ fn garbage_stale_or_corrupted_profiles_still_give_the_right_bytes() {
     let proxy = Proxy::start(&reg.host);
     let cache = work.path().join("corrupt");
     let mnt = work.path().join("mnt-corrupt");
-    proxy.corrupt_next_ranges(1);
+    proxy.corrupt_next_ranges_of(gz.hex(), 1);
     let m = Mounted::new(
         &cache,
         &format!("{}/{repo}:v1", proxy.host),

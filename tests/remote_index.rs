@@ -127,14 +127,25 @@ fn a_fresh_cache_mounts_from_the_published_index_without_streaming_a_layer() {
         "{} bytes served for a {compressed}-byte image",
         proxy.blob_bytes()
     );
-    // What B cached is exactly what A published, kept apart from indexes built here.
+    // What B cached is what A published, kept apart from indexes built here: A's index, or
+    // for the gzip layer its slim form (windows apart, named beside it, left in the registry
+    // until a read needs one).
     for l in &img.layers {
-        assert_eq!(
-            published_file(&b, &l.digest()),
-            Some(index_file(&a, &l.digest()))
-        );
+        let built = index_file(&a, &l.digest());
+        let full = imgfs::index::codec::decode(&l.digest(), &built).unwrap();
+        let published = match imgfs::index::windows::slim(&full) {
+            Some((slim, _)) => imgfs::index::codec::encode_slim(&l.digest(), &slim),
+            None => built.clone(),
+        };
+        assert!(published.len() < built.len() || published == built);
+        assert_eq!(published_file(&b, &l.digest()), Some(published));
         assert!(!b.join("indexes/sha256").join(l.digest().hex()).exists());
     }
+    let gz = img.layers[0].digest();
+    assert!(
+        b.join(format!("indexes/sha256/{}.windows", gz.hex()))
+            .is_file()
+    );
     // A small file costs one range of one layer.
     assert_eq!(
         std::fs::read(mnt.join("mid/small.txt")).unwrap(),
@@ -464,5 +475,54 @@ fn a_mirror_is_asked_first_and_a_dead_one_is_passed_over() {
     assert!(
         !out.status.success() && stderr.contains("config"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_window_that_comes_back_wrong_is_never_used() {
+    let reg = registry();
+    let (img, files) = image(40);
+    img.push(&reg.host, "remote/windows", "v1");
+    let direct = format!("{}/remote/windows:v1", reg.host);
+    let work = tempfile::tempdir().unwrap();
+    let out = imgfs_ok(&work.path().join("a"), &["index", "push", &direct]);
+    assert!(out.contains("windows apart"), "{out}");
+    let proxy = Proxy::start(&reg.host);
+    let image = format!("{}/remote/windows:v1", proxy.host);
+    let b = work.path().join("b");
+    // `ls` takes the published (slim) index; the windows blob is named beside it.
+    imgfs_ok(&b, &["ls", &image, "/"]);
+    let gz = img.layers[0].digest();
+    let named =
+        std::fs::read_to_string(b.join(format!("indexes/sha256/{}.windows", gz.hex()))).unwrap();
+    let windows = Digest::parse(named.split_whitespace().next().unwrap()).unwrap();
+
+    // mid/small.txt lies past the 9 MiB of noise: its span needs a window.
+    proxy.corrupt_next_ranges_of(windows.hex(), 1000);
+    let out = imgfs(&b, &["cat", &image, "mid/small.txt"]);
+    assert!(
+        !out.status.success(),
+        "cat answered with a wrong window: {:?}",
+        out.stdout
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("do not match the index"), "{err}");
+    assert!(
+        proxy.log().iter().any(|l| l.contains(windows.hex())),
+        "the window was asked for by range: {:?}",
+        proxy.log()
+    );
+    proxy.corrupt_next_ranges(0);
+    assert_eq!(
+        imgfs(&b, &["cat", &image, "mid/small.txt"]).stdout,
+        files[1].1
+    );
+
+    // A registry that ignores ranges: the layer and the windows blob come whole.
+    proxy.ignore_range(true);
+    let c = work.path().join("c");
+    assert_eq!(
+        imgfs(&c, &["cat", &image, "mid/small.txt"]).stdout,
+        files[1].1
     );
 }

@@ -201,7 +201,7 @@ async fn store_offered(
     };
     // Collected, not chained: a stream holding closures over borrowed layers makes this
     // future too particular about lifetimes to be spawned (the layer store spawns it).
-    let jobs: Vec<(Layer, Descriptor)> = missing
+    let jobs: Vec<(Layer, Offered)> = missing
         .iter()
         .filter_map(|l| {
             let blob = offered.get(&l.descriptor.digest)?;
@@ -241,25 +241,38 @@ async fn store_offered(
     (stored, had_profile)
 }
 
+/// Fetch, check and cache the index `offered` for `layer`: a full one, or a slim one made
+/// usable with its windows blob (which is not fetched: reads take its windows by range).
 async fn fetch_one(
     cache: &Cache,
     client: &crate::registry::Client,
     registry: &str,
     repo: &str,
     layer: &Layer,
-    blob: &Descriptor,
+    offered: &Offered,
 ) -> Result<LayerIndex> {
     let bytes = client
-        .get_blob_bytes(registry, repo, &blob.digest, MAX_INDEX_BYTES)
+        .get_blob_bytes(registry, repo, &offered.index.digest, MAX_INDEX_BYTES)
         .await?;
     let digest = layer.descriptor.digest.clone();
     let layer = layer.clone();
     let cache = cache.clone();
+    let windows = offered.windows.as_ref().map(|w| (w.digest.clone(), w.size));
     // Decoding a big index takes milliseconds of CPU: off the async threads.
     tokio::task::spawn_blocking(move || {
-        let index = codec::decode(&digest, &bytes)?;
+        let index = match &windows {
+            None => codec::decode(&digest, &bytes)?,
+            Some((blob, size)) => crate::index::windows::take_apart(
+                codec::decode_slim(&digest, &bytes)?,
+                blob.clone(),
+                *size,
+            )?,
+        };
         check_fits(&index, &layer).map_err(|r| Error::malformed("layer index", r))?;
-        cache.store_published_index(&digest, &bytes)?;
+        match &windows {
+            None => cache.store_published_index(&digest, &bytes)?,
+            Some((blob, size)) => cache.store_published_slim(&digest, &bytes, blob, *size)?,
+        }
         Ok(index)
     })
     .await

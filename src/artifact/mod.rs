@@ -42,6 +42,8 @@ pub use push::{Pushed, push};
 pub const ARTIFACT_TYPE: &str = "application/vnd.imgfs.index.v1";
 /// Annotation on each index blob's descriptor: the layer digest it describes.
 pub const LAYER_ANNOTATION: &str = "dev.imgfs.layer.digest";
+/// Media type of the windows blob a slim index's windows are in (`index::windows`).
+pub const WINDOWS_MEDIA_TYPE: &str = "application/vnd.imgfs.layer-windows.v1";
 /// OCI's empty JSON config.
 pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 const EMPTY_JSON: &[u8] = b"{}";
@@ -57,6 +59,28 @@ const JOBS: usize = 4;
 /// another version passes the blob over instead of failing on it.
 pub fn index_media_type() -> String {
     format!("application/vnd.imgfs.layer-index.v{}", codec::VERSION)
+}
+
+/// The media type of a slim index blob (`index::windows`: each window replaced by its
+/// digest, the windows in a blob of their own beside it).
+pub fn slim_index_media_type() -> String {
+    format!("application/vnd.imgfs.layer-index-slim.v{}", codec::VERSION)
+}
+
+/// One layer's index in an artifact: the index blob (digest, size), and for a slim one the
+/// windows blob.
+#[derive(Clone, Debug)]
+pub struct IndexBlobs {
+    pub layer: Digest,
+    pub index: (Digest, u64),
+    pub windows: Option<(Digest, u64)>,
+}
+
+/// What an artifact offers for one layer: an index blob, and for a slim one its windows.
+#[derive(Clone, Debug)]
+pub struct Offered {
+    pub index: Descriptor,
+    pub windows: Option<Descriptor>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -122,24 +146,40 @@ fn plain_descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
 /// order given. Deterministic: the same indexes give the same digest, so pushing twice
 /// changes nothing.
 pub fn build_manifest(subject: &Descriptor, indexes: &[(Digest, Digest, u64)]) -> Vec<u8> {
-    build_manifest_with_profile(subject, indexes, None)
-}
-
-/// [`build_manifest`] with an access profile blob (digest, size) after the indexes.
-pub fn build_manifest_with_profile(
-    subject: &Descriptor,
-    indexes: &[(Digest, Digest, u64)],
-    profile: Option<(Digest, u64)>,
-) -> Vec<u8> {
-    let mut layers: Vec<Descriptor> = indexes
+    let blobs: Vec<IndexBlobs> = indexes
         .iter()
-        .map(|(layer, blob, size)| {
-            let mut d = plain_descriptor(&index_media_type(), blob.clone(), *size);
-            d.annotations
-                .insert(LAYER_ANNOTATION.to_string(), layer.to_string());
-            d
+        .map(|(layer, blob, size)| IndexBlobs {
+            layer: layer.clone(),
+            index: (blob.clone(), *size),
+            windows: None,
         })
         .collect();
+    build_manifest_with(subject, &blobs, None)
+}
+
+/// [`build_manifest`] for full or slim indexes, with an access profile blob (digest, size)
+/// after them.
+pub fn build_manifest_with(
+    subject: &Descriptor,
+    indexes: &[IndexBlobs],
+    profile: Option<(Digest, u64)>,
+) -> Vec<u8> {
+    let of_layer = |media_type: &str, (blob, size): &(Digest, u64), layer: &Digest| {
+        let mut d = plain_descriptor(media_type, blob.clone(), *size);
+        d.annotations
+            .insert(LAYER_ANNOTATION.to_string(), layer.to_string());
+        d
+    };
+    let mut layers: Vec<Descriptor> = Vec::new();
+    for i in indexes {
+        match &i.windows {
+            None => layers.push(of_layer(&index_media_type(), &i.index, &i.layer)),
+            Some(w) => {
+                layers.push(of_layer(&slim_index_media_type(), &i.index, &i.layer));
+                layers.push(of_layer(WINDOWS_MEDIA_TYPE, w, &i.layer));
+            }
+        }
+    }
     if let Some((blob, size)) = profile {
         layers.push(plain_descriptor(crate::profile::MEDIA_TYPE, blob, size));
     }
@@ -158,9 +198,10 @@ pub fn build_manifest_with_profile(
     serde_json::to_vec(&m).expect("serialising to memory cannot fail")
 }
 
-/// The index blobs an artifact manifest offers, by the layer each describes. Blobs of another
-/// index version are left out (an imgfs that reads that version will use them).
-pub fn parse_manifest(bytes: &[u8], subject: &Digest) -> Result<BTreeMap<Digest, Descriptor>> {
+/// The index blobs an artifact manifest offers, by the layer each describes: a slim index
+/// with its windows blob where both are there, else a full one. Blobs of another index
+/// version are left out (an imgfs that reads that version will use them).
+pub fn parse_manifest(bytes: &[u8], subject: &Digest) -> Result<BTreeMap<Digest, Offered>> {
     let bad = |reason: String| Error::malformed("index artifact", reason);
     let m: ArtifactManifest =
         serde_json::from_slice(bytes).map_err(|e| bad(format!("not an artifact manifest: {e}")))?;
@@ -173,9 +214,15 @@ pub fn parse_manifest(bytes: &[u8], subject: &Digest) -> Result<BTreeMap<Digest,
             m.subject.digest
         )));
     }
-    let wanted = index_media_type();
-    let mut out = BTreeMap::new();
-    for d in m.layers.into_iter().filter(|d| d.media_type == wanted) {
+    let (full, slim) = (index_media_type(), slim_index_media_type());
+    let mut found: BTreeMap<(Digest, &str), Descriptor> = BTreeMap::new();
+    for d in m.layers.into_iter() {
+        let kind = match d.media_type.as_str() {
+            t if t == full => "full",
+            t if t == slim => "slim",
+            WINDOWS_MEDIA_TYPE => "windows",
+            _ => continue,
+        };
         let layer = d
             .annotations
             .get(LAYER_ANNOTATION)
@@ -188,7 +235,27 @@ pub fn parse_manifest(bytes: &[u8], subject: &Digest) -> Result<BTreeMap<Digest,
                 d.digest, d.size
             )));
         }
-        out.insert(layer, d);
+        found.insert((layer, kind), d);
+    }
+    let layers: std::collections::BTreeSet<Digest> = found.keys().map(|(l, _)| l.clone()).collect();
+    let mut out = BTreeMap::new();
+    for layer in layers {
+        let slim = found.remove(&(layer.clone(), "slim"));
+        let windows = found.remove(&(layer.clone(), "windows"));
+        let offered = match (slim, windows) {
+            (Some(index), Some(w)) => Offered {
+                index,
+                windows: Some(w),
+            },
+            _ => match found.remove(&(layer.clone(), "full")) {
+                Some(index) => Offered {
+                    index,
+                    windows: None,
+                },
+                None => continue,
+            },
+        };
+        out.insert(layer, offered);
     }
     Ok(out)
 }
@@ -278,7 +345,7 @@ mod tests {
         let m = build_manifest(&subject, &idx);
         assert_eq!(m, build_manifest(&subject, &idx));
         let back = parse_manifest(&m, &d(b"image")).unwrap();
-        assert_eq!(back[&d(b"l2")].digest, d(b"i2"));
+        assert_eq!(back[&d(b"l2")].index.digest, d(b"i2"));
         assert_eq!(back.len(), 2);
         let e = parse_manifest(&m, &d(b"other image"))
             .unwrap_err()

@@ -12,6 +12,8 @@ pub struct Pushed {
     pub indexes: usize,
     /// Their total size.
     pub index_bytes: u64,
+    /// The windows blobs' total size (slim indexes: `index::windows`).
+    pub windows_bytes: u64,
     /// eStargz layers, which need none (their TOC is their index).
     pub skipped_estargz: usize,
     /// The registry had no referrers API and the `sha256-<hex>` tag was written.
@@ -40,6 +42,7 @@ pub async fn push(
     let mut indexes = Vec::new();
     let mut skipped_estargz = 0;
     let mut index_bytes = 0;
+    let mut windows_bytes = 0;
     for layer in image.unique_layers() {
         let digest = &layer.descriptor.digest;
         if crate::layer::format::toc_format(layer.compression, &layer.descriptor.annotations)
@@ -54,10 +57,32 @@ pub async fn push(
                 what: "layer index".into(),
                 detail: format!("of {digest} in the cache (run `imgfs index build` first)"),
             })?;
+        // Slim where there are windows to move (gzip layers): what every mount fetches
+        // shrinks to its entries and seek points.
+        let full = codec::decode(digest, &bytes)?;
+        let (bytes, windows) = match crate::index::windows::slim(&full) {
+            Some((slim, windows)) => (codec::encode_slim(digest, &slim), Some(windows)),
+            None => (bytes, None),
+        };
         index_bytes += bytes.len() as u64;
         let size = bytes.len() as u64;
         let blob = client.push_blob(registry, repo, Bytes::from(bytes)).await?;
-        indexes.push((digest.clone(), blob, size));
+        let windows = match windows {
+            Some(w) => {
+                let size = w.len() as u64;
+                windows_bytes += size;
+                Some((
+                    client.push_blob(registry, repo, Bytes::from(w)).await?,
+                    size,
+                ))
+            }
+            None => None,
+        };
+        indexes.push(IndexBlobs {
+            layer: digest.clone(),
+            index: (blob, size),
+            windows,
+        });
     }
     let mut profile_blob = None;
     let mut profile_counts = None;
@@ -79,7 +104,7 @@ pub async fn push(
         .push_blob(registry, repo, Bytes::from_static(EMPTY_JSON))
         .await?;
     let subject = subject_of(image);
-    let manifest = build_manifest_with_profile(&subject, &indexes, profile_blob);
+    let manifest = build_manifest_with(&subject, &indexes, profile_blob);
     let artifact_size = manifest.len() as u64;
     let (artifact, subject_seen) = client
         .push_referrer(
@@ -119,6 +144,7 @@ pub async fn push(
         artifact_size,
         indexes: indexes.len(),
         index_bytes,
+        windows_bytes,
         skipped_estargz,
         tag_updated,
         profile: profile_counts,

@@ -94,13 +94,21 @@ pub async fn run(g: &Global, args: IndexArgs) -> Result<()> {
                 .sum();
             println!(
                 "pushed index artifact {} for {} ({} index(es), {} bytes, {:.2}% of the layers' \
-                 {} compressed bytes{}{}{})",
+                 {} compressed bytes{}{}{}{})",
                 pushed.artifact,
                 image.manifest_digest,
                 pushed.indexes,
                 pushed.index_bytes,
                 100.0 * pushed.index_bytes as f64 / compressed.max(1) as f64,
                 compressed,
+                if pushed.windows_bytes > 0 {
+                    format!(
+                        "; their seek points' windows apart, {} bytes read as needed",
+                        pushed.windows_bytes
+                    )
+                } else {
+                    String::new()
+                },
                 if pushed.skipped_estargz > 0 {
                     format!("; {} eStargz layer(s) need none", pushed.skipped_estargz)
                 } else {

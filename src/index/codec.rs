@@ -165,6 +165,11 @@ pub fn layer_of(bytes: &[u8]) -> Option<Digest> {
     Digest::parse(&format!("sha256:{}", hex::encode(&bytes[12..44]))).ok()
 }
 
+/// A slim index (`index::windows`), for [`decode_slim`].
+pub fn is_slim(bytes: &[u8]) -> bool {
+    bytes.len() >= HEADER && &bytes[..8] == MAGIC && bytes[8..12] == SLIM_VERSION.to_le_bytes()
+}
+
 /// An imgfs index of a format version other than this one's.
 pub fn is_other_version(bytes: &[u8]) -> bool {
     bytes.len() >= HEADER && &bytes[..8] == MAGIC && bytes[8..12] != VERSION.to_le_bytes()
@@ -217,8 +222,14 @@ fn unframe(layer: &Digest, bytes: &[u8], wanted: u32) -> Result<Vec<u8>> {
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != wanted {
+        let shown = |v: u32| match v & SLIM_VERSION & !VERSION {
+            0 => v.to_string(),
+            flag => format!("{} (slim)", v & !flag),
+        };
         return Err(bad(&format!(
-            "format version {version:#x}, {wanted:#x} expected"
+            "format version {}, this imgfs reads {} here",
+            shown(version),
+            shown(wanted)
         )));
     }
     let described = Digest::parse(&format!("sha256:{}", hex::encode(&bytes[12..44])))

@@ -122,7 +122,12 @@ mod tests {
 
     #[test]
     fn a_slim_index_round_trips_to_slots_holding_each_window() {
-        let windows = [Vec::new(), vec![1u8; WINDOW], vec![2u8; 100], vec![3u8; WINDOW]];
+        let windows = [
+            Vec::new(),
+            vec![1u8; WINDOW],
+            vec![2u8; 100],
+            vec![3u8; WINDOW],
+        ];
         let index = LayerIndex {
             entries: Vec::new(),
             seek: Some(SeekPoints {

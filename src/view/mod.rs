@@ -26,6 +26,7 @@ use crate::error::Result;
 use crate::index::{self};
 use crate::tree::{InodeId, Tree};
 
+mod batch;
 mod fetcher;
 mod gates;
 mod layer;
@@ -35,6 +36,7 @@ mod prefetch;
 mod profile;
 mod read;
 mod readahead;
+mod windows;
 
 pub use crate::obtain::{IndexProgress, ProgressSink};
 use fetcher::Fetcher;

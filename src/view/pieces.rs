@@ -113,21 +113,29 @@ impl Reader {
         want: usize,
         file_end: u64,
     ) -> std::io::Result<Vec<u8>> {
+        // An index without windows: the span's comes beside it (one round trip for both).
+        let pending = self.fetcher.start_window(layer, k);
+        let window = |pending: Option<_>| {
+            pending
+                .map(|p| self.fetcher.finish_window(layer, p))
+                .transpose()
+        };
         if let Some(f) = layer.local.get() {
-            return layer.decompress_local(f, from, want);
+            return layer.decompress_local(f, from, want, window(pending)?.as_deref());
         }
         let sp = layer.seek()?;
         self.read_ahead(layer, k, file_end);
         match self.fetcher.span(layer, k) {
             Ok(bytes) => {
+                let w = window(pending)?;
                 let (a, _) = sp.span_range(k, layer.descriptor.size);
                 let mut r = SpanBytes::new(a, bytes);
-                decompress_at(&mut r, layer.compression, sp, from, want)
+                decompress_at(&mut r, layer.compression, sp, from, want, w.as_deref())
             }
             Err(SpanError::Failed(e)) => Err(e),
             Err(SpanError::NeedBlob) => {
                 let f = self.fetcher.ensure_local(layer)?;
-                layer.decompress_local(f, from, want)
+                layer.decompress_local(f, from, want, window(pending)?.as_deref())
             }
         }
     }
@@ -252,6 +260,7 @@ mod tests {
                 &sp,
                 0,
                 data.len(),
+                None,
             )
             .unwrap();
             assert!(got == data, "round {round}");

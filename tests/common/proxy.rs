@@ -75,8 +75,10 @@ struct State {
     fail_status: AtomicU64,
     /// Answer blob GETs with a 307 to this base URL + the request path.
     redirect_blobs: Mutex<Option<String>>,
-    /// How many of the coming ranged blob GETs get one byte of their body flipped.
+    /// How many of the coming ranged blob GETs get one byte of their body flipped (only
+    /// those of the blob named, when one is).
     corrupt_ranges_left: AtomicUsize,
+    corrupt_only: Mutex<Option<String>>,
     /// Body bytes of blob GETs passed to the client.
     blob_bytes: AtomicU64,
     /// Request lines seen, with their Range header if any.
@@ -135,6 +137,13 @@ impl Proxy {
 
     /// Flip one byte in the body of each of the next `n` blob GETs that carry a Range.
     pub fn corrupt_next_ranges(&self, n: usize) {
+        *self.state.corrupt_only.lock().unwrap() = None;
+        self.state.corrupt_ranges_left.store(n, Ordering::SeqCst);
+    }
+
+    /// The same, for ranges of the blob whose hex digest is `hex` only.
+    pub fn corrupt_next_ranges_of(&self, hex: &str, n: usize) {
+        *self.state.corrupt_only.lock().unwrap() = Some(hex.to_string());
         self.state.corrupt_ranges_left.store(n, Ordering::SeqCst);
     }
 
@@ -328,7 +337,14 @@ fn handle(client: TcpStream, st: &State) -> std::io::Result<()> {
     let corrupt = is_blob_get
         && length > 0
         && (matches!(fault, Some(Fault::Flip))
-            || (range.is_some() && take(&st.corrupt_ranges_left)));
+            || (range.is_some()
+                && st
+                    .corrupt_only
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .is_none_or(|hex| request_line.contains(hex.as_str()))
+                && take(&st.corrupt_ranges_left)));
     let sent = if let Some(Stall::Trickle(every)) = stall {
         // Until the body ends or the client hangs up (a write fails).
         let mut sent = 0u64;
