@@ -174,9 +174,17 @@ impl Cache {
         self.index_path(layer).is_file()
     }
 
-    /// Whether an index of `layer` fetched from a registry exists.
+    /// Whether an index of `layer` fetched from a registry exists (a slim one with the file
+    /// naming its windows blob: pruning may have taken one of the two).
     pub fn has_published_index(&self, layer: &Digest) -> bool {
-        self.published_index_path(layer).is_file()
+        let path = self.published_index_path(layer);
+        let mut head = [0u8; 12];
+        let Ok(mut f) = std::fs::File::open(&path) else {
+            return false;
+        };
+        use std::io::Read;
+        let slim = f.read_exact(&mut head).is_ok() && crate::index::codec::is_slim_header(&head);
+        !slim || self.windows_path(layer).is_file()
     }
 
     /// The index of `layer` built here, if there is a sound one. A damaged or outdated file

@@ -44,8 +44,12 @@ pub async fn resolve_alongside(
                 cause: e,
             })
         };
-        let (config, ()) = tokio::join!(config, alongside(m));
-        config
+        // A config that fails ends the wait: the lookup beside it is dropped.
+        let (config, ()) = tokio::try_join!(config, async {
+            alongside(m).await;
+            Ok(())
+        })?;
+        Ok(config)
     })
     .await
 }

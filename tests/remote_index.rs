@@ -525,4 +525,23 @@ fn a_window_that_comes_back_wrong_is_never_used() {
         imgfs(&c, &["cat", &image, "mid/small.txt"]).stdout,
         files[1].1
     );
+
+    // The blob is here now and the windows are not: when a window cannot be had, the read
+    // decompresses the local blob from an earlier seek point instead — slower, still right.
+    proxy.ignore_range(false);
+    assert!(c.join("blobs/sha256").join(gz.hex()).is_file());
+    std::fs::remove_dir_all(c.join("chunks")).unwrap();
+    proxy.corrupt_next_ranges_of(windows.hex(), 1000);
+    proxy.reset_counts();
+    let out = imgfs(&c, &["cat", &image, "mid/small.txt"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, files[1].1);
+    assert!(
+        proxy.log().iter().any(|l| l.contains(windows.hex())),
+        "the window was asked for first"
+    );
 }

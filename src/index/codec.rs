@@ -100,6 +100,15 @@ pub fn encode_slim(layer: &Digest, slim: &LayerIndex) -> Vec<u8> {
 }
 
 fn encode_as(layer: &Digest, index: &LayerIndex, version: u32) -> Vec<u8> {
+    // An index taken apart from its windows has none to write: encoded as a full one, its
+    // reads would fail.
+    debug_assert!(
+        index
+            .seek
+            .as_ref()
+            .is_none_or(|s| s.windows_apart.is_none()),
+        "encoding an index whose windows are apart"
+    );
     let mut prev_path: &[u8] = b"";
     let mut prev_offset = 0i64;
     let entries = index
@@ -167,7 +176,12 @@ pub fn layer_of(bytes: &[u8]) -> Option<Digest> {
 
 /// A slim index (`index::windows`), for [`decode_slim`].
 pub fn is_slim(bytes: &[u8]) -> bool {
-    bytes.len() >= HEADER && &bytes[..8] == MAGIC && bytes[8..12] == SLIM_VERSION.to_le_bytes()
+    bytes.len() >= HEADER && is_slim_header(bytes)
+}
+
+/// Whether `head` (an index's first 12 bytes at least) is a slim index's magic and version.
+pub fn is_slim_header(head: &[u8]) -> bool {
+    head.len() >= 12 && &head[..8] == MAGIC && head[8..12] == SLIM_VERSION.to_le_bytes()
 }
 
 /// An imgfs index of a format version other than this one's.

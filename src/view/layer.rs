@@ -12,7 +12,7 @@ use super::readahead::READAHEAD_MIN;
 use crate::bufpool;
 use crate::index::LayerIndex;
 use crate::index::SeekPoints;
-use crate::index::seek_points::{Checkpoint, checkpoint_before};
+use crate::index::seek_points::Checkpoint;
 use crate::layer::format::seekable;
 use crate::layer::gzip::Stored;
 use crate::manifest::{Compression, Descriptor};
@@ -143,13 +143,14 @@ impl LayerData {
     /// Decompress `len` bytes at uncompressed offset `start` from the local blob `f`.
     /// (Through a read-only mapping instead of `pread`, the copy out of the page cache moved
     /// into decompression and the daemon's RSS grew by the whole blob: not kept.)
-    /// `window`: the window of `start`'s checkpoint when the index came without windows.
+    /// `window`: a checkpoint to start from and its window, when the index came without
+    /// windows.
     pub(super) fn decompress_local(
         &self,
         f: &File,
         start: u64,
         len: usize,
-        window: Option<&[u8]>,
+        window: Option<(usize, &[u8])>,
     ) -> std::io::Result<Vec<u8>> {
         let r = PreadFile { file: f, pos: 0 };
         let mut r = std::io::BufReader::with_capacity(256 << 10, r);
@@ -191,24 +192,30 @@ impl std::io::Seek for PreadFile<'_> {
 }
 
 /// Decompress `len` bytes from uncompressed offset `start` out of `blob` (the whole blob, or
-/// the span of it holding `start`). `window`: the window of `start`'s checkpoint, when the
-/// index came without windows (`index::windows`); its checkpoint then holds none, and a
-/// decompression that needs one fails instead of making wrong bytes.
+/// the span of it holding `start`). `window`: when the index came without windows
+/// (`index::windows`), the checkpoint to start from (at or before `start`) and its window;
+/// a checkpoint of such an index holds none, and a decompression that needs one fails
+/// instead of making wrong bytes.
 pub(super) fn decompress_at(
     blob: &mut (impl std::io::BufRead + std::io::Seek),
     compression: Compression,
     sp: &SeekPoints,
     start: u64,
     len: usize,
-    window: Option<&[u8]>,
+    window: Option<(usize, &[u8])>,
 ) -> std::io::Result<Vec<u8>> {
     let out = bufpool::take(len);
-    let Some(window) = window else {
+    let Some((k, window)) = window else {
         return seekable(compression).read_at(blob, &sp.checkpoints, start, len, out);
     };
+    let cp = sp
+        .checkpoints
+        .get(k)
+        .filter(|c| c.out_offset <= start)
+        .ok_or_else(|| std::io::Error::other("no seek point before the requested offset"))?;
     let cp = Checkpoint {
         window: window.to_vec(),
-        ..checkpoint_before(&sp.checkpoints, start)?.clone()
+        ..cp.clone()
     };
     seekable(compression).read_at(blob, std::slice::from_ref(&cp), start, len, out)
 }

@@ -121,7 +121,7 @@ impl Reader {
                 .transpose()
         };
         if let Some(f) = layer.local.get() {
-            return layer.decompress_local(f, from, want, window(pending)?.as_deref());
+            return self.decompress_local(layer, f, k, from, want, pending);
         }
         let sp = layer.seek()?;
         self.read_ahead(layer, k, file_end);
@@ -130,12 +130,43 @@ impl Reader {
                 let w = window(pending)?;
                 let (a, _) = sp.span_range(k, layer.descriptor.size);
                 let mut r = SpanBytes::new(a, bytes);
-                decompress_at(&mut r, layer.compression, sp, from, want, w.as_deref())
+                let w = w.as_deref().map(|w| (k, w));
+                decompress_at(&mut r, layer.compression, sp, from, want, w)
             }
             Err(SpanError::Failed(e)) => Err(e),
             Err(SpanError::NeedBlob) => {
                 let f = self.fetcher.ensure_local(layer)?;
-                layer.decompress_local(f, from, want, window(pending)?.as_deref())
+                self.decompress_local(layer, f, k, from, want, pending)
+            }
+        }
+    }
+
+    /// [`LayerData::decompress_local`] of span `k`, with its window when the index came
+    /// without windows (`pending`). The blob is here: when the window cannot be had (no
+    /// network), decompression starts instead from the nearest earlier checkpoint whose
+    /// window is stored or that needs none — slower, never wrong.
+    fn decompress_local(
+        &self,
+        layer: &LayerData,
+        f: &std::fs::File,
+        k: usize,
+        from: u64,
+        want: usize,
+        pending: Option<super::windows::PendingWindow>,
+    ) -> std::io::Result<Vec<u8>> {
+        let Some(pending) = pending else {
+            return layer.decompress_local(f, from, want, None);
+        };
+        match self.fetcher.finish_window(layer, pending) {
+            Ok(w) => layer.decompress_local(f, from, want, Some((k, &w))),
+            Err(e) => {
+                let (j, w) = self.fetcher.known_window_before(layer, k);
+                tracing::info!(
+                    "window {k} of layer {} not had ({e}); decompressing its blob from seek \
+                     point {j}",
+                    layer.digest
+                );
+                layer.decompress_local(f, from, want, Some((j, &w)))
             }
         }
     }

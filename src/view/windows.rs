@@ -54,13 +54,39 @@ impl Fetcher {
                 self.count_range(got.iter().map(|(_, b)| b.len() as u64).sum());
                 let mut window = None;
                 for (digest, bytes) in got {
-                    self.keep_chunk(layer, &digest, &bytes);
+                    self.keep_window(layer, &digest, &bytes);
                     if digest == wanted {
                         window = Some(bytes);
                     }
                 }
                 Ok(window.expect("the slot asked for comes first"))
             }
+        }
+    }
+
+    /// The nearest checkpoint at or before `k` of `layer` (an index without windows) whose
+    /// window is at hand — stored, or none needed (a member's start; the first checkpoint
+    /// always is one) —, and that window.
+    pub(super) fn known_window_before(&self, layer: &LayerData, k: usize) -> (usize, Bytes) {
+        let apart = layer.seek().ok().and_then(|sp| sp.windows_apart.clone());
+        for j in (0..=k).rev() {
+            match apart.as_ref().and_then(|a| *a.slots.get(j)?) {
+                None => return (j, Bytes::new()),
+                Some((_, digest)) => {
+                    if let Some(w) = self.cache.load_chunk(&digest) {
+                        return (j, w);
+                    }
+                }
+            }
+        }
+        (0, Bytes::new())
+    }
+
+    /// Keep a fetched window (one the store has already is not written again: a whole
+    /// windows blob brings them all).
+    fn keep_window(&self, layer: &LayerData, digest: &SpanDigest, bytes: &[u8]) {
+        if !self.cache.has_chunk(digest) {
+            self.keep_chunk(layer, digest, bytes);
         }
     }
 
@@ -97,7 +123,7 @@ impl Fetcher {
             Ok(Ok(windows)) => {
                 self.count_range(windows.iter().map(|(_, b)| b.len() as u64).sum());
                 for (digest, bytes) in windows {
-                    self.keep_chunk(layer, &digest, &bytes);
+                    self.keep_window(layer, &digest, &bytes);
                 }
             }
             Ok(Err(e)) => tracing::debug!("windows of layer {}: {e}", layer.digest),
