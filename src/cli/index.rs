@@ -43,9 +43,11 @@ struct ImageArg {
     #[arg(long, short = 'j', default_value_t = 4)]
     jobs: usize,
     /// Uncompressed bytes between seek points in layers indexed now (a layer already
-    /// indexed in the cache keeps its index): smaller spans make a small read fetch less
-    /// and the index bigger (BENCHMARKS.md, "Span size")
-    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_span)]
+    /// indexed in the cache keeps its index): smaller spans make a small read fetch less.
+    /// 2 MiB by default, half what a mount indexing a layer itself uses: over a wide-area
+    /// link programs started faster than with 4 MiB, with or without a profile, and a
+    /// published index carries no windows (BENCHMARKS.md, "Slim published indexes")
+    #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = parse_span)]
     span_size: bytesize::ByteSize,
 }
 

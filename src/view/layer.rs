@@ -29,7 +29,7 @@ pub struct LayerData {
     pub(super) local: OnceLock<File>,
     /// The span the last read used, to notice sequential readers.
     pub(super) last_span: AtomicUsize,
-    /// The sequential reader's readahead window, in spans (see [`READAHEAD_MIN`]).
+    /// The sequential reader's readahead window, in `SPAN`s of output (see [`READAHEAD_MIN`]).
     pub(super) window: AtomicUsize,
     /// Where the last read of this layer through the mount ended (uncompressed), to notice
     /// sequential readers.

@@ -11,8 +11,9 @@ use crate::manifest::Compression;
 use crate::tree::InodeId;
 
 /// How far ahead of a sequential reader spans are fetched, like the kernel's readahead: a
-/// window that starts at `READAHEAD_MIN` spans and doubles while the reader goes on, up to
-/// `READAHEAD_MAX`, never past the end of the file being read. When fewer than half of the
+/// window that starts at `READAHEAD_MIN` × [`SPAN`] bytes of output and doubles while the
+/// reader goes on, up to `READAHEAD_MAX` × [`SPAN`], never past the end of the file being
+/// read. When fewer than half of the
 /// window's spans are stored or on their way, the missing ones go in one range request.
 /// Big requests matter to the registry: each costs it milliseconds of CPU however small
 /// (BENCHMARKS.md, "Measurements behind design choices"). A batch is verified span by span as
@@ -48,12 +49,19 @@ impl Reader {
             .span_at(file_end.saturating_sub(1))
             .map_or(n, |j| j + 1)
             .min(n);
+        // The window is counted in output bytes (`SPAN`s of them), not in spans, so that an
+        // index with closer seek points keeps as many bytes in flight.
         let w = layer.window.load(Ordering::Relaxed);
-        let horizon = (k + 1 + w).min(end);
+        let Some(base) = sp.checkpoints.get(k + 1).map(|c| c.out_offset) else {
+            return;
+        };
+        let reach = w as u64 * SPAN;
+        let ahead = |j: usize| sp.checkpoints[j].out_offset - base;
+        let horizon = (k + 1..end).find(|&j| ahead(j) >= reach).unwrap_or(end);
         let ready =
             |j: usize| f.gates.busy(&(layer.id, j)) || f.cache.has_chunk(&sp.span_digests[j]);
         let first = (k + 1..horizon).find(|&j| !ready(j));
-        let Some(first) = first.filter(|&j| j - (k + 1) < w / 2) else {
+        let Some(first) = first.filter(|&j| ahead(j) < reach / 2) else {
             return;
         };
         let last = (first..horizon)
