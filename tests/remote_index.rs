@@ -97,7 +97,9 @@ fn a_fresh_cache_mounts_from_the_published_index_without_streaming_a_layer() {
     let work = tempfile::tempdir().unwrap();
     let (a, b) = (work.path().join("a"), work.path().join("b"));
 
-    let out = imgfs_ok(&a, &["index", "push", &direct]);
+    // The spans a view uses when it indexes a layer itself: B's own indexes are compared
+    // with these below.
+    let out = imgfs_ok(&a, &["index", "push", "--span-size", "4MiB", &direct]);
     assert!(out.contains("pushed index artifact sha256:"), "{out}");
     assert!(out.contains("3 index(es)"), "{out}");
     assert!(
@@ -105,7 +107,7 @@ fn a_fresh_cache_mounts_from_the_published_index_without_streaming_a_layer() {
         "{out}"
     );
     // Pushing again changes nothing: same artifact, already listed.
-    let again = imgfs_ok(&a, &["index", "push", &direct]);
+    let again = imgfs_ok(&a, &["index", "push", "--span-size", "4MiB", &direct]);
     let artifact = |s: &str| s.split_whitespace().nth(3).unwrap().to_string();
     assert_eq!(artifact(&out), artifact(&again));
     assert!(!again.contains("listed under tag"), "{again}");
@@ -229,7 +231,8 @@ fn tampered_index_artifacts_are_refused_and_the_layer_is_indexed_here() {
     let direct = format!("{}/{repo}:v1", reg.host);
     let work = tempfile::tempdir().unwrap();
     let good = work.path().join("good");
-    imgfs_ok(&good, &["index", "build", &direct]);
+    // The spans a view uses when it indexes a layer itself, so that the two can be compared.
+    imgfs_ok(&good, &["index", "build", "--span-size", "4MiB", &direct]);
     let (gz, zst) = (img.layers[0].digest(), img.layers[1].digest());
     let gz_index = index_file(&good, &gz);
     let mut truncated = gz_index.clone();
