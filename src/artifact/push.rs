@@ -61,7 +61,10 @@ pub async fn push(
         // shrinks to its entries and seek points.
         let full = codec::decode(digest, &bytes)?;
         let (bytes, windows) = match crate::index::windows::slim(&full) {
-            Some((slim, windows)) => (codec::encode_slim(digest, &slim), Some(windows)),
+            Some((slim, windows)) => {
+                let pinned = codec::encode_slim(digest, &slim, &Digest::of(&windows));
+                (pinned, Some(windows))
+            }
             None => (bytes, None),
         };
         index_bytes += bytes.len() as u64;

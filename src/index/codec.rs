@@ -91,15 +91,19 @@ fn code_kind(c: u8) -> Option<Kind> {
 
 /// Serialise the index of `layer`.
 pub fn encode(layer: &Digest, index: &LayerIndex) -> Vec<u8> {
-    encode_as(layer, index, VERSION)
+    frame_as(layer, &payload_of(index), VERSION)
 }
 
-/// Serialise a slim index of `layer` (`index::windows::slim`: its windows are digests).
-pub fn encode_slim(layer: &Digest, slim: &LayerIndex) -> Vec<u8> {
-    encode_as(layer, slim, SLIM_VERSION)
+/// Serialise a slim index of `layer` (`index::windows::slim`: its windows are digests),
+/// pinned to its windows blob `windows`: that blob's sha256 ends the payload, so that the
+/// index is never used with another.
+pub fn encode_slim(layer: &Digest, slim: &LayerIndex, windows: &Digest) -> Vec<u8> {
+    let mut payload = payload_of(slim);
+    payload.extend_from_slice(&hex::decode(windows.hex()).expect("a digest is hex"));
+    frame_as(layer, &payload, SLIM_VERSION)
 }
 
-fn encode_as(layer: &Digest, index: &LayerIndex, version: u32) -> Vec<u8> {
+fn payload_of(index: &LayerIndex) -> Vec<u8> {
     // An index taken apart from its windows has none to write: encoded as a full one, its
     // reads would fail.
     debug_assert!(
@@ -141,12 +145,11 @@ fn encode_as(layer: &Digest, index: &LayerIndex, version: u32) -> Vec<u8> {
             enc
         })
         .collect();
-    let payload = postcard::to_allocvec(&Payload {
+    postcard::to_allocvec(&Payload {
         entries,
         seek: index.seek.clone(),
     })
-    .expect("encoding to memory cannot fail");
-    frame_as(layer, &payload, version)
+    .expect("encoding to memory cannot fail")
 }
 
 /// The file for a serialised payload of `layer`'s index: header, checksum, compressed
@@ -192,18 +195,25 @@ pub fn is_other_version(bytes: &[u8]) -> bool {
 /// Deserialise the index of `layer`, refusing anything damaged, truncated, of another
 /// version, or describing another layer.
 pub fn decode(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
-    decode_as(layer, bytes, VERSION)
+    parse_payload(&unframe(layer, bytes, VERSION)?)
 }
 
 /// Deserialise a slim index of `layer` (its windows are digests: see `index::windows`),
-/// refusing a full one as [`decode`] refuses a slim one.
-pub fn decode_slim(layer: &Digest, bytes: &[u8]) -> Result<LayerIndex> {
-    decode_as(layer, bytes, SLIM_VERSION)
+/// refusing a full one as [`decode`] refuses a slim one; with the windows blob it is pinned
+/// to.
+pub fn decode_slim(layer: &Digest, bytes: &[u8]) -> Result<(LayerIndex, Digest)> {
+    let payload = unframe(layer, bytes, SLIM_VERSION)?;
+    let at = payload
+        .len()
+        .checked_sub(32)
+        .ok_or_else(|| bad("a slim index without its windows blob's digest"))?;
+    let windows = Digest::parse(&format!("sha256:{}", hex::encode(&payload[at..])))
+        .map_err(|_| bad("a slim index without its windows blob's digest"))?;
+    Ok((parse_payload(&payload[..at])?, windows))
 }
 
-fn decode_as(layer: &Digest, bytes: &[u8], version: u32) -> Result<LayerIndex> {
-    let payload = unframe(layer, bytes, version)?;
-    let p: Payload = postcard::from_bytes(&payload).map_err(|e| bad(&e.to_string()))?;
+fn parse_payload(payload: &[u8]) -> Result<LayerIndex> {
+    let p: Payload = postcard::from_bytes(payload).map_err(|e| bad(&e.to_string()))?;
     if let Some(sp) = &p.seek {
         check_seek_points(sp)?;
     }

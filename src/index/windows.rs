@@ -71,10 +71,19 @@ pub fn slim(index: &LayerIndex) -> Option<(LayerIndex, Vec<u8>)> {
 }
 
 /// A decoded slim index made usable: each window digest taken out of its checkpoint (left
-/// empty) into the [`WindowsApart`] of `blob` (`blob_size` bytes), which must have a slot
-/// for each.
-pub fn take_apart(mut index: LayerIndex, blob: Digest, blob_size: u64) -> Result<LayerIndex> {
+/// empty) into the [`WindowsApart`] of `blob` (`blob_size` bytes), which must be the blob
+/// the index is pinned to (`pinned`) and have a slot for each.
+pub fn take_apart(
+    (mut index, pinned): (LayerIndex, Digest),
+    blob: Digest,
+    blob_size: u64,
+) -> Result<LayerIndex> {
     let bad = |reason: String| Error::malformed("slim layer index", reason);
+    if pinned != blob {
+        return Err(bad(format!(
+            "its windows are in {pinned}, not in the windows blob {blob} offered with it"
+        )));
+    }
     let sp = index
         .seek
         .as_mut()
@@ -143,13 +152,14 @@ mod tests {
         let layer = Digest::of(b"layer");
         let (slim_index, blob) = slim(&index).unwrap();
         assert_eq!(blob.len(), 3 * WINDOW);
-        let bytes = crate::index::codec::encode_slim(&layer, &slim_index);
+        let blob_digest = Digest::of(&blob);
+        let bytes = crate::index::codec::encode_slim(&layer, &slim_index, &blob_digest);
         assert!(
             crate::index::codec::decode(&layer, &bytes).is_err(),
             "a slim index is never read as a full one"
         );
         let decoded = crate::index::codec::decode_slim(&layer, &bytes).unwrap();
-        let apart = take_apart(decoded, Digest::of(&blob), blob.len() as u64).unwrap();
+        let apart = take_apart(decoded, blob_digest, blob.len() as u64).unwrap();
         let sp = apart.seek.unwrap();
         assert!(sp.checkpoints.iter().all(|c| c.window.is_empty()));
         let wa = sp.windows_apart.unwrap();
@@ -181,9 +191,15 @@ mod tests {
         };
         let (slim_index, blob) = slim(&index).unwrap();
         let d = Digest::of(&blob);
-        assert!(take_apart(slim_index.clone(), d.clone(), blob.len() as u64 - 1).is_err());
+        let pinned = |i: &LayerIndex| (i.clone(), d.clone());
+        let size = blob.len() as u64;
+        assert!(take_apart(pinned(&slim_index), d.clone(), size - 1).is_err());
         // A full index's window where a digest belongs.
-        assert!(take_apart(index, d.clone(), blob.len() as u64).is_err());
-        assert!(take_apart(slim_index, d, blob.len() as u64).is_ok());
+        assert!(take_apart(pinned(&index), d.clone(), size).is_err());
+        // Another windows blob than the one the index is pinned to.
+        let other = Digest::of(b"other windows");
+        let e = take_apart(pinned(&slim_index), other, size).unwrap_err();
+        assert!(e.to_string().contains("not in the windows blob"), "{e}");
+        assert!(take_apart(pinned(&slim_index), d, size).is_ok());
     }
 }
