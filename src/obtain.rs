@@ -217,22 +217,15 @@ pub async fn layer_index(
     if let Some(obtained) = from_toc(cache, src, layer, i).await? {
         return Ok(obtained);
     }
-    if let Some(index) = fetched.filter(|_| opts.remote_index) {
-        let blob = cache.blob_path(digest);
-        return Ok(Obtained {
-            index,
-            toc: None,
-            blob: blob.is_file().then_some(blob),
-            published: true,
-            streamed: false,
-        });
-    }
-    // Decoded on the blocking pool, so that layers decode in parallel.
-    let found = {
-        let (cache, digest, remote) = (cache.clone(), digest.clone(), opts.remote_index);
-        tokio::task::spawn_blocking(move || cached(&cache, &digest, remote))
-            .await
-            .map_err(Error::worker)?
+    let found = match fetched.filter(|_| opts.remote_index) {
+        Some(index) => Some((index, true)),
+        // Decoded on the blocking pool, so that layers decode in parallel.
+        None => {
+            let (cache, digest, remote) = (cache.clone(), digest.clone(), opts.remote_index);
+            tokio::task::spawn_blocking(move || cached(&cache, &digest, remote))
+                .await
+                .map_err(Error::worker)?
+        }
     };
     if let Some((index, published)) = found {
         let blob = cache.blob_path(digest);

@@ -142,6 +142,11 @@ fn plain_descriptor(media_type: &str, digest: Digest, size: u64) -> Descriptor {
     }
 }
 
+/// The descriptor of a windows blob (`index::windows`), for reading it by range.
+pub fn windows_descriptor(blob: &Digest, size: u64) -> Descriptor {
+    plain_descriptor(WINDOWS_MEDIA_TYPE, blob.clone(), size)
+}
+
 /// The artifact manifest for `indexes` (layer digest, index blob digest, blob size), in the
 /// order given. Deterministic: the same indexes give the same digest, so pushing twice
 /// changes nothing.

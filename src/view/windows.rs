@@ -59,7 +59,7 @@ impl Fetcher {
                         window = Some(bytes);
                     }
                 }
-                Ok(window.expect("the slot asked for comes first"))
+                Ok(window.expect("every slot asked for came, checked"))
             }
         }
     }
@@ -116,18 +116,8 @@ impl Fetcher {
     /// Keep what [`Fetcher::start_windows`] brought; a failure only costs the reads that
     /// need those windows a request each.
     pub(super) fn finish_windows(&self, layer: &LayerData, pending: PendingWindow) {
-        let PendingWindow::Fetching(_, task) = pending else {
-            return;
-        };
-        match self.rt.block_on(task) {
-            Ok(Ok(windows)) => {
-                self.count_range(windows.iter().map(|(_, b)| b.len() as u64).sum());
-                for (digest, bytes) in windows {
-                    self.keep_window(layer, &digest, &bytes);
-                }
-            }
-            Ok(Err(e)) => tracing::debug!("windows of layer {}: {e}", layer.digest),
-            Err(e) => tracing::debug!("windows of layer {}: {e}", layer.digest),
+        if let Err(e) = self.finish_window(layer, pending) {
+            tracing::debug!("windows of layer {}: {e}", layer.digest);
         }
     }
 }
@@ -142,15 +132,7 @@ async fn fetch_slots(
     apart: Arc<WindowsApart>,
     slots: Vec<(u32, SpanDigest)>,
 ) -> std::io::Result<Vec<(SpanDigest, Bytes)>> {
-    let desc = Descriptor {
-        media_type: crate::artifact::WINDOWS_MEDIA_TYPE.to_string(),
-        digest: apart.blob.clone(),
-        size: apart.blob_size,
-        urls: Vec::new(),
-        annotations: Default::default(),
-        platform: None,
-        size_unknown: false,
-    };
+    let desc = crate::artifact::windows_descriptor(&apart.blob, apart.blob_size);
     let first = slots.first().expect("at least one slot").0;
     let last = slots.last().expect("at least one slot").0;
     let (a, _) = WindowsApart::slot_range(first);
